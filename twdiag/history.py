@@ -1,0 +1,487 @@
+"""Decode a `.wandb` log into tidy records: history, config, summary, system
+stats, console output and run metadata, in one streaming pass.
+
+Each payload is parsed once with wandb's `Record` class. History values are
+kept as raw JSON text per column and converted column-wise in fixed-size
+chunks (numpy parses a list of number strings, `NaN` and `Infinity` included,
+in one call), so memory stays bounded and almost no per-value Python work is
+done. Summary and config updates are replayed as raw text and decoded once at
+the end, so a file with 600k summary updates costs 600k dict stores, not 600k
+`json.loads`.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+import multiprocessing
+import os
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+
+from . import wandb_log
+
+CHUNK_ROWS = 65536  # rows buffered as text before a column-wise conversion
+CONSOLE_TAIL = 200  # console lines kept in memory (the full log goes to a file)
+_INT_RE = re.compile(r"-?\d+(?:\x00-?\d+)*")
+_OUTPUT_KINDS = ("output", "output_raw", "output_logger")
+
+# Files above this size are decoded in block ranges on several processes.
+PARALLEL_MIN_BYTES = 32 * 1024 * 1024
+
+
+@dataclass
+class RunLog:
+    """Everything one `.wandb` file says, as plain Python and pandas objects."""
+
+    path: str
+    scan: wandb_log.ScanReport
+    meta: dict
+    config: dict
+    summary: dict
+    history: pd.DataFrame
+    # Logged non-finite values, {column: {"rows": [...], "values": [...]}}; kept
+    # apart because NaN in `history` also means "not logged at this step".
+    non_finite: dict
+    system: pd.DataFrame
+    console_tail: list[str]
+    record_types: dict
+    history_keys: list = field(default_factory=list)  # leaf keys, "/"-joined
+    value_json_errors: int = 0
+    error: str | None = None
+
+    @property
+    def status(self) -> str:
+        return self.meta.get("status", "unreadable")
+
+
+def _decode_json(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text  # keep the raw text rather than lose the value
+
+
+class _Column:
+    """One history key: row numbers and values, converted chunk by chunk."""
+
+    __slots__ = ("rows", "raw", "done_rows", "done_vals", "numeric")
+
+    def __init__(self) -> None:
+        self.rows: list[int] = []
+        self.raw: list[str] = []
+        self.done_rows: list[np.ndarray] = []
+        self.done_vals: list[np.ndarray] = []
+        self.numeric = True
+
+    def flush(self) -> None:
+        if not self.raw:
+            return
+        self.done_rows.append(np.asarray(self.rows, dtype=np.int64))
+        self.done_vals.append(_convert(self.raw))
+        self.rows, self.raw = [], []
+
+    def values(self) -> tuple[np.ndarray, np.ndarray]:
+        self.flush()
+        rows = np.concatenate(self.done_rows) if self.done_rows else np.empty(0, np.int64)
+        vals = self.done_vals
+        if all(v.dtype.kind in "if" for v in vals):
+            kinds = {v.dtype.kind for v in vals}
+            out = np.concatenate(vals).astype(np.float64 if "f" in kinds else np.int64)
+        else:
+            out = np.concatenate([v.astype(object) for v in vals])
+        return rows, out
+
+
+def _convert(raw: list[str]) -> np.ndarray:
+    """Column-wise JSON value conversion with a per-item fallback."""
+    joined = "\x00".join(raw)
+    if _INT_RE.fullmatch(joined):
+        try:
+            return np.array(raw, dtype=np.int64)
+        except OverflowError:
+            pass
+    try:
+        return np.array(raw, dtype=np.float64)
+    except ValueError:
+        out = np.empty(len(raw), dtype=object)
+        out[:] = [_decode_json(v) for v in raw]
+        return out
+
+
+def _item_value_json(item) -> str:
+    """value_json, or the typed oneof newer writers may use instead."""
+    if item.value_json:
+        return item.value_json
+    kind = item.WhichOneof("value") if hasattr(item, "WhichOneof") else None
+    if kind is None or kind == "none":
+        return "null"
+    if kind == "json":
+        return item.json
+    return json.dumps(getattr(item, kind))
+
+
+class _Replay:
+    """Summary/config replay on raw JSON text: path tuple -> text."""
+
+    def __init__(self) -> None:
+        self.values: dict[tuple, str] = {}
+        self.removed: list[tuple] = []  # kept so a later range can be merged
+
+    def update(self, items: Iterable) -> None:
+        for it in items:
+            path = tuple(it.nested_key) if it.nested_key else (it.key,)
+            self.values[path] = it.value_json
+
+    def remove(self, items: Iterable) -> None:
+        for it in items:
+            path = tuple(it.nested_key) if it.nested_key else (it.key,)
+            self.removed.append(path)
+            self._drop(path)
+
+    def _drop(self, path: tuple) -> None:
+        n = len(path)
+        for k in [k for k in self.values if k[:n] == path]:
+            del self.values[k]
+
+    def then(self, later: "_Replay") -> None:
+        """Apply a later block range's replay on top of this one."""
+        for path in later.removed:
+            self._drop(path)
+        self.values.update(later.values)
+        self.removed += later.removed
+
+    def build(self) -> tuple[dict, int]:
+        out: dict = {}
+        errors = 0
+        for path, text in self.values.items():
+            value = _decode_json(text) if text else None
+            if isinstance(value, str) and text and not text.startswith('"'):
+                errors += 1
+            _set_path(out, path, value)
+        return out, errors
+
+
+def _set_path(out: dict, path: tuple, value) -> None:
+    node = out
+    for part in path[:-1]:
+        nxt = node.get(part)
+        if not isinstance(nxt, dict):
+            nxt = node[part] = {}
+        node = nxt
+    node[path[-1]] = value
+
+
+class _Decoder:
+    """Consumes Record messages once and accumulates the tidy state."""
+
+    def __init__(self, console_path: str | None = None) -> None:
+        self.cols: dict = {}
+        self.steps: list[int] = []
+        self.saw_step_item = False
+        self.n_rows = 0
+        self.summary = _Replay()
+        self.config = _Replay()
+        self.meta: dict = {"run_records": 0}
+        self.system_rows: list[dict] = []
+        self.types: Counter = Counter()
+        self.console_tail: deque = deque(maxlen=CONSOLE_TAIL)
+        self.console_lines = Counter()
+        self.console = open(console_path, "a", encoding="utf-8") if console_path else None
+        self.environment: dict = {}
+
+    def feed(self, rec) -> None:
+        kind = rec.WhichOneof("record_type")
+        self.types[kind] += 1
+        handler = getattr(self, "_on_" + kind, None) if kind else None
+        if kind in _OUTPUT_KINDS:
+            self._on_output(kind, getattr(rec, kind))
+        elif handler is not None:
+            handler(getattr(rec, kind))
+
+    def _on_history(self, h) -> None:
+        row = self.n_rows
+        self.n_rows += 1
+        cols = self.cols
+        step = None
+        for item in h.item:
+            nk = item.nested_key
+            if nk:
+                key = nk[0] if len(nk) == 1 else tuple(nk)
+            else:
+                key = item.key
+            text = item.value_json or _item_value_json(item)
+            if key == "_step":
+                step = text
+                continue
+            col = cols.get(key)
+            if col is None:
+                col = cols[key] = _Column()
+            col.rows.append(row)
+            col.raw.append(text)
+        if step is not None:
+            self.saw_step_item = True
+        self.steps.append(int(float(step)) if step is not None else h.step.num)
+        if self.n_rows % CHUNK_ROWS == 0:
+            for col in cols.values():
+                col.flush()
+
+    def _on_summary(self, s) -> None:
+        self.summary.update(s.update)
+        if len(s.remove):
+            self.summary.remove(s.remove)
+
+    def _on_config(self, c) -> None:
+        self.config.update(c.update)
+        if len(c.remove):
+            self.config.remove(c.remove)
+
+    def _on_run(self, r) -> None:
+        m = self.meta
+        m["run_records"] += 1
+        if r.HasField("telemetry"):  # older writers put telemetry in the run record
+            self._on_telemetry(r.telemetry)
+        if m["run_records"] == 1:
+            m.update(run_id=r.run_id, entity=r.entity, project=r.project,
+                     name=r.display_name, tags=list(r.tags), host=r.host,
+                     resumed=r.resumed, starting_step=r.starting_step,
+                     start_time=_ts(r.start_time), run_group=r.run_group,
+                     job_type=r.job_type)
+            self.config.update(r.config.update)
+        elif r.display_name:
+            m["name"] = r.display_name  # later run records carry server-side names
+        for attr in ("host", "project", "entity"):
+            if not m.get(attr) and getattr(r, attr):
+                m[attr] = getattr(r, attr)
+
+    def _on_stats(self, s) -> None:
+        row = {"timestamp": _ts(s.timestamp)}
+        for it in s.item:
+            v = _decode_json(it.value_json)
+            row[it.key] = v if isinstance(v, (int, float)) else np.nan
+        self.system_rows.append(row)
+
+    def _on_exit(self, e) -> None:
+        self.meta.update(exit_code=e.exit_code, runtime=e.runtime)
+
+    def _on_header(self, h) -> None:
+        self.meta["producer_version"] = h.version_info or None
+
+    def _on_telemetry(self, t) -> None:
+        for attr in ("cli_version", "python_version", "core_version"):
+            if getattr(t, attr):
+                self.meta[attr] = getattr(t, attr)
+
+    def _on_environment(self, env) -> None:
+        # Newer files hold two environment records; merge them.
+        for f, value in env.ListFields():
+            if f.name in ("os", "python", "host", "program", "root", "cpu_count",
+                          "cpu_count_logical", "gpu_type", "gpu_count", "executable",
+                          "cuda_version", "username"):
+                self.environment[f.name] = value
+            elif f.name == "args":
+                self.environment["args"] = list(value)
+
+    def _on_output(self, kind: str, o) -> None:
+        ts = _ts(o.timestamp) if o.HasField("timestamp") else None
+        stream = "stderr" if getattr(o, "output_type", 0) == 1 else "stdout"
+        self.console_lines[kind] += 1
+        text = o.line
+        if kind == "output_raw":  # raw terminal chunks: keep what a terminal shows
+            text = text.replace("\r\n", "\n").split("\r")[-1]
+        for line in text.splitlines() or [""]:
+            self.console_tail.append(line)
+        if self.console is not None:
+            self.console.write(f"{ts or ''}\t{stream}\t{json.dumps(o.line)}\n")
+
+    def then(self, later: "_Decoder") -> None:
+        """Append the state of the next block range of the same file."""
+        offset = self.n_rows
+        for key, col in later.cols.items():
+            mine = self.cols.setdefault(key, _Column())
+            mine.done_rows += [r + offset for r in col.done_rows]
+            mine.done_vals += col.done_vals
+        self.n_rows += later.n_rows
+        self.steps += later.steps
+        self.saw_step_item |= later.saw_step_item
+        self.summary.then(later.summary)
+        self.config.then(later.config)
+        self._merge_meta(later.meta)
+        self.system_rows += later.system_rows
+        self.types.update(later.types)
+        self.console_tail.extend(later.console_tail)
+        self.console_lines.update(later.console_lines)
+        self.environment.update(later.environment)
+
+    def _merge_meta(self, later: dict) -> None:
+        runs = later.pop("run_records", 0)
+        if self.meta.get("run_records", 0) and runs:
+            # The later range's "first" run record is an update of ours.
+            for key in ("run_id", "entity", "project", "tags", "host", "resumed",
+                        "starting_step", "start_time", "run_group", "job_type"):
+                later.pop(key, None)
+            if not later.get("name"):
+                later.pop("name", None)
+        for key in ("cli_version", "python_version", "core_version", "producer_version"):
+            if key in self.meta:
+                later.pop(key, None)
+        self.meta.update(later)
+        self.meta["run_records"] = self.meta.get("run_records", 0) + runs
+
+    def history_frame(self) -> tuple[pd.DataFrame, dict]:
+        n = self.n_rows
+        data: dict = {"_step": np.asarray(self.steps, dtype=np.int64)}
+        nested: dict = {}
+        non_finite: dict = {}
+        for key, col in self.cols.items():
+            rows, vals = col.values()
+            if isinstance(key, tuple):
+                nested.setdefault(key[0], []).append((key[1:], rows, vals))
+                continue
+            if vals.dtype.kind == "f":
+                full = np.full(n, np.nan)
+                full[rows] = vals
+                bad = ~np.isfinite(vals)
+                if bad.any():
+                    non_finite[key] = {"rows": rows[bad].tolist(),
+                                       "values": [_nf_text(v) for v in vals[bad]]}
+            elif vals.dtype.kind == "i" and len(rows) == n:
+                full = vals
+            elif vals.dtype.kind == "i":
+                full = np.full(n, np.nan)
+                full[rows] = vals
+            else:
+                full = np.full(n, None, dtype=object)
+                full[rows] = vals
+            data[key] = full
+        for key, leaves in nested.items():
+            data[key] = _rebuild_nested(n, leaves)
+        frame = pd.DataFrame(data)
+        return frame, non_finite
+
+
+def _nf_text(v: float) -> str:
+    return "NaN" if np.isnan(v) else ("Infinity" if v > 0 else "-Infinity")
+
+
+def _rebuild_nested(n: int, leaves: list) -> np.ndarray:
+    """Core writers flatten dict values into leaf paths; put them back."""
+    out = np.full(n, None, dtype=object)
+    for sub, rows, vals in leaves:
+        for r, v in zip(rows.tolist(), vals.tolist()):
+            if out[r] is None:
+                out[r] = {}
+            _set_path(out[r], sub, v)
+    return out
+
+
+def _ts(t) -> float | None:
+    secs = t.seconds + t.nanos / 1e9
+    return secs or None
+
+
+def _decode_range(path: str, first_block: int, stop_block: int | None,
+                  console_path: str | None) -> tuple[_Decoder, wandb_log.ScanReport]:
+    from wandb.proto import wandb_internal_pb2 as pb  # 1 s import: keep it lazy
+
+    report, payloads = wandb_log.scan(path, first_block, stop_block)
+    dec = _Decoder(console_path)
+    from_string = pb.Record.FromString
+    for payload in payloads:
+        try:
+            rec = from_string(payload)
+        except Exception:  # protobuf raises DecodeError or RuntimeError by backend
+            report.decode_errors += 1
+            continue
+        dec.feed(rec)
+    for col in dec.cols.values():
+        col.flush()
+    if dec.console is not None:
+        dec.console.close()
+        dec.console = None
+    return dec, report
+
+
+def _workers(size: int, requested: int | None) -> int:
+    if requested is not None:
+        return max(1, requested)
+    if size < PARALLEL_MIN_BYTES or "fork" not in multiprocessing.get_all_start_methods():
+        return 1
+    return min(2, os.cpu_count() or 1)
+
+
+def decode(path: str | Path, console_path: str | Path | None = None,
+           workers: int | None = None) -> RunLog:
+    """Decode one `.wandb` file. Never raises on bad content; see `.error`.
+
+    Large files are split into block ranges decoded in parallel (blocks are
+    independently resyncable); the result is identical to a serial decode.
+    `console_path`, when given, receives every console line (TSV: time,
+    stream, JSON-quoted text).
+    """
+    path = str(path)
+    try:
+        probe, fh, _ = wandb_log.open_log(path)
+    except wandb_log.WandbLogError as exc:
+        probe, fh = wandb_log.ScanReport(path=path, header_error=str(exc)), None
+    if fh is None:
+        return _build(path, [(_Decoder(), probe)])
+    fh.close()
+    n = min(_workers(probe.file_size, workers), wandb_log.block_count(probe))
+    blocks = wandb_log.block_count(probe)
+    cuts = [blocks * k // n for k in range(n)] + [None]
+    consoles = [None] * n if console_path is None else \
+        [str(console_path)] if n == 1 else [f"{console_path}.part{k}" for k in range(n)]
+    jobs = [(path, cuts[k], cuts[k + 1], consoles[k]) for k in range(n)]
+    if n == 1:
+        parts = [_decode_range(*jobs[0])]
+    else:
+        with multiprocessing.get_context("fork").Pool(n) as pool:
+            parts = pool.starmap(_decode_range, jobs)
+        if console_path is not None:
+            _concat(consoles, str(console_path))
+    return _build(path, parts)
+
+
+def _concat(parts: list[str], target: str) -> None:
+    with open(target, "ab") as out:
+        for part in parts:
+            with open(part, "rb") as fh:
+                while chunk := fh.read(1 << 20):
+                    out.write(chunk)
+            os.unlink(part)
+
+
+def _build(path: str, parts: list) -> RunLog:
+    dec = parts[0][0]
+    for later, _ in parts[1:]:
+        dec.then(later)
+    report = wandb_log.merge_reports([r for _, r in parts])
+    history, non_finite = dec.history_frame()
+    summary, s_err = dec.summary.build()
+    config, c_err = dec.config.build()
+    meta = dec.meta
+    meta["environment"] = dec.environment
+    meta["console_lines"] = dict(dec.console_lines)
+    meta["status"] = _status(report, meta)
+    keys = ["/".join(k) if isinstance(k, tuple) else k for k in dec.cols]
+    keys += ["_step"] if dec.saw_step_item else []
+    return RunLog(path=path, scan=report, meta=meta, config=config,
+                  summary=summary, history=history, non_finite=non_finite,
+                  system=pd.DataFrame(dec.system_rows), console_tail=list(dec.console_tail),
+                  record_types=dict(dec.types), history_keys=keys,
+                  value_json_errors=s_err + c_err, error=report.header_error)
+
+
+def _status(report: wandb_log.ScanReport, meta: dict) -> str:
+    if not report.header_ok:
+        return "unreadable"
+    if "exit_code" in meta:
+        return "finished"
+    if report.truncated_tail:
+        return "incomplete"
+    return "crashed-or-running"
