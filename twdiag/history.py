@@ -269,7 +269,10 @@ class _Decoder:
         self.meta.update(exit_code=e.exit_code, runtime=e.runtime)
 
     def _on_header(self, h) -> None:
-        self.meta["producer_version"] = h.version_info or None
+        info = h.version_info
+        # A message in current protos ({producer, min_consumer}), text in old ones.
+        producer = getattr(info, "producer", info)
+        self.meta["producer_version"] = producer if isinstance(producer, str) and producer else None
 
     def _on_telemetry(self, t) -> None:
         for attr in ("cli_version", "python_version", "core_version"):
@@ -288,13 +291,15 @@ class _Decoder:
 
     def _on_output(self, kind: str, o) -> None:
         ts = _ts(o.timestamp) if o.HasField("timestamp") else None
-        stream = "stderr" if getattr(o, "output_type", 0) == 1 else "stdout"
+        try:  # enum values differ between record kinds: use the names
+            stream = type(o).OutputType.Name(o.output_type).lower()
+        except (AttributeError, ValueError):
+            stream = "stdout"
         self.console_lines[kind] += 1
         text = o.line
         if kind == "output_raw":  # raw terminal chunks: keep what a terminal shows
             text = text.replace("\r\n", "\n").split("\r")[-1]
-        for line in text.splitlines() or [""]:
-            self.console_tail.append(line)
+        self.console_tail.extend(line for line in text.splitlines() if line.strip())
         if self.console is not None:
             self.console.write(f"{ts or ''}\t{stream}\t{json.dumps(o.line)}\n")
 

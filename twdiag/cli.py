@@ -1,0 +1,174 @@
+"""`twdiag` console command: thin subcommands over the library.
+
+Every subcommand prints exactly one JSON document on stdout; progress goes to
+stderr. The scripts in `scripts/` call `main()` with their subcommand.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+from . import __version__, outputs
+
+# Exit codes, shared by every subcommand and script (documented in --help,
+# SKILL.md and the README).
+EXIT_OK = 0           # ran; the verdict (if any) is in the JSON
+EXIT_INTERNAL = 1     # a bug: report it (the JSON says what failed)
+EXIT_USAGE = 2        # bad flags or arguments
+EXIT_NO_INPUT = 3     # the input path does not exist or holds nothing to analyse
+EXIT_UNREADABLE = 4   # input found, but none of it could be read
+EXIT_OUTPUT = 5       # the output dir cannot be used (or lies inside the bundle)
+EXIT_GATE = 10        # diagnose --fail-on: the verdict reached the gate level
+
+EXIT_CODES_HELP = f"""\
+exit codes:
+  {EXIT_OK}   success (whatever the verdict)
+  {EXIT_INTERNAL}   internal error (a bug; the JSON has "error")
+  {EXIT_USAGE}   usage error
+  {EXIT_NO_INPUT}   input missing or holds nothing to analyse
+  {EXIT_UNREADABLE}   input found but nothing in it was readable
+  {EXIT_OUTPUT}   output dir unusable or inside the run bundle
+  {EXIT_GATE}  diagnose --fail-on level reached
+"""
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+def _paths(values: list[str] | None) -> list[Path]:
+    if values:
+        return [Path(v) for v in values]
+    return [Path(os.environ.get("RUN_BUNDLE_ROOT") or ".")]
+
+
+def _require_existing(paths: list[Path]) -> None:
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise CliError(f"input does not exist: {', '.join(missing)}", EXIT_NO_INPUT)
+
+
+# --- export -----------------------------------------------------------------
+
+def _add_export(sub) -> None:
+    p = sub.add_parser(
+        "export", help="export local .wandb logs to CSV/JSON/Parquet per stage",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Decode local .wandb transaction logs (no network, no wandb "
+                    "datastore) into per-stage history tables plus run metadata, "
+                    "config, replayed summary, system stats and console output.",
+        epilog=textwrap.dedent("""\
+            examples:
+              %(prog)s RUN_BUNDLE_ROOT --out-dir Logs
+              %(prog)s --run video_tokenizer=wandb/run-A/run-A.wandb \\
+                  --run dynamics=wandb/run-B/run-B.wandb --out-dir Logs --suffix latest
+              %(prog)s wandb/ --out-dir Logs --format csv,parquet
+
+            files written to --out-dir (per stage / per run):
+              {stage}_history_{runid}_{suffix}.csv|.json|.parquet
+              {stage}_run_{runid}_{suffix}.json     meta, config, summary, damage
+              {stage}_system_{runid}_{suffix}.csv   system metrics
+              {stage}_console_{runid}_{suffix}.tsv  console output
+            """) + EXIT_CODES_HELP)
+    p.add_argument("paths", nargs="*", help="bundle root, wandb/ dir, run dir or .wandb file "
+                   "(default: $RUN_BUNDLE_ROOT or .)")
+    p.add_argument("--run", action="append", default=[], metavar="STAGE=PATH",
+                   help="map a .wandb file to a stage explicitly (repeatable)")
+    p.add_argument("--out-dir", default="Logs", help="output directory (default: Logs)")
+    p.add_argument("--suffix", default="latest", help="file name suffix (default: latest)")
+    p.add_argument("--format", default="csv,json",
+                   help="comma list of csv,json,parquet (default: csv,json)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="decode processes for large files (default: auto)")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args) -> tuple[dict, int]:
+    from . import export
+    formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
+    bad = [f for f in formats if f not in export.FORMATS]
+    if bad:
+        raise CliError(f"unknown format(s): {', '.join(bad)}", EXIT_USAGE)
+    if "parquet" in formats:
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise CliError("--format parquet needs pyarrow (pip install "
+                           "'tinyworlds-training-diagnostics[parquet]')", EXIT_USAGE)
+    try:
+        explicit = export.parse_run_args(args.run)
+    except ValueError as exc:
+        raise CliError(str(exc), EXIT_USAGE)
+    paths = [] if (args.run and not args.paths) else _paths(args.paths)
+    _require_existing(paths + list(explicit))
+    out = outputs.prepare_out_dir(args.out_dir, _bundle_roots(paths + list(explicit)))
+    doc = export.export(paths, out, explicit, args.suffix, formats, args.workers)
+    if not doc["stages"]:
+        return doc, EXIT_UNREADABLE if doc["skipped"] else EXIT_NO_INPUT
+    return doc, EXIT_OK
+
+
+def _bundle_roots(paths: list[Path]) -> list[Path]:
+    from . import bundle
+    return [bundle.bundle_root_of(p) for p in paths if p.exists()]
+
+
+# --- entry point --------------------------------------------------------------
+
+SUBCOMMANDS = [_add_export]
+
+
+def build_parser(prog: str = "twdiag") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="TinyWorlds training diagnostics: is my training healthy?",
+        epilog=EXIT_CODES_HELP)
+    parser.add_argument("--version", action="version", version=__version__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Run a subcommand; print its JSON; return the exit code. Never a traceback
+    unless TWDIAG_DEBUG is set."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if prog and argv:  # a script: show its own name in --help and errors
+        sub_parser = parser._subparsers._group_actions[0].choices[argv[0]]
+        sub_parser.prog = prog
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: --help (0) or usage error (2)
+        return int(exc.code or 0)
+    command = args.command
+    try:
+        doc, code = args.func(args)
+    except CliError as exc:
+        doc, code = {"error": str(exc)}, exc.code
+        outputs.log(f"error: {exc}")
+    except outputs.OutputError as exc:
+        doc, code = {"error": str(exc)}, EXIT_OUTPUT
+        outputs.log(f"error: {exc}")
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # a bug: say so plainly, keep stdout JSON
+        if os.environ.get("TWDIAG_DEBUG"):
+            raise
+        doc = {"error": f"internal error: {type(exc).__name__}: {exc}",
+               "hint": "rerun with TWDIAG_DEBUG=1 for a traceback and report it"}
+        code = EXIT_INTERNAL
+        outputs.log(f"internal error: {type(exc).__name__}: {exc}")
+    doc = {"tool": f"twdiag {command}", "version": __version__, **doc, "exit_code": code}
+    outputs.emit(doc)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
