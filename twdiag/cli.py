@@ -100,10 +100,7 @@ def _run_export(args) -> tuple[dict, int]:
         except ImportError:
             raise CliError("--format parquet needs pyarrow (pip install "
                            "'tinyworlds-training-diagnostics[parquet]')", EXIT_USAGE)
-    try:
-        explicit = export.parse_run_args(args.run)
-    except ValueError as exc:
-        raise CliError(str(exc), EXIT_USAGE)
+    explicit = _explicit(args.run)
     paths = [] if (args.run and not args.paths) else _paths(args.paths)
     _require_existing(paths + list(explicit))
     out = outputs.prepare_out_dir(args.out_dir, _bundle_roots(paths + list(explicit)))
@@ -118,9 +115,85 @@ def _bundle_roots(paths: list[Path]) -> list[Path]:
     return [bundle.bundle_root_of(p) for p in paths if p.exists()]
 
 
+# --- stats ------------------------------------------------------------------
+
+def _add_stats(sub) -> None:
+    p = sub.add_parser(
+        "stats", help="numeric diagnostics and findings per stage",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Loss windows and trend, spikes, non-finite values, stage scale "
+                    "(dynamics vs chance ln(codes), latent-action variance penalty), "
+                    "action diversity, learning rate, correlations, throughput and "
+                    "liveness, with findings and a verdict per stage.",
+        epilog=textwrap.dedent("""\
+            examples:
+              %(prog)s RUN_BUNDLE_ROOT
+              %(prog)s Logs/dynamics_history_2pghxx71_latest.csv
+              %(prog)s wandb/run-20260206_004434-2pghxx71/run-2pghxx71.wandb --details windows.csv
+              %(prog)s RUN_BUNDLE_ROOT --thresholds my-thresholds.yaml
+            """) + EXIT_CODES_HELP)
+    p.add_argument("paths", nargs="*", help="bundle root, wandb dir, .wandb file or exported "
+                   "{stage}_history_* CSV/JSON/Parquet (default: $RUN_BUNDLE_ROOT or .)")
+    p.add_argument("--run", action="append", default=[], metavar="STAGE=PATH",
+                   help="map a .wandb file to a stage explicitly (repeatable)")
+    p.add_argument("--thresholds", help="YAML merged over the default thresholds")
+    p.add_argument("--details", metavar="FILE",
+                   help="write the full per-window table (CSV) to FILE")
+    p.add_argument("--now", type=float, help="unix time to judge liveness against (default: now)")
+    p.set_defaults(func=_run_stats)
+
+
+def _run_stats(args) -> tuple[dict, int]:
+    from . import export, rules, stats
+    thresholds = _thresholds(args.thresholds)
+    explicit = _explicit(args.run)
+    paths = [] if (args.run and not args.paths) else _paths(args.paths)
+    _require_existing(paths + list(explicit))
+    skipped: list = []
+    histories = export.load_histories(paths, explicit, skipped)
+    doc = {"thresholds": args.thresholds or str(rules.DEFAULT_THRESHOLDS), "stages": {},
+           "skipped": skipped}
+    detail_frames = []
+    for stage, merged in histories.items():
+        metrics, findings = stats.analyse_stage(merged, thresholds, args.now)
+        doc["stages"][stage] = {"verdict": metrics.pop("verdict"), "evidence_path": merged.latest.path,
+                                "metrics": metrics, "findings": rules.findings_dicts(findings)}
+        if args.details and metrics.get("loss_key"):
+            t = stats.details_table(merged.frame, metrics["loss_key"])
+            detail_frames.append(t.assign(stage=stage))
+    doc["overall"] = rules.overall_verdict({s: v["verdict"] for s, v in doc["stages"].items()},
+                                           thresholds) if doc["stages"] else None
+    if args.details and detail_frames:
+        import pandas as pd
+        target = Path(args.details)
+        outputs.prepare_out_dir(target.parent.resolve(), _bundle_roots(paths))
+        with outputs.atomic_path(target) as tmp:
+            pd.concat(detail_frames).to_csv(tmp, index=False)
+        doc["details"] = str(target)
+    if not histories:
+        return doc, EXIT_UNREADABLE if skipped else EXIT_NO_INPUT
+    return doc, EXIT_OK
+
+
+def _thresholds(path: str | None) -> dict:
+    from . import rules
+    try:
+        return rules.load_thresholds(path)
+    except rules.ThresholdError as exc:
+        raise CliError(str(exc), EXIT_USAGE)
+
+
+def _explicit(values: list[str]) -> dict:
+    from . import export
+    try:
+        return export.parse_run_args(values)
+    except ValueError as exc:
+        raise CliError(str(exc), EXIT_USAGE)
+
+
 # --- entry point --------------------------------------------------------------
 
-SUBCOMMANDS = [_add_export]
+SUBCOMMANDS = [_add_export, _add_stats]
 
 
 def build_parser(prog: str = "twdiag") -> argparse.ArgumentParser:

@@ -371,3 +371,56 @@ def _write_run_files(log: history.RunLog, out_dir: Path, stage: str, rid: str,
         Path(tmp_console).replace(target)  # same dir: an atomic rename
         files["console"] = str(target)
     return files
+
+
+TABLE_SUFFIXES = (".csv", ".json", ".parquet")
+
+
+def _table_log(path: Path, skipped: list) -> tuple[str, history.RunLog] | None:
+    """An exported `{stage}_history_{runid}_{suffix}.*` file as a RunLog."""
+    stage, sep, rest = path.name.partition("_history_")
+    stage = bundle.canonical_stage(stage)
+    if not sep or not stage:
+        skipped.append({"path": str(path), "reason": "not an exported {stage}_history_* file"})
+        return None
+    try:
+        frame, non_finite = read_table(path)
+    except Exception as exc:  # pandas/pyarrow raise many types on bad files
+        skipped.append({"path": str(path), "reason": f"unreadable table: {exc}"})
+        return None
+    if "_step" not in frame.columns:
+        skipped.append({"path": str(path), "reason": "no _step column"})
+        return None
+    runid_suffix = rest.rsplit(".", 1)[0]
+    meta, config = {}, {}
+    for doc_path in path.parent.glob(f"{stage}_run_*.json"):
+        if doc_path.stem.split("_run_", 1)[1] in runid_suffix:
+            doc = json.loads(doc_path.read_text())
+            meta, config = doc.get("meta", {}), doc.get("config", {})
+    report = history.wandb_log.ScanReport(path=str(path), header_ok=True)
+    log = history.RunLog(path=str(path), scan=report, meta=meta, config=config, summary={},
+                         history=frame, non_finite=non_finite, system=pd.DataFrame(),
+                         console_tail=[], record_types={}, history_keys=list(frame.columns))
+    return stage, log
+
+
+def load_histories(paths: list[Path], explicit: dict[Path, str] | None = None,
+                   skipped: list | None = None, workers: int | None = None) -> dict[str, StageHistory]:
+    """Stage histories from .wandb files, bundle dirs or exported tables."""
+    skipped = skipped if skipped is not None else []
+    wandb_paths, stages = [], {}
+    for p in paths:
+        if p.is_file() and p.suffix in TABLE_SUFFIXES:
+            found = _table_log(p, skipped)
+            if found:
+                runs = stages.setdefault(found[0], StageRuns(found[0]))
+                runs.logs.append(found[1])
+                runs.mapped_by.append("file name")
+        else:
+            wandb_paths.append(p)
+    if wandb_paths or explicit:
+        for stage, runs in load_stages(wandb_paths, explicit, skipped=skipped, workers=workers).items():
+            mine = stages.setdefault(stage, StageRuns(stage))
+            mine.logs += runs.logs
+            mine.mapped_by += runs.mapped_by
+    return {stage: merge_history(runs) for stage, runs in stages.items()}
