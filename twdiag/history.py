@@ -296,10 +296,12 @@ class _Decoder:
         except (AttributeError, ValueError):
             stream = "stdout"
         self.console_lines[kind] += 1
-        text = o.line
-        if kind == "output_raw":  # raw terminal chunks: keep what a terminal shows
-            text = text.replace("\r\n", "\n").split("\r")[-1]
-        self.console_tail.extend(line for line in text.splitlines() if line.strip())
+        # Raw terminal chunks: keep what a terminal would show of each line (the
+        # last non-empty segment after carriage returns).
+        for line in o.line.replace("\r\n", "\n").split("\n"):
+            shown = [seg for seg in line.split("\r") if seg.strip()]
+            if shown:
+                self.console_tail.append(shown[-1])
         if self.console is not None:
             self.console.write(f"{ts or ''}\t{stream}\t{json.dumps(o.line)}\n")
 

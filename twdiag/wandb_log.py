@@ -189,14 +189,18 @@ def _read_block(slab: bytes, rel: int, pos: int, block_end: int,
             report.truncation = f"partial chunk header ({size - pos} of 7 bytes)"
             return pos
         crc, length, ctype = CHUNK.unpack_from(slab, pos - rel)
+        # Past stop_at we only finish a record begun in range; damage there is
+        # counted by the next range, the dropped record by us.
+        past = pos >= stop_at
         if crc == 0 and length == 0 and ctype == 0:
-            report.zeroed_blocks_skipped += 1
+            report.zeroed_blocks_skipped += 0 if past else 1
             st.drop(report)
             return block_end
         start, end = pos + CHUNK.size, pos + CHUNK.size + length
         if ctype not in _TYPE_CRC or end > block_end:
-            report.corrupt_chunks += 1
-            report.corrupt_detail.append([pos, "bad chunk header"])
+            if not past:
+                report.corrupt_chunks += 1
+                report.corrupt_detail.append([pos, "bad chunk header"])
             st.drop(report)
             return block_end
         if end > size:
@@ -205,8 +209,9 @@ def _read_block(slab: bytes, rel: int, pos: int, block_end: int,
             return pos
         payload = slab[start - rel:end - rel]
         if zlib.crc32(payload, _TYPE_CRC[ctype]) != crc:
-            report.corrupt_chunks += 1
-            report.corrupt_detail.append([pos, "crc mismatch"])
+            if not past:
+                report.corrupt_chunks += 1
+                report.corrupt_detail.append([pos, "crc mismatch"])
             st.drop(report)
             return block_end
         pos = end
