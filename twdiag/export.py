@@ -250,7 +250,7 @@ def read_table(path: str | Path) -> tuple[pd.DataFrame, dict]:
         frame = pd.DataFrame(doc["columns"])
         non_finite = doc.get("non_finite", {})
         for col, nf in non_finite.items():
-            values = frame[col].astype(float).to_numpy()
+            values = frame[col].astype(float).to_numpy().copy()
             values[nf["rows"]] = [float(v) for v in nf["values"]]
             frame[col] = values
         return frame, non_finite
@@ -268,7 +268,7 @@ def read_table(path: str | Path) -> tuple[pd.DataFrame, dict]:
             continue  # a text column that happens to hold "nan"
         rows = np.flatnonzero(marks)
         spelled = [_NF_SPELLINGS[v] for v in text.iloc[rows]]
-        values = numeric.to_numpy(dtype=float)
+        values = numeric.to_numpy(dtype=float).copy()  # pandas 3: views are read-only
         values[rows] = [float(v) for v in spelled]
         frame[col] = values
         non_finite[col] = {"rows": rows.tolist(), "values": spelled}

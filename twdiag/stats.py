@@ -224,23 +224,26 @@ class StageAnalysis:
         m = self.metrics["loss"]
         lt = self.t["loss"]
         windows = [w["mean"] for w in m["windows"] if w["mean"] is not None]
-        best = min(windows)
         late = windows[-1]
         trend = m["late_trend"] or {}
+        # Best level reached: the lowest rolling median (robust to single lows).
+        span = max(5, len(loss) // 50)
+        best = float(pd.Series(loss).rolling(span, min_periods=span).median().min())
+        m["best_level"] = _r(best)
         ratio = late / best if best > 0 else None
-        m["late_over_best_window"] = _r(ratio, 4)
+        m["late_over_best"] = _r(ratio, 4)
         rising = trend.get("direction") == "rising" or (len(windows) >= 3 and all(
             b >= a for a, b in zip(windows[-3:], windows[-2:])))
         wsteps = [w["step_from"] for w in m["windows"]]
         if ratio and ratio >= lt["rise_critical_ratio"] and rising:
             self.add("loss_divergence", "critical", "train/loss", _r(ratio, 4), lt["rise_critical_ratio"],
                      wsteps, f"loss is rising: window means {', '.join(str(w) for w in windows)}; "
-                     f"late window is {_r(ratio, 3)}x the best window ({best}); "
+                     f"late window is {_r(ratio, 3)}x the best level reached ({_r(best)}); "
                      f"from {m['first']} at step {m['first_step']} (min {m['min']} at step "
                      f"{m['min_step']}) to {m['final']} at step {m['final_step']}")
         elif ratio and ratio >= lt["rise_watch_ratio"]:
             self.add("loss_rising", "watch", "train/loss", _r(ratio, 4), lt["rise_watch_ratio"],
-                     wsteps, f"late window mean {late} is {_r(ratio, 3)}x the best window ({best})")
+                     wsteps, f"late window mean {late} is {_r(ratio, 3)}x the best level reached ({_r(best)})")
         first10, last10 = m["first10_mean"], m["last10_mean"]
         if first10 and last10 is not None and last10 / first10 > lt["no_progress_ratio"] \
                 and not (ratio and ratio >= lt["rise_watch_ratio"]):

@@ -153,22 +153,44 @@ def incident_rows(stage: str, stride: int, seed: int = 0) -> tuple[dict, list[di
     n = 54113
     cfg = stage_config(stage, n_updates=300000, learning_rate=0.01, n_actions=8,
                        gradient_accumulation_steps=4, log_interval=2000)
-    # 10k-step window means 3.866, 5.054, 5.730, 6.043, 6.423, then ~6.6.
-    anchors = [(0, 1.7785), (600, 1.4388), (5000, 3.9), (10000, 4.9), (20000, 5.5),
-               (30000, 5.9), (40000, 6.25), (50000, 6.6), (54112, 6.7)]
-    xs, ys = zip(*anchors)
+    curve = _incident_dynamics_curve(n)
 
     def loss(step):
-        return float(np.interp(step, xs, ys))
+        return float(curve[step])
 
     def acts(step, r):
         u = int(r.integers(2, 6))
         return u, float(np.clip(r.normal(1.0, 0.15), 0.3, 1.6))
     rows = curve_rows(stage, n, seed, noise=0.04, n_updates=300000, base_lr=0.01,
                       stride=stride, loss_fn=loss, actions=acts)
+    for r in rows:  # the reported minimum is 1.4388, reached near step 600
+        r["train/loss"] = max(r["train/loss"], 1.4388)
+    rows[600 // stride]["train/loss"] = 1.4388
     rows[0]["train/loss"] = 1.7785
     rows[-1]["train/loss"] = 7.426
     return cfg, rows
+
+
+def _incident_dynamics_curve(n: int) -> np.ndarray:
+    """A rising curve with the incident's 10k-step window means 3.866, 5.054,
+    5.730, 6.043, 6.423: 1.7785 at step 0, the 1.4388 minimum at step 600,
+    a plateau per window joined by short ramps, then ~6.6-6.9 after 50k.
+    (Its thirds come out near the reported 4.547 / 5.512 / 6.441; the report's
+    windows and thirds come from two snapshots and cannot both be exact.)"""
+    means = [3.866, 5.054, 5.730, 6.043, 6.423]
+    steps = np.arange(n)
+
+    def build(first_level: float) -> np.ndarray:
+        knots = [(0, 1.7785), (600, 1.4388), (3000, first_level), (9000, first_level)]
+        for k, m in enumerate(means[1:], start=1):
+            knots += [(k * 10000 + 1000, m), ((k + 1) * 10000 - 1000, m)]
+        knots += [(51000, 6.6), (n - 1, 6.9)]
+        xs, ys = zip(*knots)
+        return np.interp(steps, xs, ys)
+
+    # The first window's mean is linear in its plateau level: solve for it.
+    lo, hi = build(0.0)[:10000].mean(), build(1.0)[:10000].mean()
+    return build((means[0] - lo) / (hi - lo))
 
 
 # --- checkpoints ----------------------------------------------------------------
