@@ -1,0 +1,47 @@
+"""SKILL.md and agents/openai.yaml follow the Agent Skills rules; every
+script and flag SKILL.md names exists."""
+import re
+import subprocess
+import sys
+
+import yaml
+
+from conftest import ROOT
+
+SPEC_KEYS = {"name", "description", "license", "compatibility", "metadata", "allowed-tools"}
+
+
+def frontmatter():
+    text = (ROOT / "SKILL.md").read_text()
+    m = re.match(r"^---\n(.*?)\n---\n", text, re.S)
+    assert m, "SKILL.md must start with YAML frontmatter"
+    return yaml.safe_load(m.group(1)), text
+
+
+def test_frontmatter_rules():
+    fm, text = frontmatter()
+    assert set(fm) <= SPEC_KEYS
+    assert fm["name"] == "tinyworlds-training-diagnostics"
+    assert re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", fm["name"]) and len(fm["name"]) <= 64
+    d = fm["description"]
+    assert 0 < len(d) <= 1024 and "<" not in d and ">" not in d
+    assert "Use when" in d
+    assert len(text.splitlines()) < 500
+
+
+def test_scripts_and_flags_in_skill_exist():
+    _, text = frontmatter()
+    for script, rest in re.findall(r"python (scripts/\w+\.py)([^`\n]*)", text):
+        path = ROOT / script
+        assert path.is_file(), script
+        help_text = subprocess.run([sys.executable, str(path), "--help"], capture_output=True,
+                                   text=True).stdout
+        for flag in re.findall(r"(--[a-z][a-z-]*)", rest):
+            assert flag in help_text, f"{script} {flag}"
+
+
+def test_openai_yaml():
+    doc = yaml.safe_load((ROOT / "agents" / "openai.yaml").read_text())["interface"]
+    assert doc["display_name"]
+    assert 25 <= len(doc["short_description"]) <= 64
+    assert "$tinyworlds-training-diagnostics" in doc["default_prompt"]
