@@ -53,16 +53,34 @@ def _require_existing(paths: list[Path]) -> None:
         raise CliError(f"input does not exist: {', '.join(missing)}", EXIT_NO_INPUT)
 
 
+def _subparser(sub, name: str, help: str, description: str, examples: str):
+    return sub.add_parser(name, help=help, description=description,
+                          formatter_class=argparse.RawDescriptionHelpFormatter,
+                          epilog=textwrap.dedent(examples) + EXIT_CODES_HELP)
+
+
+def _add_inputs(p, what: str) -> None:
+    p.add_argument("paths", nargs="*", help=f"{what} (default: $RUN_BUNDLE_ROOT or .)")
+    p.add_argument("--run", action="append", default=[], metavar="STAGE=PATH",
+                   help="map a .wandb file to a stage explicitly (repeatable)")
+
+
+def _inputs(args) -> tuple[list[Path], dict]:
+    """Positional paths (or the default bundle) and --run mappings, checked."""
+    explicit = _explicit(args.run)
+    paths = [] if (args.run and not args.paths) else _paths(args.paths)
+    _require_existing(paths + list(explicit))
+    return paths, explicit
+
+
 # --- export -----------------------------------------------------------------
 
 def _add_export(sub) -> None:
-    p = sub.add_parser(
-        "export", help="export local .wandb logs to CSV/JSON/Parquet per stage",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Decode local .wandb transaction logs (no network, no wandb "
-                    "datastore) into per-stage history tables plus run metadata, "
-                    "config, replayed summary, system stats and console output.",
-        epilog=textwrap.dedent("""\
+    p = _subparser(
+        sub, "export", "export local .wandb logs to CSV/JSON/Parquet per stage",
+        "Decode local .wandb transaction logs (no network, no wandb datastore) into "
+        "per-stage history tables plus run metadata, config, replayed summary, "
+        "system stats and console output.", """\
             examples:
               %(prog)s RUN_BUNDLE_ROOT --out-dir Logs
               %(prog)s --run video_tokenizer=wandb/run-A/run-A.wandb \\
@@ -74,11 +92,8 @@ def _add_export(sub) -> None:
               {stage}_run_{runid}_{suffix}.json     meta, config, summary, damage
               {stage}_system_{runid}_{suffix}.csv   system metrics
               {stage}_console_{runid}_{suffix}.tsv  console output
-            """) + EXIT_CODES_HELP)
-    p.add_argument("paths", nargs="*", help="bundle root, wandb/ dir, run dir or .wandb file "
-                   "(default: $RUN_BUNDLE_ROOT or .)")
-    p.add_argument("--run", action="append", default=[], metavar="STAGE=PATH",
-                   help="map a .wandb file to a stage explicitly (repeatable)")
+            """)
+    _add_inputs(p, "bundle root, wandb/ dir, run dir or .wandb file")
     p.add_argument("--out-dir", default="Logs", help="output directory (default: Logs)")
     p.add_argument("--suffix", default="latest", help="file name suffix (default: latest)")
     p.add_argument("--format", default="csv,json",
@@ -100,9 +115,7 @@ def _run_export(args) -> tuple[dict, int]:
         except ImportError:
             raise CliError("--format parquet needs pyarrow (pip install "
                            "'tinyworlds-training-diagnostics[parquet]')", EXIT_USAGE)
-    explicit = _explicit(args.run)
-    paths = [] if (args.run and not args.paths) else _paths(args.paths)
-    _require_existing(paths + list(explicit))
+    paths, explicit = _inputs(args)
     out = outputs.prepare_out_dir(args.out_dir, _bundle_roots(paths + list(explicit)))
     doc = export.export(paths, out, explicit, args.suffix, formats, args.workers)
     if not doc["stages"]:
@@ -118,24 +131,20 @@ def _bundle_roots(paths: list[Path]) -> list[Path]:
 # --- stats ------------------------------------------------------------------
 
 def _add_stats(sub) -> None:
-    p = sub.add_parser(
-        "stats", help="numeric diagnostics and findings per stage",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Loss windows and trend, spikes, non-finite values, stage scale "
-                    "(dynamics vs chance ln(codes), latent-action variance penalty), "
-                    "action diversity, learning rate, correlations, throughput and "
-                    "liveness, with findings and a verdict per stage.",
-        epilog=textwrap.dedent("""\
+    p = _subparser(
+        sub, "stats", "numeric diagnostics and findings per stage",
+        "Loss windows and trend, spikes, non-finite values, stage scale (dynamics vs "
+        "chance ln(codes), latent-action variance penalty), action diversity, "
+        "learning rate, correlations, throughput and liveness, with findings and a "
+        "verdict per stage.", """\
             examples:
               %(prog)s RUN_BUNDLE_ROOT
               %(prog)s Logs/dynamics_history_2pghxx71_latest.csv
               %(prog)s wandb/run-20260206_004434-2pghxx71/run-2pghxx71.wandb --details windows.csv
               %(prog)s RUN_BUNDLE_ROOT --thresholds my-thresholds.yaml
-            """) + EXIT_CODES_HELP)
-    p.add_argument("paths", nargs="*", help="bundle root, wandb dir, .wandb file or exported "
-                   "{stage}_history_* CSV/JSON/Parquet (default: $RUN_BUNDLE_ROOT or .)")
-    p.add_argument("--run", action="append", default=[], metavar="STAGE=PATH",
-                   help="map a .wandb file to a stage explicitly (repeatable)")
+            """)
+    _add_inputs(p, "bundle root, wandb dir, .wandb file or exported "
+                   "{stage}_history_* CSV/JSON/Parquet")
     p.add_argument("--thresholds", help="YAML merged over the default thresholds")
     p.add_argument("--details", metavar="FILE",
                    help="write the full per-window table (CSV) to FILE")
@@ -146,9 +155,7 @@ def _add_stats(sub) -> None:
 def _run_stats(args) -> tuple[dict, int]:
     from . import export, rules, stats
     thresholds = _thresholds(args.thresholds)
-    explicit = _explicit(args.run)
-    paths = [] if (args.run and not args.paths) else _paths(args.paths)
-    _require_existing(paths + list(explicit))
+    paths, explicit = _inputs(args)
     skipped: list = []
     histories = export.load_histories(paths, explicit, skipped)
     doc = {"thresholds": args.thresholds or str(rules.DEFAULT_THRESHOLDS), "stages": {},
