@@ -183,9 +183,12 @@ class StageAnalysis:
         sp = self.t["spikes"]
         logl = pd.Series(np.log(np.clip(loss, 1e-12, None)))
         med = logl.rolling(sp["window"], center=True, min_periods=5).median()
-        mad = (logl - med).abs().rolling(sp["window"], center=True, min_periods=5).median()
-        scale = 1.4826 * mad.clip(lower=1e-3)
-        z = ((logl - med) / scale).to_numpy()
+        # Noise scale: MAD of the residuals per block of 20 windows (a rolling
+        # MAD would cost a second rolling median for nearly the same number).
+        resid = (logl - med).to_numpy()
+        block = 20 * sp["window"]
+        mad = np.repeat(_block_medians(np.abs(np.nan_to_num(resid)), block), block)[:len(resid)]
+        z = resid / (1.4826 * np.clip(mad, 1e-3, None))
         idx = np.flatnonzero(np.nan_to_num(z) > sp["z"])
         # Merge consecutive rows into one spike event.
         events = []
@@ -227,8 +230,7 @@ class StageAnalysis:
         late = windows[-1]
         trend = m["late_trend"] or {}
         # Best level reached: the lowest rolling median (robust to single lows).
-        span = max(5, len(loss) // 50)
-        best = float(pd.Series(loss).rolling(span, min_periods=span).median().min())
+        best = float(np.min(_block_medians(loss, max(5, len(loss) // 50))))
         m["best_level"] = _r(best)
         ratio = late / best if best > 0 else None
         m["late_over_best"] = _r(ratio, 4)
@@ -475,6 +477,15 @@ class StageAnalysis:
                          lv["history_lag_seconds"] / 60, [self.metrics.get("step_max") or 0],
                          f"the log file is still written but no history row for {_r(lag / 60, 3)} min")
         return out
+
+
+def _block_medians(values: np.ndarray, size: int) -> np.ndarray:
+    """Medians of consecutive blocks of `size` values (the last may be short)."""
+    n_full = len(values) // size * size
+    out = list(np.median(values[:n_full].reshape(-1, size), axis=1)) if n_full else []
+    if n_full < len(values):
+        out.append(np.median(values[n_full:]))
+    return np.asarray(out)
 
 
 def _pct(x) -> str:
