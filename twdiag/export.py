@@ -29,12 +29,18 @@ class StageRuns:
 
     @property
     def run_ids(self) -> list[str]:
-        ids = []
-        for log in self.logs:
-            rid = log.meta.get("run_id") or Path(log.path).stem.replace("run-", "")
-            if rid not in ids:
-                ids.append(rid)
-        return ids
+        return list(dict.fromkeys(run_id(log) for log in self.logs))
+
+
+def run_id(log: history.RunLog) -> str:
+    """The W&B run id, or the file's `run-<id>` name when no run record survived."""
+    return log.meta.get("run_id") or Path(log.path).stem.removeprefix("run-")
+
+
+def step_range(frame: pd.DataFrame) -> dict:
+    if not len(frame):
+        return {"step_min": None, "step_max": None}
+    return {"step_min": int(frame["_step"].min()), "step_max": int(frame["_step"].max())}
 
 
 @dataclass
@@ -90,11 +96,15 @@ def load_stages(paths: list[Path], explicit: dict[Path, str] | None = None,
     explicit = dict(explicit or {})
     skipped = skipped if skipped is not None else []
     files: list[Path] = []
+    seen: set[Path] = set()
     for p in list(paths) + list(explicit):
         found = [w.path for w in bundle.find_wandb_files(p)]
         if not found:
             skipped.append({"path": str(p), "reason": "no .wandb file found here"})
-        files += [f for f in found if f.resolve() not in {x.resolve() for x in files}]
+        for f in found:
+            if f.resolve() not in seen:
+                seen.add(f.resolve())
+                files.append(f)
     stages: dict[str, StageRuns] = {}
     for f in files:
         console = None
@@ -126,16 +136,15 @@ def _start_key(log: history.RunLog) -> tuple:
 def merge_history(runs: StageRuns) -> StageHistory:
     """Concatenate a stage's files in time order; later files win on overlap."""
     frames, non_finite, superseded = [], {}, 0
-    offset = 0
+    offset = 0  # rows are labelled globally until the end, so non_finite can follow them
     for log in runs.logs:
         frame = log.history
-        rid = log.meta.get("run_id") or Path(log.path).stem
         if frames and len(frame):
             first = frame["_step"].iloc[0]
             keep = [f[f["_step"] < first] for f in frames]
             superseded += sum(len(a) - len(b) for a, b in zip(frames, keep))
             frames = keep
-        frame = frame.assign(_source=rid)
+        frame = frame.assign(_source=run_id(log))
         frame.index = np.arange(offset, offset + len(frame))
         for key, nf in log.non_finite.items():
             entry = non_finite.setdefault(key, {"rows": [], "values": []})
@@ -144,16 +153,12 @@ def merge_history(runs: StageRuns) -> StageHistory:
         offset += len(frame)
         frames.append(frame)
     frame = pd.concat(frames) if frames else pd.DataFrame({"_step": []})
-    kept = set(frame.index.tolist()) if superseded else None
-    if kept is not None:
-        for entry in non_finite.values():
-            pairs = [(r, v) for r, v in zip(entry["rows"], entry["values"]) if r in kept]
-            entry["rows"], entry["values"] = [p[0] for p in pairs], [p[1] for p in pairs]
-    positions = {label: i for i, label in enumerate(frame.index.tolist())} if superseded else None
+    labels = frame.index
     frame = frame.reset_index(drop=True)
-    if positions is not None:
-        for entry in non_finite.values():
-            entry["rows"] = [positions[r] for r in entry["rows"]]
+    for entry in non_finite.values():  # superseded rows drop out (-1)
+        pos = labels.get_indexer(entry["rows"])
+        entry["values"] = [v for v, p in zip(entry["values"], pos) if p >= 0]
+        entry["rows"] = [int(p) for p in pos if p >= 0]
     non_finite = {k: v for k, v in non_finite.items() if v["rows"]}
     return StageHistory(runs.stage, frame, non_finite, runs.logs, superseded)
 
@@ -289,9 +294,7 @@ def run_summary(log: history.RunLog) -> dict:
     return {
         "path": log.path, "run_id": log.meta.get("run_id"), "name": log.meta.get("name"),
         "project": log.meta.get("project"), "status": log.status,
-        "exit_code": log.meta.get("exit_code"), "rows": len(h),
-        "step_min": int(h["_step"].min()) if len(h) else None,
-        "step_max": int(h["_step"].max()) if len(h) else None,
+        "exit_code": log.meta.get("exit_code"), "rows": len(h), **step_range(h),
         "writer": log.meta.get("cli_version") or log.meta.get("producer_version"),
         "record_types": log.record_types,
         "damage": {k: v for k, v in log.scan.to_dict().items()
@@ -324,18 +327,15 @@ def export(paths: list[Path], out_dir: Path, explicit: dict[Path, str] | None = 
         files = _write_stage(merged, out_dir, f"{stage}_history_{tag}_{suffix}", formats)
         run_entries = []
         for log, how in zip(runs.logs, runs.mapped_by):
-            rid = log.meta.get("run_id") or Path(log.path).stem
             entry = run_summary(log)
             entry["stage_from"] = how
             entry["keys"] = sorted(log.history_keys)[:KEYS_SHOWN]
             entry["keys_total"] = len(log.history_keys)
-            entry["outputs"] = _write_run_files(log, out_dir, stage, rid, suffix)
+            entry["outputs"] = _write_run_files(log, out_dir, stage, run_id(log), suffix)
             run_entries.append(entry)
         h = merged.frame
         doc["stages"][stage] = {
-            "runs": run_entries, "rows": len(h),
-            "step_min": int(h["_step"].min()) if len(h) else None,
-            "step_max": int(h["_step"].max()) if len(h) else None,
+            "runs": run_entries, "rows": len(h), **step_range(h),
             "superseded_rows": merged.superseded_rows,
             "non_finite": {k: len(v["rows"]) for k, v in merged.non_finite.items()},
             "outputs": files,
