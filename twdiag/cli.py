@@ -6,6 +6,7 @@ stderr. The scripts in `scripts/` call `main()` with their subcommand.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 import textwrap
@@ -109,12 +110,9 @@ def _run_export(args) -> tuple[dict, int]:
     bad = [f for f in formats if f not in export.FORMATS]
     if bad:
         raise CliError(f"unknown format(s): {', '.join(bad)}", EXIT_USAGE)
-    if "parquet" in formats:
-        try:
-            import pyarrow  # noqa: F401
-        except ImportError:
-            raise CliError("--format parquet needs pyarrow (pip install "
-                           "'tinyworlds-training-diagnostics[parquet]')", EXIT_USAGE)
+    if "parquet" in formats and importlib.util.find_spec("pyarrow") is None:
+        raise CliError("--format parquet needs pyarrow (pip install "
+                       "'tinyworlds-training-diagnostics[parquet]')", EXIT_USAGE)
     paths, explicit = _inputs(args)
     out = outputs.prepare_out_dir(args.out_dir, _bundle_roots(paths + list(explicit)))
     doc = export.export(paths, out, explicit, args.suffix, formats, args.workers)

@@ -69,14 +69,13 @@ def _decode_json(text: str):
 class _Column:
     """One history key: row numbers and values, converted chunk by chunk."""
 
-    __slots__ = ("rows", "raw", "done_rows", "done_vals", "numeric")
+    __slots__ = ("rows", "raw", "done_rows", "done_vals")
 
     def __init__(self) -> None:
         self.rows: list[int] = []
         self.raw: list[str] = []
         self.done_rows: list[np.ndarray] = []
         self.done_vals: list[np.ndarray] = []
-        self.numeric = True
 
     def flush(self) -> None:
         if not self.raw:
@@ -117,7 +116,10 @@ def _item_value_json(item) -> str:
     """value_json, or the typed oneof newer writers may use instead."""
     if item.value_json:
         return item.value_json
-    kind = item.WhichOneof("value") if hasattr(item, "WhichOneof") else None
+    try:
+        kind = item.WhichOneof("value")
+    except ValueError:  # protos of older wandb have no typed values
+        kind = None
     if kind is None or kind == "none":
         return "null"
     if kind == "json":

@@ -314,7 +314,7 @@ class StageAnalysis:
         steps, v = _series(self.frame, key)
         if not len(v):
             return None
-        thirds = [t for t in np.array_split(v, 3) if len(t)]
+        thirds = _phases(v)
         out = {"key": key, "points": len(v), "first": _r(v[0]), "final": _r(v[-1]), "max": _r(v.max()),
                "early_mean": _r(thirds[0].mean()), "late_mean": _r(thirds[-1].mean()),
                "note": "batch-level usage: biased low by batch size"}
@@ -331,29 +331,22 @@ class StageAnalysis:
         if "unique_actions" not in f.columns and "action_entropy" not in f.columns:
             return None
         n_actions = self.config.get("n_actions")
-        a = self.t["actions"]
         out: dict = {"n_actions": n_actions}
         ustep, uniq = _series(f, "unique_actions") if "unique_actions" in f.columns else (np.array([]), np.array([]))
         estep, ent = _series(f, "action_entropy") if "action_entropy" in f.columns else (np.array([]), np.array([]))
         points = max(len(uniq), len(ent))
         out["points"] = points
         if len(uniq):
-            thirds = [t for t in np.array_split(uniq, 3) if len(t)]
             late = uniq[int(len(uniq) * (1 - self.t["data"]["late_fraction"])):]
             out["unique_actions"] = {
-                "min": _r(uniq.min()), "max": _r(uniq.max()), "final": _r(uniq[-1]),
-                "early_mean": _r(thirds[0].mean()), "mid_mean": _r(thirds[len(thirds) // 2].mean()),
-                "late_mean": _r(thirds[-1].mean()),
+                **_phase_summary(uniq),
                 "single_action_share": _r((uniq == 1).mean(), 4),
                 "late_single_action_share": _r((late == 1).mean(), 4) if len(late) else None}
         if len(ent):
-            thirds = [t for t in np.array_split(ent, 3) if len(t)]
             norm = math.log(n_actions) if isinstance(n_actions, (int, float)) and n_actions > 1 else None
             out["entropy"] = {
-                "min": _r(ent.min()), "max": _r(ent.max()), "final": _r(ent[-1]),
-                "early_mean": _r(thirds[0].mean()), "mid_mean": _r(thirds[len(thirds) // 2].mean()),
-                "late_mean": _r(thirds[-1].mean()), "max_possible": _r(norm),
-                "late_normalized": _r(thirds[-1].mean() / norm, 4) if norm else None}
+                **_phase_summary(ent), "max_possible": _r(norm),
+                "late_normalized": _r(_phases(ent)[-1].mean() / norm, 4) if norm else None}
         if "latent_actions/encoder_variance" in f.columns:
             _, var = _series(f, "latent_actions/encoder_variance")
             if len(var):
@@ -477,6 +470,18 @@ class StageAnalysis:
                          lv["history_lag_seconds"] / 60, [self.metrics.get("step_max") or 0],
                          f"the log file is still written but no history row for {_r(lag / 60, 3)} min")
         return out
+
+
+def _phases(values: np.ndarray) -> list[np.ndarray]:
+    """Early, mid and late thirds (fewer when there are under 3 values)."""
+    return [p for p in np.array_split(values, 3) if len(p)]
+
+
+def _phase_summary(values: np.ndarray) -> dict:
+    parts = _phases(values)
+    return {"min": _r(values.min()), "max": _r(values.max()), "final": _r(values[-1]),
+            "early_mean": _r(parts[0].mean()), "mid_mean": _r(parts[len(parts) // 2].mean()),
+            "late_mean": _r(parts[-1].mean())}
 
 
 def _block_medians(values: np.ndarray, size: int) -> np.ndarray:

@@ -120,7 +120,6 @@ def collapsed_actions(step, rng):
 def incident_rows(stage: str, stride: int, seed: int = 0) -> tuple[dict, list[dict]]:
     """Rebuild the February 2026 three-stage history, with the windows and
     finals the incident report gives (every `stride`-th step is logged)."""
-    rng = np.random.default_rng(seed)
     if stage == "video_tokenizer":
         n = 40000
         cfg = stage_config(stage, n_updates=n, log_interval=2500, learning_rate=1e-3)
