@@ -10,12 +10,10 @@ reported as medians, with (a)/(b) ratios from the same run.
 """
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -47,8 +47,6 @@ def sample_bundle() -> Path:
 @pytest.fixture(scope="session")
 def runs(tmp_path_factory) -> dict:
     """Real offline wandb runs in healthy and odd shapes, built once."""
-    import math
-
     from twdiag import synth
     root = tmp_path_factory.mktemp("runs")
     out = {}

@@ -2,7 +2,6 @@
 import json
 import os
 import shutil
-import stat
 import subprocess
 import sys
 
@@ -10,7 +9,7 @@ import pandas as pd
 import pytest
 
 from conftest import ROOT, tree_fingerprint
-from twdiag import export, history
+from twdiag import export
 
 SCRIPT = ROOT / "scripts" / "export_local_wandb_history.py"
 

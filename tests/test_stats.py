@@ -1,7 +1,6 @@
 """stage_stats on real .wandb files: the real incident and the required shapes."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time

@@ -94,7 +94,6 @@ def test_damage_is_reported_not_raised(tmp_path, runs):
 
 
 def test_truncation_keeps_a_prefix_of_records(runs):
-    from wandb.proto import wandb_internal_pb2  # noqa: F401  (decoder needs it)
     data = runs["healthy"].read_bytes()
     full = list(wandb_log.scan(runs["healthy"])[1])
     import tempfile
