@@ -76,6 +76,8 @@ def test_errors_are_json_not_tracebacks(tmp_path, runs):
     assert unreadable.returncode == 4 and doc["skipped"][0]["reason"].startswith("bad ident")
     usage = run(SCRIPT, runs["short"], "--format", "xml", "--out-dir", tmp_path / "o")
     assert usage.returncode == 2 and "unknown format" in json.loads(usage.stdout)["error"]
+    bad_flag = run(SCRIPT, runs["short"], "--no-such-flag")
+    assert bad_flag.returncode == 2 and json.loads(bad_flag.stdout)["exit_code"] == 2
 
 
 def test_refuses_out_dir_inside_bundle(tmp_path, runs):

@@ -224,7 +224,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse: --help (0) or usage error (2)
-        return int(exc.code or 0)
+        code = int(exc.code or 0)
+        if code:  # argparse explained on stderr; stdout still gets its JSON
+            outputs.emit({"tool": "twdiag", "version": __version__,
+                          "error": "usage error (see stderr or --help)", "exit_code": code})
+        return code
     command = args.command
     try:
         doc, code = args.func(args)
