@@ -180,6 +180,54 @@ def _run_stats(args) -> tuple[dict, int]:
     return doc, EXIT_OK
 
 
+# --- checkpoints ----------------------------------------------------------------
+
+def _add_ckpts(sub) -> None:
+    p = _subparser(
+        sub, "ckpts", "checkpoint integrity, resumability and the safe fallback",
+        "Check every <stage>_step_<N> checkpoint without running its pickle: zip "
+        "structure and CRCs, pickle globals (unsafe ones are refused), an inert read "
+        "of keys, shapes, optimizer groups and saved step; then a deep scan "
+        "(torch.load weights_only+mmap, NaN/Inf per tensor) of the newest valid "
+        "checkpoint. Names the recommended fallback per stage and checks that the "
+        "dynamics stage's tokenizer/action checkpoints exist and are valid.", """\
+            examples:
+              %(prog)s RUN_BUNDLE_ROOT
+              %(prog)s results/2026_02_06_00_44_34/dynamics/checkpoints --deep all
+              %(prog)s results/RUN/dynamics/checkpoints/dynamics_step_52000
+              %(prog)s RUN_BUNDLE_ROOT --out-dir docs/action   # + checkpoints.json (every checkpoint)
+
+            statuses: valid, empty, truncated, corrupt, non_finite, unsafe_pickle,
+            inconsistent, missing_files. Without torch: structural checks only.
+            """)
+    p.add_argument("paths", nargs="*", help="bundle root, run root, stage dir, checkpoints "
+                   "dir or one checkpoint (default: $RUN_BUNDLE_ROOT or .)")
+    p.add_argument("--deep", choices=("auto", "all", "none"), default="auto",
+                   help="tensor scans: auto = newest valid + suspicious ones (default), "
+                        "all = every checkpoint, none = structure only")
+    p.add_argument("--thresholds", help="YAML merged over the default thresholds")
+    p.add_argument("--out-dir", help="also write checkpoints.json with every checkpoint's details")
+    p.set_defaults(func=_run_ckpts)
+
+
+def _run_ckpts(args) -> tuple[dict, int]:
+    from . import checkpoints, rules
+    thresholds = _thresholds(args.thresholds)
+    paths = _paths(args.paths)
+    _require_existing(paths)
+    out = outputs.prepare_out_dir(args.out_dir, _bundle_roots(paths)) if args.out_dir else None
+    res = checkpoints.analyse(paths, thresholds, args.deep, progress=outputs.log)
+    doc = res["doc"]
+    verdicts = {s: v["verdict"] for s, v in doc["stages"].items()}
+    doc["overall"] = rules.overall_verdict(verdicts, thresholds) if verdicts else None
+    if out is not None:
+        doc["details"] = str(outputs.write_json(out / "checkpoints.json",
+                                                {**doc, "checkpoints": res["details"]}))
+    if not any(v["total"] for v in doc["stages"].values()):
+        return doc, EXIT_NO_INPUT
+    return doc, EXIT_OK  # invalid checkpoints are a verdict, not an input error
+
+
 def _thresholds(path: str | None) -> dict:
     from . import rules
     try:
@@ -198,7 +246,7 @@ def _explicit(values: list[str]) -> dict:
 
 # --- entry point --------------------------------------------------------------
 
-SUBCOMMANDS = [_add_export, _add_stats]
+SUBCOMMANDS = [_add_export, _add_stats, _add_ckpts]
 
 
 def build_parser(prog: str = "twdiag") -> argparse.ArgumentParser:

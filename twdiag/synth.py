@@ -205,6 +205,9 @@ def _custom_config_class(module: str, name: str):
     mod = sys.modules.get(module) or types.ModuleType(module)
     setattr(mod, name, cls)
     sys.modules[module] = mod
+    parent = module.rpartition(".")[0]
+    if parent and parent not in sys.modules:  # pickle imports the package first
+        sys.modules[parent] = types.ModuleType(parent)
     return cls
 
 
@@ -243,6 +246,7 @@ def write_checkpoint(stage_dir: Path, stage: str, step: int, seed: int = 0, widt
         torch.save(state, d / "state.pt")
     finally:
         sys.modules.pop("utils.config", None)
+        sys.modules.pop("utils", None)
     return d
 
 
