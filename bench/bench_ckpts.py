@@ -1,0 +1,119 @@
+#!/usr/bin/env python3
+"""Benchmark: check_ckpts default mode vs torch.load of every file.
+
+Builds N checkpoints of about SIZE_MB each (model + 2x optimizer + state.pt,
+real torch.save, TinyWorlds layout), then times, interleaved, REPEATS times:
+  (a) checkpoints.analyse in default mode (structure for all, deep scan of
+      the newest valid), in this process;
+  (b) torch.load(weights_only=True) of every model and optimizer file, in this
+      process (torch imported once beforehand, so both sides time the work);
+and the same two end to end as fresh subprocesses (interpreter start and the
+~1 s torch import included), which also gives (a)'s own peak RSS.
+Prints medians, the ratio a/b (target < 0.1) and peak RSS of (a) (target < 1 GB).
+
+    python bench/bench_ckpts.py [N=100] [SIZE_MB=50] [DIR=/tmp/bench_ckpts] [REPEATS=3]
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+BASELINE = """
+import sys, glob, resource, torch
+for f in sorted(glob.glob(sys.argv[1] + '/*/*_state_dict.pt')):
+    torch.load(f, map_location='cpu', weights_only=True)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+OURS = """
+import sys, resource, json
+sys.path.insert(0, sys.argv[2])
+from twdiag import checkpoints, rules
+out = checkpoints.analyse([__import__('pathlib').Path(sys.argv[1])], rules.load_thresholds())
+st = out['doc']['stages']
+print(json.dumps({'rss_kb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                  'fallback': {s: v['recommended_fallback']['step'] for s, v in st.items()},
+                  'deep': {s: v['deep_scanned'] for s, v in st.items()}}))
+"""
+
+
+def build(target: Path, n: int, size_mb: float) -> Path:
+    import torch
+    ckdir = target / "results" / "2026_11_28_06_35_02" / "dynamics" / "checkpoints"
+    if ckdir.is_dir() and len(list(ckdir.iterdir())) == n:
+        return ckdir
+    ckdir.mkdir(parents=True, exist_ok=True)
+    # model : optimizer (exp_avg + exp_avg_sq) = 1 : 2 by bytes, as in AdamW.
+    per_tensor = 256 * 1024  # floats (1 MiB)
+    n_tensors = max(1, int(size_mb / 3 / 1.048576))
+    model = {f"blocks.{i}.weight": torch.randn(per_tensor) for i in range(n_tensors)}
+    optim = {"state": {i: {"step": torch.tensor(1.0), "exp_avg": torch.randn(per_tensor),
+                           "exp_avg_sq": torch.rand(per_tensor)} for i in range(n_tensors)},
+             "param_groups": [{"lr": 1e-3, "params": list(range(n_tensors))}]}
+    for k in range(n):
+        step = k * 500
+        d = ckdir / f"dynamics_step_{step}"
+        d.mkdir(exist_ok=True)
+        torch.save(model, d / "model_state_dict.pt")
+        torch.save(optim, d / "optim_state_dict.pt")
+        torch.save({"step": step, "timestamp": f"2026_11_28_{6 + k // 60:02d}_{k % 60:02d}_00",
+                    "scheduler_state_dict": {"last_epoch": step + 1}, "config": {}}, d / "state.pt")
+    return ckdir
+
+
+def timed(code: str, *args: str) -> tuple[float, str]:
+    t = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True)
+    return time.perf_counter() - t, r.stdout.strip()
+
+
+def main() -> None:
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 100
+    size = float(sys.argv[2]) if len(sys.argv) > 2 else 50
+    target = Path(sys.argv[3] if len(sys.argv) > 3 else "/tmp/bench_ckpts")
+    repeats = int(sys.argv[4]) if len(sys.argv) > 4 else 3
+    t = time.perf_counter()
+    ckdir = build(target, n, size)
+    total = sum(p.stat().st_size for p in ckdir.rglob("*.pt"))
+    print(f"{n} checkpoints, {total / 1e9:.2f} GB on disk (built in {time.perf_counter() - t:.0f} s)",
+          file=sys.stderr)
+    import torch
+
+    from twdiag import checkpoints, rules
+    th = rules.load_thresholds()
+    files = sorted(ckdir.glob("*/*_state_dict.pt"))
+    for f in files:  # warm the page cache for both sides
+        torch.load(f, map_location="cpu", weights_only=True)
+    a, b, ea, eb, rss = [], [], [], [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        doc = checkpoints.analyse([ckdir], th)["doc"]
+        a.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        for f in files:
+            torch.load(f, map_location="cpu", weights_only=True)
+        b.append(time.perf_counter() - t)
+        ta, out = timed(OURS, str(ckdir), str(ROOT))
+        tb, _ = timed(BASELINE, str(ckdir))
+        ea.append(ta), eb.append(tb), rss.append(json.loads(out)["rss_kb"] / 1024)
+    med = statistics.median
+    st = doc["stages"]["dynamics"]
+    print(json.dumps({"checkpoints": n, "bytes": total,
+                      "a_check_ckpts_default_s": round(med(a), 3), "b_torch_load_all_s": round(med(b), 3),
+                      "ratio_a_over_b": round(med(a) / med(b), 4), "target_ratio": 0.1,
+                      "end_to_end_a_s": round(med(ea), 3), "end_to_end_b_s": round(med(eb), 3),
+                      "end_to_end_ratio": round(med(ea) / med(eb), 4),
+                      "a_peak_rss_mb": round(max(rss), 1), "target_rss_mb": 1024,
+                      "runs_a": [round(x, 3) for x in a], "runs_b": [round(x, 3) for x in b],
+                      "deep_scanned": st["deep_scanned"],
+                      "fallback": st["recommended_fallback"]["step"]}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
