@@ -228,6 +228,62 @@ def _run_ckpts(args) -> tuple[dict, int]:
     return doc, EXIT_OK  # invalid checkpoints are a verdict, not an input error
 
 
+# --- visuals ----------------------------------------------------------------------
+
+def _add_visuals(sub) -> None:
+    p = _subparser(
+        sub, "visuals", "image-grid metrics, visual findings and a contact sheet",
+        "Find each stage's visualizations/*_step_<N>.png, split TinyWorlds' two "
+        "panels (originals | outputs) into grid cells and measure what a person "
+        "would see: flat colour, stripes, output that ignores its input, "
+        "PSNR/SSIM where cells align, and the early->late trend. Writes one "
+        "labelled contact sheet (long side <= 2000 px) to --out-dir.", """\
+            examples:
+              %(prog)s RUN_BUNDLE_ROOT --out-dir docs/action
+              %(prog)s results/RUN/dynamics --count 6 --out-dir /tmp/sheets
+              %(prog)s results/RUN/dynamics/visualizations/dynamics_prediction_step_50000.png
+
+            files written to --out-dir:
+              contact_sheet.png   first, middle and latest images per stage, labelled
+              visuals.json        every image's metrics and flags
+            """)
+    p.add_argument("paths", nargs="*", help="bundle root, run root, stage dir, visualizations "
+                   "dir or one PNG (default: $RUN_BUNDLE_ROOT or .)")
+    p.add_argument("--out-dir", help="where to write contact_sheet.png and visuals.json "
+                   "(default: docs/action beside the bundle)")
+    p.add_argument("--count", type=int, help="images per stage on the sheet (default: 4)")
+    p.add_argument("--thresholds", help="YAML merged over the default thresholds")
+    p.set_defaults(func=_run_visuals)
+
+
+def _run_visuals(args) -> tuple[dict, int]:
+    from . import rules, visuals
+    thresholds = _thresholds(args.thresholds)
+    if args.count is not None and args.count < 1:
+        raise CliError("--count must be at least 1", EXIT_USAGE)
+    paths = _paths(args.paths)
+    _require_existing(paths)
+    roots = _bundle_roots(paths)
+    out = outputs.prepare_out_dir(args.out_dir or default_out_dir(roots[0]), roots)
+    res = visuals.analyse(paths, thresholds, args.count, progress=outputs.log)
+    doc = res["doc"]
+    verdicts = {s: v["verdict"] for s, v in doc["stages"].items()}
+    doc["overall"] = rules.overall_verdict(verdicts, thresholds) if verdicts else None
+    if res["sheet"] is not None:
+        doc["contact_sheet"] = str(outputs.write_image(out / "contact_sheet.png", res["sheet"]))
+    doc["details"] = str(outputs.write_json(out / "visuals.json", {**doc, "images": res["details"]}))
+    if not any(v["images"] for v in doc["stages"].values()):
+        return doc, EXIT_NO_INPUT
+    if not any(v["analysed"] for v in doc["stages"].values()):
+        return doc, EXIT_UNREADABLE
+    return doc, EXIT_OK
+
+
+def default_out_dir(bundle_root: Path) -> Path:
+    """`docs/action/` beside the bundle: never inside results/ or wandb/."""
+    return Path(bundle_root).resolve().parent / "docs" / "action"
+
+
 def _thresholds(path: str | None) -> dict:
     from . import rules
     try:
@@ -246,7 +302,7 @@ def _explicit(values: list[str]) -> dict:
 
 # --- entry point --------------------------------------------------------------
 
-SUBCOMMANDS = [_add_export, _add_stats, _add_ckpts]
+SUBCOMMANDS = [_add_export, _add_stats, _add_ckpts, _add_visuals]
 
 
 def build_parser(prog: str = "twdiag") -> argparse.ArgumentParser:

@@ -59,6 +59,16 @@ def write_text(target: str | Path, text: str) -> Path:
     return Path(target)
 
 
+def write_image(target: str | Path, image) -> Path:
+    """A PIL image (or a matplotlib figure) saved as PNG, atomically."""
+    with atomic_path(target) as tmp:
+        if hasattr(image, "savefig"):
+            image.savefig(tmp, format="png")
+        else:
+            image.save(tmp, format="PNG", optimize=False)
+    return Path(target)
+
+
 def to_jsonable(obj):
     """Plain JSON types only: numpy scalars, Paths, non-finite floats as text."""
     if isinstance(obj, dict):

@@ -294,8 +294,9 @@ def write_grid_png(path: Path, original: np.ndarray, reconstructed: np.ndarray,
     axes[1].set_title(right_title)
     for ax in axes:
         ax.axis("off")
+    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=150)
+    fig.savefig(path, dpi=150, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -328,3 +329,20 @@ def predictions(kind: str, original: np.ndarray, seed: int = 0, amount: float = 
                 out += pad[:, k + dy:k + dy + h, k + dx:k + dx + w]
         return out / ((2 * k) // 2 + 1) ** 2
     raise ValueError(kind)
+
+
+def masked(frames: np.ndarray, share: float = 0.5, patch: int = 4, seed: int = 0) -> np.ndarray:
+    """Dynamics' left panel: ground truth with masked patches set to mid-grey."""
+    rng = np.random.default_rng(seed)
+    out = frames.copy()
+    n, h, w, _ = frames.shape
+    keep = rng.uniform(size=(n, h // patch, w // patch)) >= share
+    mask = np.repeat(np.repeat(keep, patch, axis=1), patch, axis=2)
+    out[~mask] = 0.5
+    return out
+
+
+def lam_targets(frames: np.ndarray) -> np.ndarray:
+    """The 12 frames the latent-action decoder predicts: frames 1..3 of each
+    4-frame sequence, in the order TinyWorlds lays them out."""
+    return frames.reshape(4, 4, *frames.shape[1:])[:, 1:].reshape(12, *frames.shape[1:])

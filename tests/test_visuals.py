@@ -1,0 +1,157 @@
+"""Visual diagnostics on grids drawn in TinyWorlds' real figure layout."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import ROOT, tree_fingerprint
+from twdiag import rules, synth, visuals
+
+TS = synth.TS
+T = rules.load_thresholds()["visuals"]
+LAM_TITLE = "Reconstructed Sequences (4 sequences × 4 frames)"
+
+
+@pytest.fixture(scope="session")
+def grids(tmp_path_factory) -> dict:
+    """Real matplotlib figures: one per grid kind, plus improving and
+    degrading sequences in a bundle layout."""
+    root = tmp_path_factory.mktemp("grids")
+    orig = synth.pong_frames(16, seed=3)
+    kinds = {}
+    for kind in ("good", "flat", "texture", "stripes", "blurry"):
+        kinds[kind] = synth.write_grid_png(root / f"{kind}_step_0.png", orig,
+                                           synth.predictions(kind, orig, seed=1))
+    bundle = root / "bundle"
+    run = bundle / "results" / TS
+    steps = [0, 100, 200, 300, 400, 500]
+    for i, step in enumerate(steps):  # tokenizer: noise shrinking -> improving
+        o = synth.pong_frames(16, seed=10 + i)
+        synth.write_grid_png(run / "video_tokenizer" / "visualizations" / f"video_tokenizer_recon_step_{step}.png",
+                             o, synth.predictions("good", o, seed=i, amount=0.5 * (1 - i / 5)))
+    for i, step in enumerate(steps):  # dynamics: good, then one texture for every input
+        o = synth.pong_frames(16, seed=20 + i)
+        pred = synth.predictions("good", o, seed=i) if i < 3 else synth.predictions("texture", o, seed=7)
+        synth.write_grid_png(run / "dynamics" / "visualizations" / f"dynamics_prediction_step_{step}.png",
+                             synth.masked(o, seed=i), pred)
+    for i, step in enumerate(steps[:3]):  # latent actions: 12 predictions in 3 rows
+        o = synth.pong_frames(16, seed=30 + i)
+        synth.write_grid_png(run / "latent_actions" / "visualizations" /
+                             f"reconstructions_latent_actions_step_{step}.png",
+                             o, synth.predictions("good", synth.lam_targets(o), seed=i), LAM_TITLE)
+    return {"kinds": kinds, "bundle": bundle, "run": run}
+
+
+def _analyse(path: Path, stage: str = "video_tokenizer") -> visuals.ImageResult:
+    return visuals.analyse_image(visuals.ImageFile(stage, 0, path), T)
+
+
+def test_figure_matches_tinyworlds_layout(grids):
+    with Image.open(grids["kinds"]["good"]) as im:
+        w, h = im.size
+    assert abs(w - 2373) < 40 and abs(h - 1216) < 40  # 16x8 in at 150 dpi, tight bbox
+    r = _analyse(grids["kinds"]["good"])
+    assert r.layout == "two_panel" and r.metrics["grid"] == {
+        "frame": 64, "original_cells": 16, "output_cells": 16, "exact": True}
+
+
+@pytest.mark.parametrize("kind,required,forbidden", [
+    ("good", set(), set(visuals.FLAGS)),
+    ("flat", {"flat_color"}, set()),
+    ("texture", {"input_independent_output", "striping"}, set()),
+    ("stripes", {"striping"}, set()),
+    ("blurry", set(), {"flat_color", "striping", "input_independent_output"}),
+])
+def test_grid_kinds(grids, kind, required, forbidden):
+    r = _analyse(grids["kinds"][kind])
+    assert required <= set(r.flags), r.metrics
+    assert not (forbidden & set(r.flags)), (r.flags, r.metrics)
+
+
+def test_good_beats_blurry_on_fidelity(grids):
+    good = _analyse(grids["kinds"]["good"]).metrics["fidelity"]
+    blurry = _analyse(grids["kinds"]["blurry"]).metrics["fidelity"]
+    assert good["psnr_db"] > blurry["psnr_db"] + 5 and good["ssim"] > blurry["ssim"]
+    assert good["input_dependence"] > 0.3 and blurry["input_dependence"] > T["min_input_dependence"]
+
+
+def test_sequences_trend_and_findings(grids):
+    res = visuals.analyse([grids["bundle"]], rules.load_thresholds(), count=3)
+    st = res["doc"]["stages"]
+    tok, dyn, lam = st["video_tokenizer"], st["dynamics"], st["latent_actions"]
+    assert tok["trend"]["trend"] == "improving" and tok["trend"]["psnr_delta_db"] > 3
+    assert dyn["trend"]["trend"] == "degrading"
+    ids = {f["rule_id"]: f for f in dyn["findings"]}
+    assert ids["input_independent_output"]["severity"] == "critical"
+    assert ids["input_independent_output"]["steps"] == [300, 400, 500]
+    assert ids["input_independent_output"]["evidence_path"].endswith("dynamics_prediction_step_500.png")
+    assert dyn["verdict"] == "critical" and tok["verdict"] == "normal"
+    # dynamics input has grey masked patches: PSNR skips them, good steps are high
+    assert dyn["latest"]["metrics"]["fidelity"]["psnr_db"] < 10
+    assert lam["latest"]["metrics"]["grid"]["output_cells"] == 12 and not lam["findings"]
+
+
+def test_bad_images_are_reported_and_the_run_goes_on(tmp_path, grids):
+    vis = tmp_path / "results" / TS / "dynamics" / "visualizations"
+    vis.mkdir(parents=True)
+    good = grids["kinds"]["good"].read_bytes()
+    (vis / "dynamics_prediction_step_0.png").write_bytes(good)
+    (vis / "dynamics_prediction_step_1.png").write_bytes(good[: len(good) // 2])
+    (vis / "dynamics_prediction_step_2.png").write_bytes(b"this is not an image")
+    (vis / "dynamics_prediction_step_3.png").write_bytes(b"")
+    Image.new("L", (8000, 8000)).save(vis / "dynamics_prediction_step_4.png")
+    res = visuals.analyse([tmp_path], rules.load_thresholds())
+    st = res["doc"]["stages"]["dynamics"]
+    assert st["images"] == 5 and st["analysed"] == 1 and st["errors"] == 4
+    reasons = {Path(s["path"]).name: s["reason"] for s in res["doc"]["skipped"]}
+    assert "cannot decode" in reasons["dynamics_prediction_step_1.png"]
+    assert "identify" in reasons["dynamics_prediction_step_2.png"]
+    assert "identify" in reasons["dynamics_prediction_step_3.png"]
+    assert "decompression bomb" in reasons["dynamics_prediction_step_4.png"]
+
+
+def test_unknown_layout_gets_whole_image_metrics(tmp_path):
+    p = tmp_path / "inference_results_step_3.png"
+    Image.fromarray((np.random.default_rng(0).uniform(size=(300, 500, 3)) * 255).astype(np.uint8)).save(p)
+    r = _analyse(p, "dynamics")
+    assert r.layout == "unknown" and "image" in r.metrics and r.metrics["image"]["distinct_colors"] > 1000
+
+
+def test_cli_contact_sheet_read_only_bundle(tmp_path, grids):
+    before = tree_fingerprint(grids["bundle"])
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "contact_sheet.py"), str(grids["bundle"]),
+                        "--out-dir", str(out), "--count", "3"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["overall"] == "critical"
+    with Image.open(doc["contact_sheet"]) as sheet:
+        assert max(sheet.size) <= T["sheet_max_side"]
+    details = json.loads((out / "visuals.json").read_text())
+    assert [i["step"] for i in details["images"]["dynamics"]] == [0, 100, 200, 300, 400, 500]
+    assert tree_fingerprint(grids["bundle"]) == before
+    inside = subprocess.run([sys.executable, str(ROOT / "scripts" / "contact_sheet.py"), str(grids["bundle"]),
+                             "--out-dir", str(grids["run"] / "x")], capture_output=True, text=True)
+    assert inside.returncode == 5 and "refusing" in json.loads(inside.stdout)["error"]
+
+
+def test_sheet_steps_always_first_middle_latest():
+    assert visuals.sheet_steps(200, 3) == [0, 100, 199]
+    assert visuals.sheet_steps(2, 4) == [0, 1]
+    assert visuals.sheet_steps(10, 4)[0] == 0 and visuals.sheet_steps(10, 4)[-1] == 9
+
+
+def test_sample_bundle_images(sample_bundle, tmp_path):
+    res = visuals.analyse([sample_bundle], rules.load_thresholds())
+    st = res["doc"]["stages"]
+    assert set(st) == {"video_tokenizer", "latent_actions", "dynamics"}
+    for stage, v in st.items():
+        assert v["analysed"] == 4 and v["layouts"] == ["two_panel"], stage
+        assert v["trend"]["trend"] == "improving" and v["verdict"] == "normal", stage
+    assert st["latent_actions"]["latest"]["metrics"]["grid"]["output_cells"] == 12
