@@ -151,33 +151,30 @@ def _add_stats(sub) -> None:
 
 
 def _run_stats(args) -> tuple[dict, int]:
-    from . import export, rules, stats
+    from . import rules, stats
     thresholds = _thresholds(args.thresholds)
     paths, explicit = _inputs(args)
-    skipped: list = []
-    histories = export.load_histories(paths, explicit, skipped)
-    doc = {"thresholds": args.thresholds or str(rules.DEFAULT_THRESHOLDS), "stages": {},
-           "skipped": skipped}
-    detail_frames = []
-    for stage, merged in histories.items():
-        metrics, findings = stats.analyse_stage(merged, thresholds, args.now)
-        doc["stages"][stage] = {"verdict": metrics.pop("verdict"), "evidence_path": merged.latest.path,
-                                "metrics": metrics, "findings": rules.findings_dicts(findings)}
-        if args.details and metrics.get("loss_key"):
-            t = stats.details_table(merged.frame, metrics["loss_key"])
-            detail_frames.append(t.assign(stage=stage))
-    doc["overall"] = rules.overall_verdict({s: v["verdict"] for s, v in doc["stages"].items()},
-                                           thresholds) if doc["stages"] else None
-    if args.details and detail_frames:
-        import pandas as pd
-        target = Path(args.details)
-        outputs.prepare_out_dir(target.parent.resolve(), _bundle_roots(paths))
-        with outputs.atomic_path(target) as tmp:
-            pd.concat(detail_frames).to_csv(tmp, index=False)
-        doc["details"] = str(target)
+    body, histories = stats.analyse_paths(paths, explicit, thresholds, args.now)
+    doc = {"thresholds": args.thresholds or str(rules.DEFAULT_THRESHOLDS), **body}
+    if args.details:
+        _write_details(Path(args.details), histories, doc, paths)
     if not histories:
-        return doc, EXIT_UNREADABLE if skipped else EXIT_NO_INPUT
+        return doc, EXIT_UNREADABLE if doc["skipped"] else EXIT_NO_INPUT
     return doc, EXIT_OK
+
+
+def _write_details(target: Path, histories: dict, doc: dict, paths: list[Path]) -> None:
+    import pandas as pd
+
+    from . import stats
+    frames = [stats.details_table(h.frame, doc["stages"][s]["metrics"]["loss_key"]).assign(stage=s)
+              for s, h in histories.items() if doc["stages"][s]["metrics"].get("loss_key")]
+    if not frames:
+        return
+    outputs.prepare_out_dir(target.parent.resolve(), _bundle_roots(paths))
+    with outputs.atomic_path(target) as tmp:
+        pd.concat(frames).to_csv(tmp, index=False)
+    doc["details"] = str(target)
 
 
 # --- checkpoints ----------------------------------------------------------------
@@ -279,6 +276,76 @@ def _run_visuals(args) -> tuple[dict, int]:
     return doc, EXIT_OK
 
 
+# --- diagnose -----------------------------------------------------------------------
+
+GATES = {"watch": ("watch", "critical"), "critical": ("critical",)}
+
+
+def _add_diagnose(sub) -> None:
+    p = _subparser(
+        sub, "diagnose", "one-shot answer: verdicts, evidence, fallback, next actions",
+        "Run stats, checkpoint checks and visual checks on a TinyWorlds bundle and "
+        "combine them into a verdict per stage and overall (normal / watch / critical), "
+        "the run status, evidence paths, the recommended fallback checkpoint and next "
+        "actions in priority order. Writes diagnosis.json, diagnosis.md, loss plots "
+        "and a contact sheet; prints a compact JSON summary.", """\
+            examples:
+              %(prog)s RUN_BUNDLE_ROOT
+              %(prog)s RUN_BUNDLE_ROOT --out-dir /tmp/diag --fail-on critical
+              %(prog)s --results results/2026_02_06_00_44_34 --run dynamics=wandb/run-X/run-X.wandb
+              RUN_BUNDLE_ROOT=/data/run %(prog)s --deep all
+
+            files written to --out-dir (default: docs/action beside the bundle):
+              diagnosis.json   everything (stdout gets the compact version)
+              diagnosis.md     the report, in the checklist's template
+              loss_<stage>.png loss curves with windows, spikes, non-finite steps
+              contact_sheet.png  first/middle/latest image grids per stage
+              checkpoints.json, visuals.json  per-checkpoint and per-image details
+            """)
+    p.add_argument("bundle", nargs="?", help="bundle root holding results/ and/or wandb/ "
+                   "(default: $RUN_BUNDLE_ROOT or .)")
+    p.add_argument("--run", action="append", default=[], metavar="STAGE=PATH",
+                   help="use this .wandb file for a stage instead of the newest found (repeatable)")
+    p.add_argument("--out-dir", help="output directory (default: docs/action beside the bundle)")
+    p.add_argument("--fail-on", choices=sorted(GATES),
+                   help=f"exit {EXIT_GATE} when the overall verdict reaches this level (CI/cron)")
+    p.add_argument("--deep", choices=("auto", "all", "none"), default="auto",
+                   help="checkpoint tensor scans (default: auto = newest valid per stage)")
+    p.add_argument("--count", type=int, help="images per stage on the contact sheet (default: 4)")
+    p.add_argument("--thresholds", help="YAML merged over the default thresholds")
+    p.add_argument("--now", type=float, help="unix time to judge liveness against (default: now)")
+    p.set_defaults(func=_run_diagnose)
+
+
+def _run_diagnose(args) -> tuple[dict, int]:
+    from . import plots, report
+    thresholds = _thresholds(args.thresholds)
+    explicit = _explicit(args.run)
+    root = Path(args.bundle or os.environ.get("RUN_BUNDLE_ROOT") or ".")
+    _require_existing([root, *explicit])
+    if not root.is_dir():
+        raise CliError(f"not a directory: {root} (give the bundle root)", EXIT_USAGE)
+    out = outputs.prepare_out_dir(args.out_dir or default_out_dir(root), _bundle_roots([root]))
+    res = report.diagnose(root, thresholds, explicit, args.now, args.deep, args.count)
+    doc = res["doc"]
+    if all(e["verdict"] == "missing" for e in doc["stages"].values()):
+        return {"error": f"no TinyWorlds logs, checkpoints or images under {root}",
+                "skipped": doc["skipped"]}, EXIT_UNREADABLE if doc["skipped"] else EXIT_NO_INPUT
+    files = {"loss_plots": plots.write_loss_plots(res["histories"],
+                                                  {s: e["stats"] for s, e in doc["stages"].items()}, out)}
+    if res["sheet"] is not None:
+        files["contact_sheet"] = str(outputs.write_image(out / "contact_sheet.png", res["sheet"]))
+    files["checkpoints"] = str(outputs.write_json(out / "checkpoints.json", res["checkpoint_details"]))
+    files["visuals"] = str(outputs.write_json(out / "visuals.json", res["image_details"]))
+    files["diagnosis_md"] = str(out / "diagnosis.md")
+    files["diagnosis_json"] = str(out / "diagnosis.json")
+    doc["outputs"] = files
+    outputs.write_text(out / "diagnosis.md", report.markdown(doc))
+    outputs.write_json(out / "diagnosis.json", doc)
+    code = EXIT_GATE if args.fail_on and doc["overall"] in GATES[args.fail_on] else EXIT_OK
+    return report.compact(doc), code
+
+
 def default_out_dir(bundle_root: Path) -> Path:
     """`docs/action/` beside the bundle: never inside results/ or wandb/."""
     return Path(bundle_root).resolve().parent / "docs" / "action"
@@ -302,7 +369,7 @@ def _explicit(values: list[str]) -> dict:
 
 # --- entry point --------------------------------------------------------------
 
-SUBCOMMANDS = [_add_export, _add_stats, _add_ckpts, _add_visuals]
+SUBCOMMANDS = [_add_diagnose, _add_export, _add_stats, _add_ckpts, _add_visuals]
 
 
 def build_parser(prog: str = "twdiag") -> argparse.ArgumentParser:

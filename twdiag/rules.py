@@ -66,7 +66,12 @@ class Finding:
 
 def stage_verdict(findings: list[Finding], enough_data: bool) -> str:
     """critical > watch > (insufficient_data | normal)."""
-    levels = {f.severity for f in findings}
+    return verdict_of([{"severity": f.severity} for f in findings], enough_data)
+
+
+def verdict_of(findings: list[dict], enough_data: bool) -> str:
+    """stage_verdict for findings already turned into dicts."""
+    levels = {f["severity"] for f in findings}
     if "critical" in levels:
         return "critical"
     if "watch" in levels:

@@ -189,7 +189,10 @@ class StageAnalysis:
         block = 20 * sp["window"]
         mad = np.repeat(_block_medians(np.abs(np.nan_to_num(resid)), block), block)[:len(resid)]
         z = resid / (1.4826 * np.clip(mad, 1e-3, None))
-        idx = np.flatnonzero(np.nan_to_num(z) > sp["z"])
+        # A spike must also be big in absolute terms: on a very smooth curve the
+        # MAD is tiny and a 2% bump would otherwise score z > 8.
+        big = np.nan_to_num(resid) > np.log(sp["min_ratio"])
+        idx = np.flatnonzero((np.nan_to_num(z) > sp["z"]) & big)
         # Merge consecutive rows into one spike event.
         events = []
         for i in idx:
@@ -505,6 +508,23 @@ def analyse_stage(merged, thresholds: dict, now: float | None = None) -> tuple[d
     a = StageAnalysis(merged.stage, merged.frame, merged.non_finite, merged.config, thresholds,
                       log.path, meta, mtime, now)
     return a.run()
+
+
+def analyse_paths(paths: list, explicit: dict, thresholds: dict, now: float | None = None):
+    """Every stage found under `paths`: (document, histories). The document
+    is what `stage_stats` prints; histories feed plots and details."""
+    from . import export
+    from .rules import findings_dicts, overall_verdict
+    skipped: list = []
+    histories = export.load_histories(paths, explicit, skipped)
+    doc = {"stages": {}, "skipped": skipped}
+    for stage, merged in histories.items():
+        metrics, findings = analyse_stage(merged, thresholds, now)
+        doc["stages"][stage] = {"verdict": metrics.pop("verdict"), "evidence_path": merged.latest.path,
+                                "metrics": metrics, "findings": findings_dicts(findings)}
+    doc["overall"] = overall_verdict({s: v["verdict"] for s, v in doc["stages"].items()},
+                                     thresholds) if doc["stages"] else None
+    return doc, histories
 
 
 def details_table(frame: pd.DataFrame, loss_key: str, n_windows: int = 100) -> pd.DataFrame:
