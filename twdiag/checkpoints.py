@@ -716,7 +716,8 @@ def analyse(paths: list[Path], thresholds: dict, deep: str = "auto", progress=No
         if sc.stage in results and not sc.found:
             continue
         results[sc.stage] = check_stage(sc, thresholds, deep, progress)
-    root = bundle.bundle_root_of(paths[0]) if paths else Path(".")
+    root = Path(".") if not paths else paths[0] if (Path(paths[0]) / "results").is_dir() \
+        else bundle.bundle_root_of(paths[0])
     dep_facts, dep_findings = dependency_findings(results, root, thresholds)
     doc = {"torch": _torch_version(), "deep_mode": deep if torch_available() else
            "unavailable: torch not installed (structural checks only)", "stages": {},

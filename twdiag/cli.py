@@ -329,8 +329,10 @@ def _run_diagnose(args) -> tuple[dict, int]:
     res = report.diagnose(root, thresholds, explicit, args.now, args.deep, args.count)
     doc = res["doc"]
     if all(e["verdict"] == "missing" for e in doc["stages"].values()):
+        from . import bundle
+        found = bundle.find_wandb_files(root) or bundle.find_run_roots(root)
         return {"error": f"no TinyWorlds logs, checkpoints or images under {root}",
-                "skipped": doc["skipped"]}, EXIT_UNREADABLE if doc["skipped"] else EXIT_NO_INPUT
+                "skipped": doc["skipped"]}, EXIT_UNREADABLE if found else EXIT_NO_INPUT
     files = {"loss_plots": plots.write_loss_plots(res["histories"],
                                                   {s: e["stats"] for s, e in doc["stages"].items()}, out)}
     if res["sheet"] is not None:

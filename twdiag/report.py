@@ -65,7 +65,7 @@ def combine(root: Path, st: dict, ck: dict, vis: dict, thresholds: dict) -> dict
     verdicts = {k: v["verdict"] for k, v in stages.items()}
     doc = {
         "tool": "twdiag diagnose", "version": __version__,
-        "bundle": str(Path(root).resolve()),
+        "bundle": str(root),
         "generated_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "overall": rules.overall_verdict(verdicts, thresholds),
         "run_status": current_status(stages),
@@ -152,10 +152,10 @@ def cross_stage_facts(stages: dict, ck: dict) -> list[str]:
     dyn = stages.get("dynamics", {})
     corr = ((dyn.get("stats") or {}).get("metrics") or {}).get("correlations") or {}
     dyn_ids = {f["rule_id"] for f in dyn.get("findings", [])}
+    # In a healthy run loss and a decaying lr fall together; the reading only
+    # means something when the loss is going the wrong way.
     if corr.get("reading") and dyn_ids & {"loss_divergence", "loss_rising", "dynamics_near_chance"}:
         facts.append(f"dynamics: the divergence {corr['reading'].replace('loss ', '', 1)}")
-    elif corr.get("reading"):
-        facts.append(f"dynamics: {corr['reading']}")
     lam_ids = {f["rule_id"] for f in stages.get("latent_actions", {}).get("findings", [])}
     if "action_collapse" in lam_ids and dyn.get("verdict") not in (None, "missing"):
         facts.append("latent_actions collapsed to one action, so dynamics is trained on actions that "

@@ -192,6 +192,9 @@ class StageAnalysis:
         # A spike must also be big in absolute terms: on a very smooth curve the
         # MAD is tiny and a 2% bump would otherwise score z > 8.
         big = np.nan_to_num(resid) > np.log(sp["min_ratio"])
+        # The first half window has only later (lower) rows in its centred
+        # median: during the initial descent every row would look like a spike.
+        big[:sp["window"] // 2] = False
         idx = np.flatnonzero((np.nan_to_num(z) > sp["z"]) & big)
         # Merge consecutive rows into one spike event.
         events = []

@@ -13,6 +13,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 TS = "2026_11_28_06_35_02"
+STAGE_NAMES = ("video_tokenizer", "latent_actions", "dynamics")
 
 
 # --- W&B ---------------------------------------------------------------------
