@@ -45,3 +45,36 @@ def test_openai_yaml():
     assert doc["display_name"]
     assert 25 <= len(doc["short_description"]) <= 64
     assert "$tinyworlds-training-diagnostics" in doc["default_prompt"]
+
+
+def test_evals_match_what_diagnose_says(tmp_path):
+    import json
+    evals = json.loads((ROOT / "evals" / "evals.json").read_text())["evals"]
+    assert len(evals) >= 3
+    seen = {}
+    for ev in evals:
+        assert ev["prompt"] and len(ev["assertions"]) >= 3
+        for f in ev["files"]:
+            assert (ROOT / f).exists(), f
+        bundle = ev["files"][0]
+        if bundle not in seen:
+            out = subprocess.run([sys.executable, str(ROOT / "scripts" / "diagnose.py"), str(ROOT / bundle),
+                                  "--out-dir", str(tmp_path / bundle.replace("/", "_")),
+                                  "--now", "1795856400"], capture_output=True, text=True)
+            seen[bundle] = json.loads(out.stdout)
+        doc, exp = seen[bundle], ev["expected"]
+        if "overall" in exp:
+            assert doc["overall"] == exp["overall"]
+        for stage, verdict in exp.get("stages", {}).items():
+            assert doc["stages"][stage]["verdict"] == verdict
+        for stage, step in exp.get("fallback", {}).items():
+            assert doc["stages"][stage]["fallback"]["step"] == step
+
+
+def test_readme_has_two_setup_commands():
+    text = (ROOT / "README.md").read_text()
+    block = text.split("## Set-up", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    commands = [ln for ln in block.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    assert commands == ["python scripts/diagnose.py examples/bundle-unhealthy --out-dir /tmp/twdiag-example",
+                        "python -m pytest"]
+    assert "python -m pytest" in (ROOT / ".ci" / "run").read_text()

@@ -1,0 +1,82 @@
+#!/usr/bin/env python3
+"""Benchmark: diagnose.py vs the step scripts it combines, run alone.
+
+Assembles (with symlinks, nothing copied) a bundle holding a 300,000-step
+dynamics .wandb file, 100 checkpoints and 200 image grids, made by:
+  python ../shared/bench/gen_big_wandb.py 300000 /tmp/big 0 --kind dynamics
+  python bench/bench_ckpts.py 100 50 /tmp/bench_ckpts
+  python bench/bench_visuals.py 200 /tmp/bench_visuals
+then times, interleaved, REPEATS times, each as a fresh process:
+  (a) scripts/diagnose.py BUNDLE --out-dir OUT
+  (b) scripts/stage_stats.py, scripts/check_ckpts.py and scripts/contact_sheet.py
+      on the same bundle, one after another (their sum).
+Prints medians and a / sum(b) (target < 2).
+
+    python bench/bench_diagnose.py [BIG_WANDB_RUN_DIR] [REPEATS=3]
+"""
+from __future__ import annotations
+
+import glob
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TS = "2026_11_28_06_35_02"
+
+
+def assemble(big_run: Path, target: Path) -> Path:
+    dyn = target / "results" / TS / "dynamics"
+    dyn.mkdir(parents=True, exist_ok=True)
+    (target / "wandb").mkdir(exist_ok=True)
+    links = {dyn / "checkpoints": Path(f"/tmp/bench_ckpts/results/{TS}/dynamics/checkpoints"),
+             dyn / "visualizations": Path(f"/tmp/bench_visuals/results/{TS}/dynamics/visualizations"),
+             target / "wandb" / big_run.name: big_run}
+    for link, src in links.items():
+        if not src.exists():
+            sys.exit(f"missing {src}: build it first (see the docstring)")
+        if not link.exists():
+            link.symlink_to(src)
+    return target
+
+
+def timed(script: str, *args: str) -> float:
+    t = time.perf_counter()
+    subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    big = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(sorted(glob.glob("/tmp/big/wandb/offline-run-*"))[-1])
+    repeats = int(sys.argv[2]) if len(sys.argv) > 2 else 3
+    bundle = assemble(big, Path("/tmp/bench_bundle"))
+    out = Path(tempfile.mkdtemp(prefix="bench_diag_"))
+    a, b, parts = [], [], []
+    for _ in range(repeats):
+        a.append(timed("diagnose.py", str(bundle), "--out-dir", str(out / "d")))
+        p = (timed("stage_stats.py", str(bundle)),
+             timed("check_ckpts.py", str(bundle)),
+             timed("contact_sheet.py", str(bundle), "--out-dir", str(out / "v")))
+        parts.append(p)
+        b.append(sum(p))
+    med = statistics.median
+    doc = json.loads((out / "d" / "diagnosis.json").read_text())
+    print(json.dumps({"bundle": str(bundle), "history_rows": doc["stages"]["dynamics"]["stats"]["metrics"]["rows"],
+                      "checkpoints": doc["stages"]["dynamics"]["checkpoints"]["total"],
+                      "images": doc["stages"]["dynamics"]["visuals"]["images"],
+                      "a_diagnose_s": round(med(a), 3), "b_sum_of_step_scripts_s": round(med(b), 3),
+                      "b_parts_s": {"stage_stats": round(med(p[0] for p in parts), 3),
+                                    "check_ckpts": round(med(p[1] for p in parts), 3),
+                                    "contact_sheet": round(med(p[2] for p in parts), 3)},
+                      "ratio_a_over_b": round(med(a) / med(b), 4), "target_ratio": 2.0,
+                      "diagnose_internal_timings": doc["timings"],
+                      "runs_a": [round(x, 3) for x in a], "runs_b": [round(x, 3) for x in b]}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
