@@ -314,6 +314,8 @@ def _add_diagnose(sub) -> None:
     p.add_argument("--count", type=int, help="images per stage on the contact sheet (default: 4)")
     p.add_argument("--thresholds", help="YAML merged over the default thresholds")
     p.add_argument("--now", type=float, help="unix time to judge liveness against (default: now)")
+    p.add_argument("--baseline", action="append", default=[], metavar="PATH",
+                   help="a healthy run to compare against; drift findings join the verdict (repeatable)")
     p.set_defaults(func=_run_diagnose)
 
 
@@ -322,11 +324,13 @@ def _run_diagnose(args) -> tuple[dict, int]:
     thresholds = _thresholds(args.thresholds)
     explicit = _explicit(args.run)
     root = Path(args.bundle or os.environ.get("RUN_BUNDLE_ROOT") or ".")
-    _require_existing([root, *explicit])
+    baselines = [Path(b) for b in args.baseline]
+    _require_existing([root, *explicit, *baselines])
     if not root.is_dir():
         raise CliError(f"not a directory: {root} (give the bundle root)", EXIT_USAGE)
     out = outputs.prepare_out_dir(args.out_dir or default_out_dir(root), _bundle_roots([root]))
-    res = report.diagnose(root, thresholds, explicit, args.now, args.deep, args.count)
+    res = report.diagnose(root, thresholds, explicit, args.now, args.deep, args.count,
+                          baselines=baselines)
     doc = res["doc"]
     if all(e["verdict"] == "missing" for e in doc["stages"].values()):
         from . import bundle
@@ -337,6 +341,9 @@ def _run_diagnose(args) -> tuple[dict, int]:
                                                   {s: e["stats"] for s, e in doc["stages"].items()}, out)}
     if res["sheet"] is not None:
         files["contact_sheet"] = str(outputs.write_image(out / "contact_sheet.png", res["sheet"]))
+    files.update(_write_figures(res["figures"], out))
+    if res["compare_sheet"] is not None:
+        files["compare_sheet"] = str(outputs.write_image(out / "compare_sheet.png", res["compare_sheet"]))
     files["checkpoints"] = str(outputs.write_json(out / "checkpoints.json", res["checkpoint_details"]))
     files["visuals"] = str(outputs.write_json(out / "visuals.json", res["image_details"]))
     files["diagnosis_md"] = str(out / "diagnosis.md")
@@ -346,6 +353,68 @@ def _run_diagnose(args) -> tuple[dict, int]:
     outputs.write_json(out / "diagnosis.json", doc)
     code = EXIT_GATE if args.fail_on and doc["overall"] in GATES[args.fail_on] else EXIT_OK
     return report.compact(doc), code
+
+
+# --- compare -------------------------------------------------------------------------
+
+def _add_compare(sub) -> None:
+    p = _subparser(
+        sub, "compare", "drift from a healthy baseline, config diff, side-by-side visuals",
+        "Align the current run with one or more baselines by step and report, per "
+        "stage: the step where the loss leaves the baseline envelope and stays out "
+        "(onset) and the current/baseline ratio, action statistics and throughput "
+        "against the baseline, the config keys that differ (those known to move "
+        "training first) and checkpoint counts and sizes. With no --baseline, the "
+        "newest run of each stage is compared with the earlier runs in the same "
+        "wandb/ folder.", """\
+            examples:
+              %(prog)s RUN_BUNDLE_ROOT --baseline /data/last_week_bundle
+              %(prog)s wandb/run-B/run-B.wandb --baseline wandb/run-A/run-A.wandb --out-dir /tmp/cmp
+              %(prog)s wandb/      # newest run per stage vs the runs before it
+
+            files written to --out-dir (default: docs/action beside the bundle):
+              compare.json          everything, with the per-window ratios
+              overlay_<stage>.png   current vs baseline loss, envelope shaded, onset marked
+              compare_sheet.png     the same steps from both runs, side by side
+            """)
+    p.add_argument("current", nargs="?", help="bundle root, wandb/ run dir or .wandb file of the "
+                   "run to check (default: $RUN_BUNDLE_ROOT or .)")
+    p.add_argument("--baseline", action="append", default=[], metavar="PATH",
+                   help="a healthy run to compare against (repeatable)")
+    p.add_argument("--out-dir", help="output directory (default: docs/action beside the bundle)")
+    p.add_argument("--count", type=int, default=4, help="steps on the side-by-side sheet (default: 4)")
+    p.add_argument("--thresholds", help="YAML merged over the default thresholds")
+    p.set_defaults(func=_run_compare)
+
+
+def _run_compare(args) -> tuple[dict, int]:
+    from . import compare
+    thresholds = _thresholds(args.thresholds)
+    current = Path(args.current or os.environ.get("RUN_BUNDLE_ROOT") or ".")
+    baselines = [Path(b) for b in args.baseline]
+    _require_existing([current, *baselines])
+    roots = _bundle_roots([current, *baselines])
+    out = outputs.prepare_out_dir(args.out_dir or default_out_dir(roots[0]), roots)
+    res = compare.compare(current, baselines, thresholds, args.count)
+    doc = res["doc"]
+    files = _write_figures(res["figures"], out)
+    if res["sheet"] is not None:
+        files["compare_sheet"] = str(outputs.write_image(out / "compare_sheet.png", res["sheet"]))
+    files["compare_json"] = str(out / "compare.json")
+    doc["outputs"] = files
+    outputs.write_json(out / "compare.json", doc)
+    if not doc["stages"]:
+        return doc, EXIT_UNREADABLE if doc["skipped"] else EXIT_NO_INPUT
+    return doc, EXIT_OK
+
+
+def _write_figures(figures: dict, out: Path) -> dict:
+    import matplotlib.pyplot as plt
+    written = {}
+    for name, fig in figures.items():
+        written[name] = str(outputs.write_image(out / name, fig))
+        plt.close(fig)
+    return written
 
 
 def default_out_dir(bundle_root: Path) -> Path:
@@ -371,7 +440,7 @@ def _explicit(values: list[str]) -> dict:
 
 # --- entry point --------------------------------------------------------------
 
-SUBCOMMANDS = [_add_diagnose, _add_export, _add_stats, _add_ckpts, _add_visuals]
+SUBCOMMANDS = [_add_diagnose, _add_export, _add_stats, _add_ckpts, _add_visuals, _add_compare]
 
 
 def build_parser(prog: str = "twdiag") -> argparse.ArgumentParser:

@@ -29,9 +29,12 @@ def load_actions() -> dict:
 # --- gathering ------------------------------------------------------------------------
 
 def diagnose(root: Path, thresholds: dict, explicit: dict | None = None, now: float | None = None,
-             deep: str = "auto", count: int | None = None, progress=outputs.log) -> dict:
+             deep: str = "auto", count: int | None = None, progress=outputs.log,
+             baselines: list[Path] | None = None) -> dict:
     """Run every analysis on a bundle and combine them; returns
-    {"doc": full JSON document, "histories": ..., "sheet": PIL image or None}."""
+    {"doc": full JSON document, "histories": ..., "sheet": PIL image or None,
+    "figures": comparison overlays}. With `baselines`, the comparison's
+    findings join each stage's findings (and so its verdict)."""
     started = time.perf_counter()
     timings = {}
     progress("stats: decoding logs and analysing history")
@@ -46,18 +49,28 @@ def diagnose(root: Path, thresholds: dict, explicit: dict | None = None, now: fl
     t = time.perf_counter()
     vis = visuals.analyse([root], thresholds, count)
     timings["visuals_s"] = round(time.perf_counter() - t, 3)
-    doc = combine(root, stats_doc, ck["doc"], vis["doc"], thresholds)
+    cmp = None
+    if baselines:
+        from . import compare
+        progress("compare: against the baseline run(s)")
+        t = time.perf_counter()
+        cmp = compare.compare(root, baselines, thresholds, count or thresholds["visuals"]["sheet_count"])
+        timings["compare_s"] = round(time.perf_counter() - t, 3)
+    doc = combine(root, stats_doc, ck["doc"], vis["doc"], thresholds,
+                  cmp["doc"] if cmp else None)
     timings["total_s"] = round(time.perf_counter() - started, 3)
     doc["timings"] = timings
     return {"doc": doc, "histories": histories, "sheet": vis["sheet"],
-            "checkpoint_details": ck["details"], "image_details": vis["details"]}
+            "checkpoint_details": ck["details"], "image_details": vis["details"],
+            "figures": cmp["figures"] if cmp else {}, "compare_sheet": cmp["sheet"] if cmp else None}
 
 
-def combine(root: Path, st: dict, ck: dict, vis: dict, thresholds: dict) -> dict:
+def combine(root: Path, st: dict, ck: dict, vis: dict, thresholds: dict, cmp: dict | None = None) -> dict:
     stages = {}
+    extra = {s: v["findings"] for s, v in (cmp or {}).get("stages", {}).items()}
     for stage in bundle.STAGES:
         s, c, v = st["stages"].get(stage), ck["stages"].get(stage), vis["stages"].get(stage)
-        stages[stage] = stage_entry(stage, s, c, v, thresholds)
+        stages[stage] = stage_entry(stage, s, c, v, thresholds, extra.get(stage, []))
     for stage in set(st["stages"]) | set(ck["stages"]) | set(vis["stages"]):
         if stage not in stages:  # unknown-stage inputs are kept, not judged silently
             stages[stage] = stage_entry(stage, st["stages"].get(stage), ck["stages"].get(stage),
@@ -75,12 +88,15 @@ def combine(root: Path, st: dict, ck: dict, vis: dict, thresholds: dict) -> dict
         "torch": ck.get("torch"), "deep_mode": ck.get("deep_mode"),
         "skipped": st.get("skipped", []) + vis.get("skipped", []),
     }
+    if cmp is not None:
+        doc["comparison"] = cmp
     doc["next_actions"] = next_actions(stages)
     return doc
 
 
-def stage_entry(stage: str, s: dict | None, c: dict | None, v: dict | None, thresholds: dict) -> dict:
-    findings = [f for part in (s, c, v) if part for f in part["findings"]]
+def stage_entry(stage: str, s: dict | None, c: dict | None, v: dict | None, thresholds: dict,
+                extra: list[dict] = ()) -> dict:
+    findings = [f for part in (s, c, v) if part for f in part["findings"]] + list(extra)
     has_ckpts = bool(c and c["total"])
     has_images = bool(v and v["analysed"])
     if not s and not has_ckpts and not has_images:
@@ -225,6 +241,8 @@ def markdown(doc: dict) -> str:
     out = [f"# TinyWorlds training diagnosis: **{doc['overall']}**", "",
            f"Bundle `{doc['bundle']}`, generated {doc['generated_at']} by twdiag {doc['version']}.", ""]
     out += _md_status(doc) + _md_numbers(doc) + _md_visuals(doc) + _md_checkpoints(doc) + _md_verdict(doc)
+    if doc.get("comparison"):
+        out += _md_comparison(doc["comparison"])
     if doc["skipped"]:
         out += ["## Skipped inputs", ""] + [f"- `{s.get('path')}`: {s.get('reason')}"
                                             for s in doc["skipped"][:30]] + [""]
@@ -353,4 +371,23 @@ def _md_verdict(doc: dict) -> list[str]:
         out.append("1. None needed: keep training and re-run this check.")
     for i, a in enumerate(doc["next_actions"], 1):
         out.append(f"{i}. [{a['severity']}, `{a['rule_id']}`, {a['stage']}] {a['action']}")
+    return out + [""]
+
+
+def _md_comparison(cmp: dict) -> list[str]:
+    out = ["## Comparison with the baseline", "", f"Baselines: {', '.join(f'`{b}`' for b in cmp['baselines']) or 'earlier runs in the same folder'}", ""]
+    for stage, body in cmp["stages"].items():
+        drift = body.get("drift") or {}
+        line = f"- {stage} ({body['verdict']}):"
+        if drift:
+            line += (f" common steps {drift['common_steps'][0]}–{drift['common_steps'][1]}, onset "
+                     f"{_v(drift['onset_step'])}, late ratio {_v(drift['late_ratio'])}x")
+        tp = body.get("throughput") or {}
+        if tp:
+            line += f"; throughput {_v(tp['ratio'])}x"
+        diff = body.get("config_diff") or []
+        if diff:
+            line += "; config: " + ", ".join(f"{d['key']} {d['baseline']} -> {d['current']}" for d in diff[:5])
+        out.append(line)
+        out += [f"  - {n}" for n in body.get("notes", [])]
     return out + [""]

@@ -1,0 +1,15 @@
+#!/usr/bin/env python3
+"""Compare runs: drift from a healthy baseline, config diff, side-by-side visuals. Run with --help; prints JSON on stdout."""
+import sys
+from pathlib import Path
+
+# Prefer the library beside this script (a copied skill folder), else the
+# installed package.
+_SKILL = Path(__file__).resolve().parent.parent
+if (_SKILL / "twdiag" / "__init__.py").is_file():
+    sys.path.insert(0, str(_SKILL))
+
+from twdiag.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(["compare", *sys.argv[1:]], prog=Path(__file__).name))

@@ -1,0 +1,419 @@
+"""Compare a run with healthy baseline runs: drift, config diff, actions,
+throughput, checkpoints and side-by-side pictures.
+
+Runs are aligned by step over the steps they have in common. The baseline
+envelope is built per step window on log loss: the median of the baselines'
+window medians, with a half-width from their spread (two or more baselines)
+and from each baseline's own step-to-step noise (residuals around a rolling
+median), never narrower than a minimum relative band. Drift is the first
+window from which the current run stays above the envelope.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import bundle, checkpoints, export, visuals
+from .rules import Finding, findings_dicts, stage_verdict
+
+LOSS_KEYS = ("train/loss", "loss", "train_loss")
+
+
+@dataclass
+class Side:
+    """One run of one stage: its merged history and where it came from."""
+
+    label: str
+    history: export.StageHistory
+    root: Path | None  # the bundle root, for checkpoints and images
+
+    @property
+    def frame(self) -> pd.DataFrame:
+        return self.history.frame
+
+    @property
+    def paths(self) -> list[str]:
+        return [str(log.path) for log in self.history.logs]
+
+
+@dataclass
+class StagePair:
+    stage: str
+    current: Side
+    baselines: list[Side]
+    notes: list[str] = field(default_factory=list)
+
+
+# --- collecting runs ----------------------------------------------------------------
+
+def _attempts(runs: export.StageRuns) -> list[list]:
+    """Split a stage's logs into attempts: a log starting at (near) step 0
+    begins a new attempt; one starting later resumes the previous one."""
+    out: list[list] = []
+    for log in runs.logs:
+        first = log.history["_step"].min() if len(log.history) else 0
+        if not out or (first is not None and first <= 1):
+            out.append([log])
+        else:
+            out[-1].append(log)
+    return out
+
+
+def _merged(stage: str, logs: list) -> export.StageHistory:
+    return export.merge_history(export.StageRuns(stage, list(logs)))
+
+
+def collect(current: Path, baselines: list[Path], skipped: list) -> list[StagePair]:
+    cur_runs = export.load_stages([current], skipped=skipped)
+    pairs = []
+    if baselines:
+        base_runs = [(b, export.load_stages([b], skipped=skipped)) for b in baselines]
+        for stage, runs in cur_runs.items():
+            attempts = _attempts(runs)
+            cur = Side("current", _merged(stage, attempts[-1]), bundle.bundle_root_of(current))
+            bases = [Side(f"baseline {i + 1}", _merged(stage, br[stage].logs), bundle.bundle_root_of(b))
+                     for i, (b, br) in enumerate(base_runs) if stage in br]
+            pair = StagePair(stage, cur, bases)
+            if len(attempts) > 1:
+                pair.notes.append(f"{len(attempts)} attempts of {stage} in the current input; "
+                                  "the newest is compared")
+            if not bases:
+                pair.notes.append(f"no baseline has {stage}")
+            pairs.append(pair)
+        return pairs
+    root = bundle.bundle_root_of(current)
+    for stage, runs in cur_runs.items():
+        attempts = _attempts(runs)
+        if len(attempts) < 2:
+            pairs.append(StagePair(stage, Side("current", _merged(stage, attempts[-1]), root), [],
+                                   [f"only one run of {stage} here and no --baseline given"]))
+            continue
+        bases = [Side(f"earlier run {i + 1}", _merged(stage, a), root) for i, a in enumerate(attempts[:-1])]
+        pairs.append(StagePair(stage, Side("current", _merged(stage, attempts[-1]), root), bases,
+                               [f"newest {stage} run compared with the {len(bases)} before it"]))
+    return pairs
+
+
+# --- loss drift ------------------------------------------------------------------------
+
+def _loss_key(frames: list[pd.DataFrame]) -> str | None:
+    return next((k for k in LOSS_KEYS if all(k in f.columns for f in frames)), None)
+
+
+def _series(frame: pd.DataFrame, key: str) -> tuple[np.ndarray, np.ndarray]:
+    steps = pd.to_numeric(frame["_step"], errors="coerce").to_numpy(dtype=float)
+    vals = pd.to_numeric(frame[key], errors="coerce").to_numpy(dtype=float)
+    ok = np.isfinite(steps) & np.isfinite(vals)
+    return steps[ok], vals[ok]
+
+
+def _window_stat(steps: np.ndarray, vals: np.ndarray, edges: np.ndarray, how: str = "median"):
+    """Per-window statistic and count (NaN where a window is empty)."""
+    idx = np.digitize(steps, edges[1:-1])
+    inside = (steps >= edges[0]) & (steps <= edges[-1])
+    s = pd.Series(vals[inside]).groupby(idx[inside])
+    stat = getattr(s, how)().reindex(range(len(edges) - 1))
+    count = s.size().reindex(range(len(edges) - 1)).fillna(0)
+    return stat.to_numpy(dtype=float), count.to_numpy(dtype=float)
+
+
+def _noise(vals_log: np.ndarray) -> float:
+    """Step-to-step noise of log loss: MAD of residuals around a rolling median."""
+    if len(vals_log) < 20:
+        return float("nan")
+    med = pd.Series(vals_log).rolling(51, center=True, min_periods=5).median().to_numpy()
+    return float(1.4826 * np.nanmedian(np.abs(vals_log - med)))
+
+
+def loss_drift(pair: StagePair, t: dict) -> dict | None:
+    frames = [pair.current.frame] + [b.frame for b in pair.baselines]
+    key = _loss_key(frames)
+    if key is None or not pair.baselines:
+        return None
+    series = []
+    for f in frames:
+        s, v = _series(f, key)
+        ok = v > 0
+        series.append((s[ok], np.log(v[ok])))
+    if any(len(s) < t["min_rows_per_window"] for s, _ in series):
+        return None
+    lo = max(s.min() for s, _ in series)
+    hi = min(s.max() for s, _ in series)
+    common = int(((series[0][0] >= lo) & (series[0][0] <= hi)).sum())
+    n = int(np.clip(common // t["min_rows_per_window"], 3, t["max_windows"]))
+    edges = np.linspace(lo, hi, n + 1)
+    cur, cur_n = _window_stat(*series[0], edges)
+    base = np.array([_window_stat(s, v, edges)[0] for s, v in series[1:]])
+    base_n = np.array([_window_stat(s, v, edges)[1] for s, v in series[1:]])
+    centre = np.nanmedian(base, axis=0)
+    spread = 1.4826 * np.nanmedian(np.abs(base - centre), axis=0) if len(base) > 1 else np.zeros(n)
+    sigma = np.nanmedian([_noise(v) for _, v in series[1:]])
+    # standard error of a window median, for the current and the baseline centre
+    se = 1.2533 * sigma * np.sqrt(1 / np.maximum(cur_n, 1) + 1 / np.maximum(base_n.min(axis=0), 1))
+    half = np.maximum(t["envelope_k"] * np.sqrt(spread ** 2 + se ** 2), np.log1p(t["min_band"]))
+    dev = cur - centre
+    above = np.nan_to_num(dev > half)
+    onset_i = _onset(above, t)
+    late = slice(int(n * (1 - t["late_fraction"])), n)
+    ratio = np.exp(dev)
+    return {
+        "loss_key": key, "common_steps": [int(lo), int(hi)], "windows": n,
+        "edges": edges, "current": cur, "centre": centre, "half": half, "base": base,
+        "onset_step": None if onset_i is None else int(edges[onset_i]),
+        "onset_ratio": None if onset_i is None else _r(ratio[onset_i]),
+        "late_ratio": _r(np.nanmedian(ratio[late])),
+        "windows_above": int(above.sum()), "windows_below": int(np.nan_to_num(dev < -half).sum()),
+        "noise_sigma_log": _r(sigma),
+        "ratio_by_window": [{"step_from": int(edges[i]), "step_to": int(edges[i + 1]),
+                             "ratio": _r(ratio[i])} for i in _sample(n, t["windows_shown"])],
+    }
+
+
+def _onset(above: np.ndarray, t: dict) -> int | None:
+    """First window that is out and from which the run stays out (share of
+    the remaining windows >= stay_share)."""
+    if above.sum() < t["min_out_windows"]:
+        return None
+    rest_share = np.cumsum(above[::-1])[::-1] / np.arange(len(above), 0, -1)
+    for i in np.flatnonzero(above):
+        if rest_share[i] >= t["stay_share"] and len(above) - i >= t["min_out_windows"]:
+            return int(i)
+    return None
+
+
+def _sample(n: int, k: int) -> list[int]:
+    return sorted({int(round(x)) for x in np.linspace(0, n - 1, min(n, k))})
+
+
+def _r(x, digits: int = 4):
+    return None if x is None or not np.isfinite(x) else float(round(float(x), digits))
+
+
+# --- actions, throughput, config, checkpoints --------------------------------------------
+
+def action_drift(pair: StagePair, t: dict) -> dict | None:
+    out = {}
+    for key in ("unique_actions", "action_entropy"):
+        if key not in pair.current.frame.columns or not any(key in b.frame.columns for b in pair.baselines):
+            continue
+        cs, cv = _series(pair.current.frame, key)
+        bases = [_series(b.frame, key) for b in pair.baselines if key in b.frame.columns]
+        if len(cv) < 5 or any(len(v) < 5 for _, v in bases):
+            continue
+        lo = max([cs.min()] + [s.min() for s, _ in bases])
+        hi = min([cs.max()] + [s.max() for s, _ in bases])
+        edges = np.linspace(lo, hi, t["action_windows"] + 1)
+        cur = _window_stat(cs, cv, edges, "mean")[0]
+        base = np.nanmedian([_window_stat(s, v, edges, "mean")[0] for s, v in bases], axis=0)
+        late = slice(int(len(cur) * (1 - t["late_fraction"])), len(cur))
+        below = np.nan_to_num(cur < t["action_drop_ratio"] * base)
+        onset = _onset(below, {**t, "min_out_windows": 2})
+        out[key] = {"current_late_mean": _r(np.nanmean(cur[late])),
+                    "baseline_late_mean": _r(np.nanmean(base[late])),
+                    "late_ratio": _r(np.nanmean(cur[late]) / max(np.nanmean(base[late]), 1e-9)),
+                    "onset_step": None if onset is None else int(edges[onset])}
+    return out or None
+
+
+def throughput(side: Side, lo: float, hi: float) -> float | None:
+    """Steps per second over [lo, hi], from `_timestamp` (wall clock per row),
+    else `_runtime`."""
+    f = side.frame
+    for key in ("_timestamp", "_runtime"):
+        if key in f.columns:
+            s, tt = _series(f, key)
+            ok = (s >= lo) & (s <= hi)
+            s, tt = s[ok], tt[ok]
+            if len(s) >= 2 and tt[-1] > tt[0]:
+                return float((s[-1] - s[0]) / (tt[-1] - tt[0]))
+    return None
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and not ("value" in v and len(v) <= 2):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_diff(cur: dict, base: dict, t: dict) -> list[dict]:
+    """Keys that differ, the ones known to move training first."""
+    a, b = _flat(cur), _flat(base)
+    ignore = set(t["ignore_config"])
+    keys = [k for k in sorted(set(a) | set(b))
+            if k.split(".")[0] not in ignore and not k.startswith("_") and a.get(k) != b.get(k)]
+    rank = {k: i for i, k in enumerate(t["key_config"])}
+    keys.sort(key=lambda k: (rank.get(k.split(".")[0], len(rank)), k))
+    return [{"key": k, "current": a.get(k), "baseline": b.get(k),
+             "known_to_move_training": k.split(".")[0] in rank} for k in keys]
+
+
+def checkpoint_sizes(side: Side, stage: str) -> dict | None:
+    if side.root is None:
+        return None
+    found = [sc for sc in checkpoints.discover(side.root) if sc.stage == stage and sc.found]
+    if not found:
+        return None
+    sizes = []
+    for _, path in found[0].found:
+        f = path / "model_state_dict.pt" if path.is_dir() else path
+        if f.is_file():
+            sizes.append(f.stat().st_size)
+    return {"count": len(found[0].found), "model_bytes_median": int(np.median(sizes)) if sizes else None}
+
+
+# --- one stage ------------------------------------------------------------------------------
+
+def compare_stage(pair: StagePair, t: dict) -> tuple[dict, list[Finding], dict | None]:
+    out: dict = {"current": pair.current.paths, "baselines": [b.paths for b in pair.baselines],
+                 "notes": list(pair.notes)}
+    findings: list[Finding] = []
+    if not pair.baselines:
+        return out, findings, None
+    base0 = pair.baselines[0]
+    diff = config_diff(pair.current.history.config, base0.history.config, t)
+    out["config_diff"] = diff[:t["config_keys_shown"]]
+    drift = loss_drift(pair, t)
+    evidence = pair.current.paths[-1]
+    if drift:
+        lo, hi = drift["common_steps"]
+        cur_lo, cur_hi = _span(pair.current.frame)
+        b_hi = max(_span(b.frame)[1] for b in pair.baselines)
+        if cur_hi < b_hi or cur_lo > lo:
+            out["notes"].append(f"compared over the common steps {lo}–{hi} only (current run ends at "
+                                f"{cur_hi}, baseline at {b_hi}; a run still in progress is shorter)")
+        out["drift"] = {k: v for k, v in drift.items() if k not in ("edges", "current", "centre", "half", "base")}
+        if drift["onset_step"] is not None:
+            top = next((d["key"] for d in diff if d["known_to_move_training"]), None)
+            sev = "critical" if (drift["late_ratio"] or 0) >= t["drift_critical_ratio"] else "watch"
+            findings.append(Finding(
+                "drift_from_baseline", sev, pair.stage, drift["loss_key"], drift["late_ratio"],
+                t["drift_critical_ratio"], [drift["onset_step"]], evidence,
+                f"{drift['loss_key']} leaves the baseline envelope at step {drift['onset_step']} "
+                f"and stays out: {drift['onset_ratio']}x the baseline there, {drift['late_ratio']}x "
+                f"late" + (f"; first changed setting: {top}" if top else "")))
+    acts = action_drift(pair, t)
+    if acts:
+        out["actions"] = acts
+        ua = acts.get("unique_actions") or acts.get("action_entropy")
+        if ua and ua["late_ratio"] is not None and ua["late_ratio"] < t["action_drop_ratio"]:
+            key = "unique_actions" if "unique_actions" in acts else "action_entropy"
+            findings.append(Finding(
+                "action_diversity_drop", t["severity"]["action_diversity_drop"], pair.stage, key,
+                ua["late_ratio"], t["action_drop_ratio"],
+                [ua["onset_step"]] if ua["onset_step"] is not None else [], evidence,
+                f"late {key} is {ua['late_ratio']}x the baseline ({ua['current_late_mean']} vs "
+                f"{ua['baseline_late_mean']})" + (f", from step {ua['onset_step']}" if ua["onset_step"] is not None
+                                                  else "")))
+    lo, hi = drift["common_steps"] if drift else (0, float("inf"))
+    tp_cur = throughput(pair.current, lo, hi)
+    tp_base = [x for x in (throughput(b, lo, hi) for b in pair.baselines) if x]
+    if tp_cur and tp_base:
+        ratio = tp_cur / float(np.median(tp_base))
+        out["throughput"] = {"current_steps_per_s": _r(tp_cur), "baseline_steps_per_s": _r(np.median(tp_base)),
+                             "ratio": _r(ratio)}
+        if ratio < t["throughput_ratio"]:
+            findings.append(Finding("throughput_regression", t["severity"]["throughput_regression"],
+                                    pair.stage, "steps_per_s", _r(ratio), t["throughput_ratio"], [], evidence,
+                                    f"{_r(tp_cur, 3)} steps/s vs {_r(np.median(tp_base), 3)} for the baseline "
+                                    f"({_r(ratio, 3)}x)"))
+    if diff:
+        findings.append(Finding("config_changed", "info", pair.stage, diff[0]["key"],
+                                diff[0]["current"], diff[0]["baseline"], [], evidence,
+                                f"{len(diff)} config keys differ from the baseline; first "
+                                f"{diff[0]['key']}: {diff[0]['baseline']} -> {diff[0]['current']}"))
+    cc, cb = checkpoint_sizes(pair.current, pair.stage), checkpoint_sizes(base0, pair.stage)
+    if cc and cb:
+        out["checkpoints"] = {"current": cc, "baseline": cb}
+        if cc["model_bytes_median"] and cb["model_bytes_median"]:
+            r = cc["model_bytes_median"] / cb["model_bytes_median"]
+            out["checkpoints"]["size_ratio"] = _r(r, 6)
+            if r < t["ckpt_size_ratio"]:
+                findings.append(Finding("checkpoint_size_drop", "watch", pair.stage, "model_state_dict.pt bytes",
+                                        _r(r, 6), t["ckpt_size_ratio"], [], str(pair.current.root),
+                                        f"current model checkpoints are {_r(r, 6)}x the baseline's size "
+                                        f"({cc['model_bytes_median']} vs {cb['model_bytes_median']} bytes)"))
+    return out, findings, drift
+
+
+def _span(frame: pd.DataFrame) -> tuple[int, int]:
+    s = pd.to_numeric(frame["_step"], errors="coerce")
+    return int(s.min()), int(s.max())
+
+
+# --- pictures -----------------------------------------------------------------------------
+
+def overlay_figure(stage: str, drift: dict):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    e = drift["edges"]
+    mid = (e[:-1] + e[1:]) / 2
+    fig, ax = plt.subplots(figsize=(10, 4.5), dpi=100)
+    for i, b in enumerate(drift["base"]):
+        ax.plot(mid, np.exp(b), color="gray", lw=0.8, alpha=0.6, label="baseline" if i == 0 else None)
+    ax.fill_between(mid, np.exp(drift["centre"] - drift["half"]), np.exp(drift["centre"] + drift["half"]),
+                    color="tab:green", alpha=0.2, label="baseline envelope")
+    ax.plot(mid, np.exp(drift["current"]), color="tab:red", lw=1.6, label="current")
+    if drift["onset_step"] is not None:
+        ax.axvline(drift["onset_step"], color="black", ls="--", lw=1,
+                   label=f"onset step {drift['onset_step']}")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"{drift['loss_key']} (window median)")
+    ax.set_title(f"{stage}: current vs baseline")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def side_by_side_sheet(pairs: list[StagePair], thresholds: dict, count: int):
+    """Rows `current <stage>` and `baseline <stage>` with the same steps."""
+    t = thresholds["visuals"]
+    rows = []
+    for pair in pairs:
+        if not pair.baselines or pair.current.root is None or pair.baselines[0].root is None:
+            continue
+        cur = visuals.discover(pair.current.root).get(pair.stage, [])
+        base = visuals.discover(pair.baselines[0].root).get(pair.stage, [])
+        if not cur or not base:
+            continue
+        base_by_step = {i.step: i for i in base}
+        common = [i for i in cur if i.step in base_by_step]
+        picks = [common[k] for k in visuals.sheet_steps(len(common), count)] if common else []
+        if not picks:
+            continue
+        rows.append((f"current {pair.stage}", [visuals.analyse_image(i, t, keep_thumb=True) for i in picks]))
+        rows.append((f"baseline {pair.stage}",
+                     [visuals.analyse_image(base_by_step[i.step], t, keep_thumb=True) for i in picks]))
+    return visuals.contact_sheet(rows, t)
+
+
+# --- whole comparison ------------------------------------------------------------------------
+
+def compare(current: Path, baselines: list[Path], thresholds: dict, count: int = 4) -> dict:
+    """{"doc": JSON-ready, "findings": {stage: [Finding]}, "figures": {name: fig}, "sheet": image}."""
+    t = thresholds["compare"]
+    skipped: list = []
+    pairs = collect(current, baselines, skipped)
+    doc = {"current": str(current), "baselines": [str(b) for b in baselines], "stages": {},
+           "skipped": skipped}
+    findings, figures = {}, {}
+    order = {s: i for i, s in enumerate(bundle.STAGES)}
+    pairs.sort(key=lambda p: order.get(p.stage, len(order)))
+    for pair in pairs:
+        body, fs, drift = compare_stage(pair, t)
+        body["verdict"] = stage_verdict(fs, enough_data=bool(pair.baselines))
+        body["findings"] = findings_dicts(fs)
+        doc["stages"][pair.stage] = body
+        findings[pair.stage] = fs
+        if drift:
+            figures[f"overlay_{pair.stage}.png"] = overlay_figure(pair.stage, drift)
+    return {"doc": doc, "findings": findings, "figures": figures,
+            "sheet": side_by_side_sheet(pairs, thresholds, count)}
