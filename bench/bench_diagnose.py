@@ -19,13 +19,12 @@ from __future__ import annotations
 import glob
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import timed  # noqa: E402
 TS = "2026_11_28_06_35_02"
 
 
@@ -42,13 +41,6 @@ def assemble(big_run: Path, target: Path) -> Path:
         if not link.exists():
             link.symlink_to(src)
     return target
-
-
-def timed(script: str, *args: str) -> float:
-    t = time.perf_counter()
-    subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args], check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - t
 
 
 def main() -> None:

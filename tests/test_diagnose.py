@@ -165,3 +165,16 @@ def test_bad_inputs_exit_codes(tmp_path):
     assert code == 5
     code, doc, _ = run(EXAMPLES / "bundle-healthy", "--fail-on", "sometimes")
     assert code == 2 and doc["error"].startswith("usage error")
+
+
+def test_results_override_reads_another_run_root(tmp_path):
+    healthy_root = EXAMPLES / "bundle-healthy" / "results" / "2026_11_28_06_35_02"
+    code, doc, err = run(EXAMPLES / "bundle-unhealthy", "--results", healthy_root,
+                         "--out-dir", tmp_path, "--now", NOW)
+    assert code == 0, err
+    dyn = doc["stages"]["dynamics"]
+    assert dyn["fallback"]["step"] == 450  # the healthy run root's checkpoints
+    assert dyn["evidence"]["checkpoints_dir"].startswith(str(healthy_root))
+    assert dyn["verdict"] == "critical"  # the unhealthy W&B log still diverges
+    assert {f["rule_id"] for f in dyn["findings"]} >= {"loss_divergence"}
+    assert "ckpt_latest_unusable" not in {f["rule_id"] for f in dyn["findings"]}

@@ -40,6 +40,17 @@ def test_scripts_and_flags_in_skill_exist():
             assert flag in help_text, f"{script} {flag}"
 
 
+def test_every_flag_in_skill_is_a_real_flag():
+    """Flags mentioned anywhere in SKILL.md, not only on command lines."""
+    _, text = frontmatter()
+    helps = ""
+    for script in sorted((ROOT / "scripts").glob("*.py")):
+        helps += subprocess.run([sys.executable, str(script), "--help"], capture_output=True,
+                                text=True).stdout
+    for flag in set(re.findall(r"(?<![\w-])(--[a-z][a-z-]+)", text)):
+        assert flag in helps, flag
+
+
 def test_openai_yaml():
     doc = yaml.safe_load((ROOT / "agents" / "openai.yaml").read_text())["interface"]
     assert doc["display_name"]

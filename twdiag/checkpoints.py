@@ -269,16 +269,21 @@ def _inspect_pickle(data: bytes, fc: FileCheck, zf: zipfile.ZipFile, prefix: str
     _check_storages(obj, fc, zf, prefix)
 
 
-def _tensors(obj, path: str = ""):
-    """(dotted path, TensorInfo) for every tensor in a nested container."""
-    if isinstance(obj, safe_pickle.TensorInfo):
+def _leaves(obj, kind: type, path: str = ""):
+    """(dotted path, leaf) for every `kind` leaf in nested dicts/lists."""
+    if isinstance(obj, kind):
         yield path, obj
     elif isinstance(obj, dict):
         for k, v in obj.items():
-            yield from _tensors(v, f"{path}.{k}" if path else str(k))
+            yield from _leaves(v, kind, f"{path}.{k}" if path else str(k))
     elif isinstance(obj, (list, tuple)):
         for i, v in enumerate(obj):
-            yield from _tensors(v, f"{path}.{i}" if path else str(i))
+            yield from _leaves(v, kind, f"{path}.{i}" if path else str(i))
+
+
+def _tensors(obj):
+    """(dotted path, TensorInfo) for every tensor the pickle describes."""
+    return _leaves(obj, safe_pickle.TensorInfo)
 
 
 def _check_storages(obj, fc: FileCheck, zf: zipfile.ZipFile, prefix: str) -> None:
@@ -442,7 +447,7 @@ def _load_and_scan(ck: Checkpoint, name: str) -> None:
                                    f"{str(exc).splitlines()[0][:200] if str(exc) else ''}"))
         return
     bad = []
-    for key, t in _torch_tensors(obj):
+    for key, t in _leaves(obj, torch.Tensor):
         if t.is_floating_point() or t.is_complex():
             n = int(t.numel() - torch.isfinite(t).sum())
             if n:
@@ -452,18 +457,6 @@ def _load_and_scan(ck: Checkpoint, name: str) -> None:
         shown = ", ".join(f"{k} ({n})" for k, n in bad[:5])
         ck.problems.append(Problem("non_finite", name,
                                    f"{len(bad)} tensors hold NaN/Inf: {shown}"))
-
-
-def _torch_tensors(obj, path: str = ""):
-    import torch
-    if isinstance(obj, torch.Tensor):
-        yield path, obj
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _torch_tensors(v, f"{path}.{k}" if path else str(k))
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            yield from _torch_tensors(v, f"{path}.{i}" if path else str(i))
 
 
 # --- one stage ----------------------------------------------------------------------

@@ -292,7 +292,7 @@ def _add_diagnose(sub) -> None:
             examples:
               %(prog)s RUN_BUNDLE_ROOT
               %(prog)s RUN_BUNDLE_ROOT --out-dir /tmp/diag --fail-on critical
-              %(prog)s --results results/2026_02_06_00_44_34 --run dynamics=wandb/run-X/run-X.wandb
+              %(prog)s . --results results/2026_02_06_00_44_34 --run dynamics=wandb/run-X/run-X.wandb
               RUN_BUNDLE_ROOT=/data/run %(prog)s --deep all
 
             files written to --out-dir (default: docs/action beside the bundle):
@@ -306,6 +306,9 @@ def _add_diagnose(sub) -> None:
                    "(default: $RUN_BUNDLE_ROOT or .)")
     p.add_argument("--run", action="append", default=[], metavar="STAGE=PATH",
                    help="use this .wandb file for a stage instead of the newest found (repeatable)")
+    p.add_argument("--results", metavar="DIR",
+                   help="read checkpoints and images from this run root (results/<ts>) instead "
+                        "of the newest one per stage")
     p.add_argument("--out-dir", help="output directory (default: docs/action beside the bundle)")
     p.add_argument("--fail-on", choices=sorted(GATES),
                    help=f"exit {EXIT_GATE} when the overall verdict reaches this level (CI/cron)")
@@ -325,12 +328,13 @@ def _run_diagnose(args) -> tuple[dict, int]:
     explicit = _explicit(args.run)
     root = Path(args.bundle or os.environ.get("RUN_BUNDLE_ROOT") or ".")
     baselines = [Path(b) for b in args.baseline]
-    _require_existing([root, *explicit, *baselines])
+    results = Path(args.results) if args.results else None
+    _require_existing([root, *explicit, *baselines, *([results] if results else [])])
     if not root.is_dir():
         raise CliError(f"not a directory: {root} (give the bundle root)", EXIT_USAGE)
     out = outputs.prepare_out_dir(args.out_dir or default_out_dir(root), _bundle_roots([root]))
     res = report.diagnose(root, thresholds, explicit, args.now, args.deep, args.count,
-                          baselines=baselines)
+                          baselines=baselines, results=results)
     doc = res["doc"]
     if all(e["verdict"] == "missing" for e in doc["stages"].values()):
         from . import bundle

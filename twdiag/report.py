@@ -30,11 +30,12 @@ def load_actions() -> dict:
 
 def diagnose(root: Path, thresholds: dict, explicit: dict | None = None, now: float | None = None,
              deep: str = "auto", count: int | None = None, progress=outputs.log,
-             baselines: list[Path] | None = None) -> dict:
+             baselines: list[Path] | None = None, results: Path | None = None) -> dict:
     """Run every analysis on a bundle and combine them; returns
     {"doc": full JSON document, "histories": ..., "sheet": PIL image or None,
     "figures": comparison overlays}. With `baselines`, the comparison's
-    findings join each stage's findings (and so its verdict)."""
+    findings join each stage's findings (and so its verdict). `results`
+    overrides where checkpoints and images are read (a run root or stage dir)."""
     started = time.perf_counter()
     timings = {}
     progress("stats: decoding logs and analysing history")
@@ -43,11 +44,11 @@ def diagnose(root: Path, thresholds: dict, explicit: dict | None = None, now: fl
     timings["stats_s"] = round(time.perf_counter() - t, 3)
     progress("checkpoints: structure, pickles, deep scan of the newest valid")
     t = time.perf_counter()
-    ck = checkpoints.analyse([root], thresholds, deep)
+    ck = checkpoints.analyse([results or root], thresholds, deep)
     timings["checkpoints_s"] = round(time.perf_counter() - t, 3)
     progress("visuals: image grids and contact sheet")
     t = time.perf_counter()
-    vis = visuals.analyse([root], thresholds, count)
+    vis = visuals.analyse([results or root], thresholds, count)
     timings["visuals_s"] = round(time.perf_counter() - t, 3)
     cmp = None
     if baselines:
