@@ -102,6 +102,11 @@ def test_copied_skill_folder_runs_without_install(tmp_path, runs):
               tmp_path / "o", cwd=tmp_path, env=env)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["stages"]["video_tokenizer"]["rows"] == 20
+    # the one-shot script too: it needs every data file (thresholds, actions)
+    diag = run(dest / "scripts" / "diagnose.py", ROOT / "examples" / "bundle-healthy", "--out-dir",
+               tmp_path / "d", "--now", "1795856400", cwd=tmp_path, env=env)
+    assert diag.returncode == 0, diag.stderr
+    assert json.loads(diag.stdout)["overall"] == "normal"
 
 
 def test_installed_package_serves_a_lone_script(tmp_path, runs):
@@ -114,4 +119,10 @@ def test_installed_package_serves_a_lone_script(tmp_path, runs):
     shutil.copy(SCRIPT, lone)
     out = run(lone, runs["short"], "--out-dir", tmp_path / "o", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
+    lone_diag = tmp_path / "diagnose.py"
+    shutil.copy(ROOT / "scripts" / "diagnose.py", lone_diag)
+    diag = run(lone_diag, ROOT / "examples" / "bundle-unhealthy", "--out-dir", tmp_path / "d",
+               "--now", "1795856400", cwd=tmp_path)
+    assert diag.returncode == 0, diag.stderr
+    assert json.loads(diag.stdout)["overall"] == "critical"
     assert shutil.which("twdiag") and subprocess.run(["twdiag", "--help"], capture_output=True).returncode == 0
