@@ -230,3 +230,20 @@ def test_sample_bundle_checkpoints(sample_bundle):
     assert st["dynamics"]["model"] == {"tensors": 33, "parameters": 21039}
     assert st["latent_actions"]["state"]["scheduler"] is None
     assert all(d["status"] == "valid" for d in out["doc"]["dependencies"])
+
+
+def test_fresh_truncated_latest_is_in_progress_not_broken(tmp_path):
+    th = rules.load_thresholds()
+    stage = tmp_path / "results" / TS / "latent_actions"
+    synth.write_checkpoint(stage, "latent_actions", 0)
+    new = synth.write_checkpoint(stage, "latent_actions", 60)
+    m = new / "model_state_dict.pt"
+    m.write_bytes(m.read_bytes()[:1000])  # mid-save
+    written = max(p.stat().st_mtime for p in new.iterdir())
+    fresh = checkpoints.analyse([tmp_path], th, now=written + 5)["doc"]["stages"]["latent_actions"]
+    assert fresh["verdict"] == "normal"
+    assert [f["rule_id"] for f in fresh["findings"]] == ["ckpt_latest_in_progress"]
+    assert fresh["recommended_fallback"]["step"] == 0
+    old = checkpoints.analyse([tmp_path], th, now=written + 3600)["doc"]["stages"]["latent_actions"]
+    assert old["verdict"] == "critical"
+    assert "ckpt_latest_unusable" in {f["rule_id"] for f in old["findings"]}

@@ -571,11 +571,33 @@ def throughput(cks: list[Checkpoint]) -> dict | None:
 
 # --- findings --------------------------------------------------------------------------
 
-def stage_findings(res: StageResult, thresholds: dict) -> list[Finding]:
+def being_written(ck: Checkpoint, now: float, seconds: float) -> bool:
+    """A truncated or incomplete newest checkpoint touched moments ago is most
+    likely still being saved by a live run, not broken."""
+    if ck.status not in ("truncated", "missing_files"):
+        return False
+    try:
+        files = [ck.path] if ck.single_file else [*ck.path.iterdir(), ck.path]
+        newest = max(p.stat().st_mtime for p in files)
+    except (OSError, ValueError):
+        return False
+    return now - newest < seconds
+
+
+def stage_findings(res: StageResult, thresholds: dict, now: float | None = None) -> list[Finding]:
     t = thresholds["checkpoints"]
     out: list[Finding] = []
     latest, fb = res.latest, res.fallback
     evidence = str(res.checkpoints_dir)
+    now = time.time() if now is None else now
+    if latest is not None and being_written(latest, now, t["in_progress_seconds"]):
+        out.append(Finding("ckpt_latest_in_progress", "info", res.stage, "latest_status", latest.status,
+                           "valid", [latest.step], str(latest.path),
+                           f"latest checkpoint {latest.path.name} is {latest.status} but was written "
+                           f"{now - _mtime(latest):.0f} s ago: probably still being saved; judged on "
+                           f"the ones before it"))
+        res = StageResult(res.stage, res.checkpoints_dir, res.run_root, res.checkpoints[:-1], fb)
+        latest = res.latest
     if latest is None:
         if res.checkpoints_dir.is_dir() or res.run_root:
             out.append(Finding("ckpt_none_found", t["none_found_severity"], res.stage, "checkpoints",
@@ -615,6 +637,11 @@ def stage_findings(res: StageResult, thresholds: dict) -> list[Finding]:
                            str(latest.path), f"latest checkpoint {latest.path.name} is "
                            f"{latest.status}: {latest.problems[0].detail}; {fb_text}"))
     return out
+
+
+def _mtime(ck: Checkpoint) -> float:
+    files = [ck.path] if ck.single_file else [*ck.path.iterdir(), ck.path]
+    return max(p.stat().st_mtime for p in files)
 
 
 def _status_counts(cks: list[Checkpoint]) -> str:
@@ -697,7 +724,8 @@ def _check_one(stage: str, path: Path, thresholds: dict) -> Checkpoint:
 
 # --- whole input -----------------------------------------------------------------------
 
-def analyse(paths: list[Path], thresholds: dict, deep: str = "auto", progress=None) -> dict:
+def analyse(paths: list[Path], thresholds: dict, deep: str = "auto", progress=None,
+            now: float | None = None) -> dict:
     """Check every stage's checkpoints under `paths`; one JSON-ready document
     (compact) plus `details` (every checkpoint) for the caller to write."""
     started = time.perf_counter()
@@ -717,7 +745,7 @@ def analyse(paths: list[Path], thresholds: dict, deep: str = "auto", progress=No
            "dependencies": dep_facts}
     details = {}
     for stage, res in results.items():
-        res.findings = stage_findings(res, thresholds) + [f for f in dep_findings if f.stage == stage]
+        res.findings = stage_findings(res, thresholds, now) + [f for f in dep_findings if f.stage == stage]
         doc["stages"][stage] = stage_document(res)
         details[stage] = [c.details() for c in res.checkpoints]
     doc["seconds"] = round(time.perf_counter() - started, 3)

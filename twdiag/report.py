@@ -44,7 +44,7 @@ def diagnose(root: Path, thresholds: dict, explicit: dict | None = None, now: fl
     timings["stats_s"] = round(time.perf_counter() - t, 3)
     progress("checkpoints: structure, pickles, deep scan of the newest valid")
     t = time.perf_counter()
-    ck = checkpoints.analyse([results or root], thresholds, deep)
+    ck = checkpoints.analyse([results or root], thresholds, deep, now=now)
     timings["checkpoints_s"] = round(time.perf_counter() - t, 3)
     progress("visuals: image grids and contact sheet")
     t = time.perf_counter()

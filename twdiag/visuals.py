@@ -27,6 +27,7 @@ NAME_STAGE = (("video_tokenizer_recon", "video_tokenizer"),
               ("dynamics_prediction", "dynamics"))
 _STEP = re.compile(r"_step_(\d+)\.png$", re.IGNORECASE)
 FLAGS = ("flat_color", "striping", "input_independent_output", "low_fidelity")
+MAX_LISTED = 30  # per-image entries on stdout; the details file lists all
 
 
 @dataclass
@@ -584,7 +585,11 @@ def analyse(paths: list[Path], thresholds: dict, count: int | None = None,
         tr = trend(results, t)
         findings = stage_findings(stage, results, tr, t)
         doc["stages"][stage] = stage_document(stage, results, tr, findings)
-        doc["skipped"] += [{"path": str(r.image.path), "reason": r.error} for r in results if r.error]
+        bad = [{"path": str(r.image.path), "reason": r.error} for r in results if r.error]
+        doc["skipped"] += bad[:MAX_LISTED]
+        if len(bad) > MAX_LISTED:
+            doc["skipped"].append({"path": str(imgs[0].path.parent),
+                                   "reason": f"{len(bad) - MAX_LISTED} more unreadable images (see visuals.json)"})
         details[stage] = [r.to_dict() for r in results]
         sheet_rows.append((stage, [r for r in results if r.thumb is not None]))
     return {"doc": doc, "details": details, "sheet": contact_sheet(sheet_rows, t)}
@@ -599,5 +604,7 @@ def stage_document(stage: str, results: list[ImageResult], tr: dict, findings: l
             "steps": [results[0].image.step, results[-1].image.step] if results else None,
             "layouts": sorted({r.layout for r in ok}),
             "latest": latest.to_dict() if latest else None,
-            "flags_by_step": {r.image.step: r.flags for r in ok if r.flags},
+            # bounded for stdout: the latest flagged steps (visuals.json has all)
+            "flags_by_step": {r.image.step: r.flags for r in [r for r in ok if r.flags][-MAX_LISTED:]},
+            "flagged_images": sum(bool(r.flags) for r in ok),
             "trend": tr, "findings": findings_dicts(findings)}
