@@ -178,3 +178,36 @@ def test_results_override_reads_another_run_root(tmp_path):
     assert dyn["verdict"] == "critical"  # the unhealthy W&B log still diverges
     assert {f["rule_id"] for f in dyn["findings"]} >= {"loss_divergence"}
     assert "ckpt_latest_unusable" not in {f["rule_id"] for f in dyn["findings"]}
+
+
+def test_real_incident_rebuild_gets_the_real_advice(tmp_path, incident):
+    """real-incidents.md: dynamics diverged with lr 0.01, 25 of 28 checkpoints
+    were {} overwrites; the right advice was to fall back to 52000, lower the
+    learning rate and fix the multi-rank save."""
+    import torch
+
+    from twdiag import synth
+    b = tmp_path / "incident"
+    shutil.copytree(incident["root"] / "wandb", b / "wandb")
+    stage_dir = b / "results" / "2026_02_06_00_44_34" / "dynamics"
+    for step in range(0, 56000, 2000):
+        d = synth.write_checkpoint(stage_dir, "dynamics", step, config={})
+        if step not in (26000, 44000, 52000):
+            torch.save({}, d / "model_state_dict.pt")
+            torch.save({}, d / "optim_state_dict.pt")
+    code, doc, err = run(b, "--out-dir", tmp_path / "out")
+    assert code == 0, err
+    dyn = doc["stages"]["dynamics"]
+    assert dyn["verdict"] == "critical"
+    assert dyn["fallback"]["step"] == 52000
+    full = json.loads((tmp_path / "out" / "diagnosis.json").read_text())
+    ck = full["stages"]["dynamics"]["checkpoints"]
+    assert (ck["total"], ck["valid"]) == (28, 3) and ck["latest"]["status"] == "empty"
+    assert any("tracks the learning rate" in f and "not the action model" in f for f in doc["cross_stage"])
+    actions = [a["rule_id"] for a in doc["next_actions"]]
+    assert actions[:3] == ["loss_divergence", "ckpt_latest_unusable", "ckpt_invalid_ratio"]
+    assert "dynamics_step_52000" in doc["next_actions"][0]["action"]
+    assert "lower learning rate" in doc["next_actions"][0]["action"]
+    assert "rank 0" in doc["next_actions"][2]["action"]
+    assert doc["stages"]["video_tokenizer"]["verdict"] == "normal"
+    assert doc["stages"]["latent_actions"]["verdict"] == "watch"
