@@ -35,7 +35,7 @@ def prepare_out_dir(out_dir: str | Path, bundle_roots: list[Path] = ()) -> Path:
         raise OutputError(f"cannot create output dir {out}: {exc.strerror or exc}") from exc
     if not os.access(out, os.W_OK):
         raise OutputError(f"output dir is not writable: {out}")
-    return out
+    return Path(out_dir)  # as given: relative inputs give relative paths in the JSON
 
 
 @contextmanager
