@@ -187,3 +187,15 @@ def test_missing_input_exit_code(tmp_path):
                          capture_output=True, text=True)
     assert out.returncode == 3 and json.loads(out.stdout)["error"].startswith("input does not exist")
     assert "Traceback" not in out.stderr
+
+
+def test_stats_out_dir_writes_json_and_windows(tmp_path, runs):
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "stage_stats.py"), str(runs["healthy"]),
+                          "--out-dir", str(tmp_path / "o")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    saved = json.loads((tmp_path / "o" / "stats.json").read_text())
+    assert saved["stages"]["dynamics"]["verdict"] == doc["stages"]["dynamics"]["verdict"]
+    import pandas as pd
+    windows = pd.read_csv(tmp_path / "o" / "stage_windows.csv")
+    assert set(windows["stage"]) == {"dynamics"} and windows["step_to"].max() == 599

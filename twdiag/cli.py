@@ -140,12 +140,15 @@ def _add_stats(sub) -> None:
               %(prog)s Logs/dynamics_history_2pghxx71_latest.csv
               %(prog)s wandb/run-20260206_004434-2pghxx71/run-2pghxx71.wandb --details windows.csv
               %(prog)s RUN_BUNDLE_ROOT --thresholds my-thresholds.yaml
+              %(prog)s RUN_BUNDLE_ROOT --out-dir docs/action   # + stats.json, stage_windows.csv
             """)
     _add_inputs(p, "bundle root, wandb dir, .wandb file or exported "
                    "{stage}_history_* CSV/JSON/Parquet")
     p.add_argument("--thresholds", help="YAML merged over the default thresholds")
     p.add_argument("--details", metavar="FILE",
                    help="write the full per-window table (CSV) to FILE")
+    p.add_argument("--out-dir", help="write stats.json (this document) and stage_windows.csv "
+                   "(the per-window table) to this directory")
     p.add_argument("--now", type=float, help="unix time to judge liveness against (default: now)")
     p.set_defaults(func=_run_stats)
 
@@ -158,6 +161,11 @@ def _run_stats(args) -> tuple[dict, int]:
     doc = {"thresholds": args.thresholds or str(rules.DEFAULT_THRESHOLDS), **body}
     if args.details:
         _write_details(Path(args.details), histories, doc, paths)
+    if args.out_dir:
+        out = outputs.prepare_out_dir(args.out_dir, _bundle_roots(paths))
+        if not args.details:
+            _write_details(out / "stage_windows.csv", histories, doc, paths)
+        doc["stats_json"] = str(outputs.write_json(out / "stats.json", doc))
     if not histories:
         return doc, EXIT_UNREADABLE if doc["skipped"] else EXIT_NO_INPUT
     return doc, EXIT_OK

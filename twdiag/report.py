@@ -234,7 +234,7 @@ def _v(x, digits: int = 4) -> str:
     if x is None:
         return "n/a"
     if isinstance(x, float):
-        return f"{x:.{digits}g}"
+        return f"{x + 0.0:.{digits}g}"  # + 0.0 turns -0.0 into 0
     return str(x)
 
 
