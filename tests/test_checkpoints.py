@@ -247,3 +247,20 @@ def test_fresh_truncated_latest_is_in_progress_not_broken(tmp_path):
     old = checkpoints.analyse([tmp_path], th, now=written + 3600)["doc"]["stages"]["latent_actions"]
     assert old["verdict"] == "critical"
     assert "ckpt_latest_unusable" in {f["rule_id"] for f in old["findings"]}
+
+
+def test_shared_reference_bomb_is_walked_once(tmp_path):
+    """A pickle can nest one list under itself many times: 2**40 paths in a
+    few hundred bytes. The checker must not walk every path (if it did, this
+    test would never finish)."""
+    th = rules.load_thresholds()
+    d = synth.write_checkpoint(tmp_path / "results" / TS / "latent_actions", "latent_actions", 0)
+    bomb: list = []
+    for _ in range(40):
+        bomb = [bomb, bomb]
+    model = torch.load(d / "model_state_dict.pt", weights_only=True)
+    torch.save({**model, "bomb": bomb}, d / "model_state_dict.pt")
+    sc = checkpoints.discover(d)[0]
+    res = checkpoints.check_stage(sc, th, deep="all")
+    assert res.checkpoints[0].status == "valid"
+    assert res.checkpoints[0].fact("model_state_dict.pt", "tensors") == 6

@@ -270,15 +270,28 @@ def _inspect_pickle(data: bytes, fc: FileCheck, zf: zipfile.ZipFile, prefix: str
 
 
 def _leaves(obj, kind: type, path: str = ""):
-    """(dotted path, leaf) for every `kind` leaf in nested dicts/lists."""
-    if isinstance(obj, kind):
-        yield path, obj
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _leaves(v, kind, f"{path}.{k}" if path else str(k))
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            yield from _leaves(v, kind, f"{path}.{i}" if path else str(i))
+    """(dotted path, leaf) for every `kind` leaf in nested dicts/lists/tuples.
+
+    Each container is visited once (a pickle can share one list under many
+    parents: 40 nested [x, x] pairs would otherwise mean 2**40 visits), and
+    at most MAX_NODES containers are walked."""
+    stack, seen, visited = [(path, obj)], set(), 0
+    while stack:
+        here, node = stack.pop()
+        if isinstance(node, kind):
+            yield here, node
+            continue
+        if not isinstance(node, (dict, list, tuple)) or id(node) in seen:
+            continue
+        seen.add(id(node))
+        visited += 1
+        if visited > MAX_NODES:
+            return
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        stack.extend((f"{here}.{k}" if here else str(k), v) for k, v in reversed(list(items)))
+
+
+MAX_NODES = 1_000_000
 
 
 def _tensors(obj):
