@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import io
 import pickle
+import reprlib
 from dataclasses import dataclass, field
 
 # Modules whose globals can run code, touch files or the network when called.
@@ -114,7 +115,8 @@ class Inert:
         self.state = state
 
     def __repr__(self) -> str:
-        inner = ", ".join(repr(a) for a in self.args)
+        # reprlib bounds depth and width: args may be a shared-reference bomb
+        inner = ", ".join(reprlib.repr(a) for a in self.args[:8])
         return f"{self._qualname}({inner})"
 
 
@@ -231,19 +233,26 @@ def safe_load(data: bytes, up: RestrictedUnpickler | None = None):
     return obj
 
 
-def plain(obj, depth: int = 0, limit: int = 200):
-    """JSON-friendly view of an unpickled object (stand-ins shown by name)."""
-    if depth > 6:
+def plain(obj, depth: int = 0, limit: int = 200, budget: list | None = None):
+    """JSON-friendly view of an unpickled object (stand-ins shown by name).
+
+    Bounded in depth, width and total nodes (`budget`), because a pickle can
+    share one wide list under many parents."""
+    budget = [10_000] if budget is None else budget
+    budget[0] -= 1
+    if depth > 6 or budget[0] < 0:
         return "…"
     if isinstance(obj, dict):
         items = list(obj.items())[:limit]
-        return {str(k): plain(v, depth + 1) for k, v in items}
+        return {str(k): plain(v, depth + 1, limit, budget) for k, v in items}
     if isinstance(obj, (list, tuple, set, frozenset)):
-        return [plain(v, depth + 1) for v in list(obj)[:limit]]
+        return [plain(v, depth + 1, limit, budget) for v in list(obj)[:limit]]
     if isinstance(obj, TensorInfo):
         return f"tensor{list(obj.shape)}"
     if isinstance(obj, Inert):
-        return repr(obj) if not obj.state else {"class": obj._qualname, "state": plain(obj.state, depth + 1)}
+        if not obj.state:
+            return repr(obj)[:200]
+        return {"class": obj._qualname, "state": plain(obj.state, depth + 1, limit, budget)}
     if isinstance(obj, bytes):
         return f"<{len(obj)} bytes>"
     if obj is None or isinstance(obj, (bool, int, float, str)):
