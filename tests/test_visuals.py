@@ -155,3 +155,23 @@ def test_sample_bundle_images(sample_bundle, tmp_path):
         assert v["analysed"] == 4 and v["layouts"] == ["two_panel"], stage
         assert v["trend"]["trend"] == "improving" and v["verdict"] == "normal", stage
     assert st["latent_actions"]["latest"]["metrics"]["grid"]["output_cells"] == 12
+
+
+def test_128px_frames_and_smoothed_drawings(tmp_path):
+    """Real runs use 128 px frames (the Zelda run): drawn only ~2.2x enlarged,
+    matplotlib smooths them, so the lattice is found but cells are averaged.
+    Smoothing asked for explicitly at 64 px (~4x) leaves block centres intact."""
+    o = synth.pong_frames(16, size=128, seed=5)
+    big = synth.write_grid_png(tmp_path / "big_step_0.png", o, synth.predictions("texture", o, seed=2))
+    r = _analyse(big)
+    assert r.layout == "two_panel_approx" and r.metrics["grid"]["frame"] == 128
+    assert "input_independent_output" in r.flags
+    good = synth.write_grid_png(tmp_path / "big_good_step_0.png", o, synth.predictions("good", o, seed=2))
+    assert not _analyse(good).flags
+    o = synth.pong_frames(16, seed=6)
+    smooth = synth.write_grid_png(tmp_path / "smooth_step_0.png", o, synth.predictions("good", o, seed=3),
+                                  interpolation="bilinear")
+    r = _analyse(smooth)
+    # block centres survive bilinear smoothing at ~4x: still sampled exactly
+    assert r.layout == "two_panel" and r.metrics["grid"]["frame"] == 64
+    assert not {"flat_color", "input_independent_output", "striping"} & set(r.flags)

@@ -283,15 +283,16 @@ def pong_frames(n: int = 16, size: int = 64, seed: int = 0) -> np.ndarray:
 
 
 def write_grid_png(path: Path, original: np.ndarray, reconstructed: np.ndarray,
-                   right_title: str = "Reconstructed Sequences (4 sequences × 4 frames)") -> Path:
+                   right_title: str = "Reconstructed Sequences (4 sequences × 4 frames)",
+                   interpolation: str | None = None) -> Path:
     """TinyWorlds' figure: 16x8 in at 150 dpi, two titled image panels."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(16, 8), dpi=150)
-    axes[0].imshow(make_grid(original))
+    axes[0].imshow(make_grid(original), interpolation=interpolation)
     axes[0].set_title("Original Sequences (4 sequences × 4 frames)")
-    axes[1].imshow(make_grid(reconstructed))
+    axes[1].imshow(make_grid(reconstructed), interpolation=interpolation)
     axes[1].set_title(right_title)
     for ax in axes:
         ax.axis("off")

@@ -193,37 +193,56 @@ class Grid:
     exact: bool  # sampled on make_grid's own pixel lattice (padding verified)
 
 
-def sample_grid(im: Image.Image, box: tuple, t: dict) -> Grid:
-    """Recover make_grid's pixels from the enlarged drawing.
-
-    matplotlib draws each grid pixel as a ~4x4 block (nearest-neighbour), so
-    sampling block centres gives the grid back exactly, once the frame size
-    is known: we try the usual sizes and keep the one whose 2 px padding
-    lines come out uniform. If none does, cells are area-averaged instead.
-    """
+def _lattice(im: Image.Image, box: tuple, f: int, t: dict):
+    """Sample a panel on the lattice of frame size f: (grid, rows, padding
+    spread), or None if the panel is too small for f."""
     x0, y0, x1, y1 = box
     cols, pad = t["grid_columns"], 2
-    best = None
+    gw = pad + cols * (f + pad)
+    scale = (x1 - x0) / gw
+    if scale < 1.5:
+        return None
+    rows = max(1, int(round(((y1 - y0) / scale - pad) / (f + pad))))
+    gh = pad + rows * (f + pad)
+    g = np.asarray(im.resize((gw, gh), Image.NEAREST, box=box).convert("RGB"), dtype=np.float32)
+    lines = np.arange(0, gw, f + pad)
+    pad_px = np.concatenate([g[:, lines].reshape(-1, 3), g[:, lines + 1].reshape(-1, 3),
+                             g[np.arange(0, gh, f + pad)].reshape(-1, 3)])
+    return g, rows, float(pad_px.std(axis=0).max())
+
+
+def frame_size(im: Image.Image, boxes: list[tuple], t: dict) -> tuple[int, list]:
+    """The frame size whose padding lines come out most uniform relative to
+    the panels' contrast, with each panel's lattice sample. The usual size is
+    taken at once when its padding is exactly uniform in every panel."""
+    scores, samples = {}, {}
     for f in t["frame_sizes"]:
-        gw = pad + cols * (f + pad)
-        scale = (x1 - x0) / gw
-        if scale < 1.5:
+        got = [_lattice(im, box, f, t) for box in boxes]
+        if any(g is None for g in got):
             continue
-        rows = max(1, int(round(((y1 - y0) / scale - pad) / (f + pad))))
-        gh = pad + rows * (f + pad)
-        g = np.asarray(im.resize((gw, gh), Image.NEAREST, box=box).convert("RGB"), dtype=np.float32)
-        lines = np.arange(0, gw, f + pad)
-        pad_px = np.concatenate([g[:, lines].reshape(-1, 3), g[:, lines + 1].reshape(-1, 3),
-                                 g[np.arange(0, gh, f + pad)].reshape(-1, 3)])
-        spread = float(pad_px.std(axis=0).max())
-        if best is None or spread < best[0]:
-            best = (spread, f, rows, g)
-        if spread <= t["pad_uniformity"]:
-            break  # the usual frame size fits: no need to try the others
-    if best is not None and best[0] <= t["pad_uniformity"]:
-        _, f, rows, g = best
+        if f == t["frame_sizes"][0] and all(g[2] <= t["pad_exact"] for g in got):
+            return f, got
+        samples[f] = got
+        scores[f] = sum(g[2] / max(float(g[0].reshape(-1, 3).std(axis=0).max()), 1e-6) for g in got)
+    if not scores:
+        return t["frame_sizes"][0], [None] * len(boxes)
+    best = min(scores, key=scores.get)
+    return best, samples[best]
+
+
+def sample_grid(im: Image.Image, box: tuple, f: int, t: dict, got=None) -> Grid:
+    """Recover make_grid's pixels from the enlarged drawing.
+
+    matplotlib draws each grid pixel as a block (nearest-neighbour from ~3x
+    enlargement up), so sampling block centres gives the grid back exactly:
+    the padding lines then come out uniform. Smoothed drawings (below ~3x,
+    e.g. 128 px frames) are area-averaged onto the same lattice instead."""
+    cols, pad = t["grid_columns"], 2
+    got = got if got is not None else _lattice(im, box, f, t)
+    if got is not None and got[2] <= t["pad_uniformity"]:
+        g, rows = got[0], got[1]
         return Grid(_cells(g, f, rows, cols, pad), f, rows, True)
-    f = t["frame_sizes"][0]
+    x0, y0, x1, y1 = box
     gw = pad + cols * (f + pad)
     rows = max(1, int(round(((y1 - y0) * gw / (x1 - x0) - pad) / (f + pad))))
     g = np.asarray(im.resize((gw, pad + rows * (f + pad)), Image.BOX, box=box).convert("RGB"),
@@ -368,7 +387,8 @@ def analyse_image(img: ImageFile, t: dict, keep_thumb: bool = False) -> ImageRes
             whole = np.asarray(im.convert("RGB").reduce(t["reduce"]), dtype=np.float32)
             res.metrics = {"image": _strip(panel_metrics(whole[None])), "panels_found": len(boxes)}
             return res
-        left, right = sample_grid(im, boxes[0], t), sample_grid(im, boxes[1], t)
+        f, lattices = frame_size(im, boxes, t)
+        left, right = (sample_grid(im, box, f, t, got) for box, got in zip(boxes, lattices))
     res.layout = "two_panel" if left.exact and right.exact else "two_panel_approx"
     orig, pred = left.cells, right.cells
     m_in, m_out = panel_metrics(orig), panel_metrics(pred)
