@@ -211,3 +211,37 @@ def test_real_incident_rebuild_gets_the_real_advice(tmp_path, incident):
     assert "rank 0" in doc["next_actions"][2]["action"]
     assert doc["stages"]["video_tokenizer"]["verdict"] == "normal"
     assert doc["stages"]["latent_actions"]["verdict"] == "watch"
+
+
+def test_every_number_in_the_report_is_in_the_json(tmp_path):
+    """diagnosis.md is rendered from diagnosis.json alone: each number in its
+    prose and tables is a JSON value (as printed with 4 significant digits)
+    or appears in a JSON string (messages, paths)."""
+    import re
+
+    from twdiag.report import _v
+    run(EXAMPLES / "bundle-unhealthy", "--out-dir", tmp_path, "--now", NOW)
+    doc = json.loads((tmp_path / "diagnosis.json").read_text())
+    known: set[str] = set()
+
+    def collect(x):
+        if isinstance(x, dict):
+            for k, v in x.items():
+                collect(k), collect(v)
+        elif isinstance(x, list):
+            for v in x:
+                collect(v)
+        elif isinstance(x, bool) or x is None:
+            return
+        elif isinstance(x, (int, float)):
+            known.update({str(x), _v(x), _v(float(x))})
+        elif isinstance(x, str):
+            known.update(re.findall(r"-?\d+(?:\.\d+)?(?:e[-+]?\d+)?", x))
+    collect(doc)
+    md = (tmp_path / "diagnosis.md").read_text()
+    text = re.sub(r"`[^`]*`", "", md)                      # code spans: paths, rule ids
+    text = re.sub(r"(?m)^(#+ |\s*)\d+\. ", "", text)       # section and list numbering
+    numbers = re.findall(r"(?<![\w.])-?\d+(?:\.\d+)?(?:e[-+]?\d+)?(?![\w])", text)
+    assert len(numbers) > 50
+    missing = sorted({n for n in numbers if n not in known})
+    assert not missing, missing
