@@ -146,3 +146,18 @@ def test_examples_side_by_side_and_diagnose_baseline(tmp_path):
     with Image.open(doc["outputs"]["compare_sheet"]) as im:
         assert max(im.size) <= 2000
     assert "## Comparison with the baseline" in (tmp_path / "diagnosis.md").read_text()
+
+
+def test_checkpoints_a_thousand_times_smaller(tmp_path, cmp_runs):
+    import torch
+    cur, base = tmp_path / "cur", tmp_path / "base"
+    shutil.copytree(cmp_runs["twin"] / "wandb", cur / "wandb")
+    shutil.copytree(cmp_runs["base"] / "wandb", base / "wandb")
+    for step in (0, 100, 200):
+        synth.write_checkpoint(base / "results" / synth.TS / "dynamics", "dynamics", step, width=128)
+        d = synth.write_checkpoint(cur / "results" / synth.TS / "dynamics", "dynamics", step, width=128)
+        torch.save({}, d / "model_state_dict.pt")  # the multi-rank {} overwrite
+    st = _cmp(cur, base)["dynamics"]
+    assert st["checkpoints"]["current"]["count"] == st["checkpoints"]["baseline"]["count"] == 3
+    f = next(f for f in st["findings"] if f["rule_id"] == "checkpoint_size_drop")
+    assert f["value"] < 0.01 and f["value"] == st["checkpoints"]["size_ratio"]

@@ -271,75 +271,112 @@ def checkpoint_sizes(side: Side, stage: str) -> dict | None:
 # --- one stage ------------------------------------------------------------------------------
 
 def compare_stage(pair: StagePair, t: dict) -> tuple[dict, list[Finding], dict | None]:
+    """Everything compared for one stage: (JSON body, findings, drift arrays
+    for the overlay plot)."""
     out: dict = {"current": pair.current.paths, "baselines": [b.paths for b in pair.baselines],
                  "notes": list(pair.notes)}
-    findings: list[Finding] = []
     if not pair.baselines:
-        return out, findings, None
-    base0 = pair.baselines[0]
-    diff = config_diff(pair.current.history.config, base0.history.config, t)
+        return out, [], None
+    ctx = _Ctx(pair, t, out, [], pair.current.paths[-1])
+    diff = config_diff(pair.current.history.config, pair.baselines[0].history.config, t)
     out["config_diff"] = diff[:t["config_keys_shown"]]
+    drift = _drift_part(ctx, diff)
+    _actions_part(ctx)
+    _throughput_part(ctx, drift["common_steps"] if drift else (0, float("inf")))
+    _checkpoints_part(ctx)
+    if diff:
+        ctx.add("config_changed", "info", diff[0]["key"], diff[0]["current"], diff[0]["baseline"], [],
+                f"{len(diff)} config keys differ from the baseline; first "
+                f"{diff[0]['key']}: {diff[0]['baseline']} -> {diff[0]['current']}")
+    return out, ctx.findings, drift
+
+
+@dataclass
+class _Ctx:
+    """What the parts of one stage's comparison share."""
+
+    pair: StagePair
+    t: dict
+    out: dict
+    findings: list
+    evidence: str
+
+    def add(self, rule_id, severity, metric, value, threshold, steps, message, evidence=None):
+        self.findings.append(Finding(rule_id, severity, self.pair.stage, metric, value, threshold,
+                                     steps, evidence or self.evidence, message))
+
+
+def _drift_part(ctx: _Ctx, diff: list[dict]) -> dict | None:
+    pair, t = ctx.pair, ctx.t
     drift = loss_drift(pair, t)
-    evidence = pair.current.paths[-1]
-    if drift:
-        lo, hi = drift["common_steps"]
-        cur_lo, cur_hi = _span(pair.current.frame)
-        b_hi = max(_span(b.frame)[1] for b in pair.baselines)
-        if cur_hi < b_hi or cur_lo > lo:
-            out["notes"].append(f"compared over the common steps {lo}–{hi} only (current run ends at "
+    if not drift:
+        return None
+    lo, hi = drift["common_steps"]
+    cur_lo, cur_hi = _span(pair.current.frame)
+    b_hi = max(_span(b.frame)[1] for b in pair.baselines)
+    if cur_hi < b_hi or cur_lo > lo:
+        ctx.out["notes"].append(f"compared over the common steps {lo}–{hi} only (current run ends at "
                                 f"{cur_hi}, baseline at {b_hi}; a run still in progress is shorter)")
-        out["drift"] = {k: v for k, v in drift.items() if k not in ("edges", "current", "centre", "half", "base")}
-        if drift["onset_step"] is not None:
-            top = next((d["key"] for d in diff if d["known_to_move_training"]), None)
-            sev = "critical" if (drift["late_ratio"] or 0) >= t["drift_critical_ratio"] else "watch"
-            findings.append(Finding(
-                "drift_from_baseline", sev, pair.stage, drift["loss_key"], drift["late_ratio"],
-                t["drift_critical_ratio"], [drift["onset_step"]], evidence,
+    ctx.out["drift"] = {k: v for k, v in drift.items() if k not in ("edges", "current", "centre", "half", "base")}
+    if drift["onset_step"] is not None:
+        top = next((d["key"] for d in diff if d["known_to_move_training"]), None)
+        sev = "critical" if (drift["late_ratio"] or 0) >= t["drift_critical_ratio"] else "watch"
+        ctx.add("drift_from_baseline", sev, drift["loss_key"], drift["late_ratio"], t["drift_critical_ratio"],
+                [drift["onset_step"]],
                 f"{drift['loss_key']} leaves the baseline envelope at step {drift['onset_step']} "
                 f"and stays out: {drift['onset_ratio']}x the baseline there, {drift['late_ratio']}x "
-                f"late" + (f"; first changed setting: {top}" if top else "")))
-    acts = action_drift(pair, t)
-    if acts:
-        out["actions"] = acts
-        ua = acts.get("unique_actions") or acts.get("action_entropy")
-        if ua and ua["late_ratio"] is not None and ua["late_ratio"] < t["action_drop_ratio"]:
-            key = "unique_actions" if "unique_actions" in acts else "action_entropy"
-            findings.append(Finding(
-                "action_diversity_drop", t["severity"]["action_diversity_drop"], pair.stage, key,
-                ua["late_ratio"], t["action_drop_ratio"],
-                [ua["onset_step"]] if ua["onset_step"] is not None else [], evidence,
-                f"late {key} is {ua['late_ratio']}x the baseline ({ua['current_late_mean']} vs "
-                f"{ua['baseline_late_mean']})" + (f", from step {ua['onset_step']}" if ua["onset_step"] is not None
-                                                  else "")))
-    lo, hi = drift["common_steps"] if drift else (0, float("inf"))
-    tp_cur = throughput(pair.current, lo, hi)
-    tp_base = [x for x in (throughput(b, lo, hi) for b in pair.baselines) if x]
-    if tp_cur and tp_base:
-        ratio = tp_cur / float(np.median(tp_base))
-        out["throughput"] = {"current_steps_per_s": _r(tp_cur), "baseline_steps_per_s": _r(np.median(tp_base)),
+                f"late" + (f"; first changed setting: {top}" if top else ""))
+    return drift
+
+
+def _actions_part(ctx: _Ctx) -> None:
+    acts = action_drift(ctx.pair, ctx.t)
+    if not acts:
+        return
+    ctx.out["actions"] = acts
+    key = "unique_actions" if "unique_actions" in acts else "action_entropy"
+    a = acts[key]
+    if a["late_ratio"] is None or a["late_ratio"] >= ctx.t["action_drop_ratio"]:
+        return
+    onset = a["onset_step"]
+    ctx.add("action_diversity_drop", ctx.t["severity"]["action_diversity_drop"], key, a["late_ratio"],
+            ctx.t["action_drop_ratio"], [onset] if onset is not None else [],
+            f"late {key} is {a['late_ratio']}x the baseline ({a['current_late_mean']} vs "
+            f"{a['baseline_late_mean']})" + (f", from step {onset}" if onset is not None else ""))
+
+
+def _throughput_part(ctx: _Ctx, common: tuple) -> None:
+    lo, hi = common
+    cur = throughput(ctx.pair.current, lo, hi)
+    base = [x for x in (throughput(b, lo, hi) for b in ctx.pair.baselines) if x]
+    if not cur or not base:
+        return
+    ref = float(np.median(base))
+    ratio = cur / ref
+    ctx.out["throughput"] = {"current_steps_per_s": _r(cur), "baseline_steps_per_s": _r(ref),
                              "ratio": _r(ratio)}
-        if ratio < t["throughput_ratio"]:
-            findings.append(Finding("throughput_regression", t["severity"]["throughput_regression"],
-                                    pair.stage, "steps_per_s", _r(ratio), t["throughput_ratio"], [], evidence,
-                                    f"{_r(tp_cur, 3)} steps/s vs {_r(np.median(tp_base), 3)} for the baseline "
-                                    f"({_r(ratio, 3)}x)"))
-    if diff:
-        findings.append(Finding("config_changed", "info", pair.stage, diff[0]["key"],
-                                diff[0]["current"], diff[0]["baseline"], [], evidence,
-                                f"{len(diff)} config keys differ from the baseline; first "
-                                f"{diff[0]['key']}: {diff[0]['baseline']} -> {diff[0]['current']}"))
-    cc, cb = checkpoint_sizes(pair.current, pair.stage), checkpoint_sizes(base0, pair.stage)
-    if cc and cb:
-        out["checkpoints"] = {"current": cc, "baseline": cb}
-        if cc["model_bytes_median"] and cb["model_bytes_median"]:
-            r = cc["model_bytes_median"] / cb["model_bytes_median"]
-            out["checkpoints"]["size_ratio"] = _r(r, 6)
-            if r < t["ckpt_size_ratio"]:
-                findings.append(Finding("checkpoint_size_drop", "watch", pair.stage, "model_state_dict.pt bytes",
-                                        _r(r, 6), t["ckpt_size_ratio"], [], str(pair.current.root),
-                                        f"current model checkpoints are {_r(r, 6)}x the baseline's size "
-                                        f"({cc['model_bytes_median']} vs {cb['model_bytes_median']} bytes)"))
-    return out, findings, drift
+    if ratio < ctx.t["throughput_ratio"]:
+        ctx.add("throughput_regression", ctx.t["severity"]["throughput_regression"], "steps_per_s",
+                _r(ratio), ctx.t["throughput_ratio"], [],
+                f"{_r(cur, 3)} steps/s vs {_r(ref, 3)} for the baseline ({_r(ratio, 3)}x)")
+
+
+def _checkpoints_part(ctx: _Ctx) -> None:
+    pair = ctx.pair
+    cc, cb = checkpoint_sizes(pair.current, pair.stage), checkpoint_sizes(pair.baselines[0], pair.stage)
+    if not (cc and cb):
+        return
+    ctx.out["checkpoints"] = {"current": cc, "baseline": cb}
+    if not (cc["model_bytes_median"] and cb["model_bytes_median"]):
+        return
+    r = cc["model_bytes_median"] / cb["model_bytes_median"]
+    ctx.out["checkpoints"]["size_ratio"] = _r(r, 6)
+    if r < ctx.t["ckpt_size_ratio"]:
+        ctx.add("checkpoint_size_drop", "watch", "model_state_dict.pt bytes", _r(r, 6),
+                ctx.t["ckpt_size_ratio"], [],
+                f"current model checkpoints are {_r(r, 6)}x the baseline's size "
+                f"({cc['model_bytes_median']} vs {cb['model_bytes_median']} bytes)",
+                evidence=str(pair.current.root))
 
 
 def _span(frame: pd.DataFrame) -> tuple[int, int]:
