@@ -245,3 +245,23 @@ def test_every_number_in_the_report_is_in_the_json(tmp_path):
     assert len(numbers) > 50
     missing = sorted({n for n in numbers if n not in known})
     assert not missing, missing
+
+
+def test_live_and_stalled_run_status(tmp_path):
+    """A dynamics log cut before its exit record: live when just written,
+    stalled or crashed when quiet for hours."""
+    from twdiag import bundle, history
+    b = _copy(EXAMPLES / "bundle-healthy", tmp_path / "b", ("wandb",))
+    for wf in bundle.find_wandb_files(b):
+        if bundle.stage_from_run_name(history.decode(wf.path).meta.get("name")) == "dynamics":
+            data = wf.path.read_bytes()
+            wf.path.write_bytes(data[: int(len(data) * 0.9)])  # still being written
+            mtime = wf.path.stat().st_mtime
+    code, doc, err = run(b, "--out-dir", tmp_path / "o1", "--now", str(mtime + 10))
+    assert code == 0, err
+    assert doc["run_status"]["stage"] == "dynamics" and doc["run_status"]["state"] == "live"
+    assert doc["stages"]["video_tokenizer"]["status"] == "finished"
+    code, doc, err = run(b, "--out-dir", tmp_path / "o2", "--now", str(mtime + 7200))
+    assert doc["run_status"]["state"] == "stalled_or_crashed"
+    assert "run_stalled" in {f["rule_id"] for f in doc["stages"]["dynamics"]["findings"]}
+    assert doc["stages"]["dynamics"]["verdict"] in ("watch", "critical")
