@@ -89,3 +89,14 @@ def test_readme_has_two_setup_commands():
     assert commands == ["python scripts/diagnose.py examples/bundle-unhealthy --out-dir /tmp/twdiag-example",
                         "python -m pytest"]
     assert "python -m pytest" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_every_script_has_help_with_examples_and_exit_codes():
+    scripts = sorted((ROOT / "scripts").glob("*.py"))
+    assert {s.name for s in scripts} == {"diagnose.py", "export_local_wandb_history.py", "stage_stats.py",
+                                         "check_ckpts.py", "contact_sheet.py", "compare_runs.py"}
+    for script in scripts:
+        out = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True)
+        assert out.returncode == 0, script.name
+        assert script.name in out.stdout and "examples:" in out.stdout and "exit codes:" in out.stdout
+        assert "10  diagnose --fail-on" in out.stdout and out.stderr == ""
