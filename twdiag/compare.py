@@ -66,8 +66,11 @@ def _merged(stage: str, logs: list) -> export.StageHistory:
     return export.merge_history(export.StageRuns(stage, list(logs)))
 
 
-def collect(current: Path, baselines: list[Path], skipped: list) -> list[StagePair]:
-    cur_runs = export.load_stages([current], skipped=skipped)
+def collect(current: Path, baselines: list[Path], skipped: list,
+            current_runs: dict[str, export.StageRuns] | None = None) -> list[StagePair]:
+    """Pair each stage of the current input with its baselines. Pass
+    `current_runs` when the current logs are already decoded (diagnose)."""
+    cur_runs = current_runs if current_runs is not None else export.load_stages([current], skipped=skipped)
     pairs = []
     if baselines:
         base_runs = [(b, export.load_stages([b], skipped=skipped)) for b in baselines]
@@ -434,11 +437,12 @@ def side_by_side_sheet(pairs: list[StagePair], thresholds: dict, count: int):
 
 # --- whole comparison ------------------------------------------------------------------------
 
-def compare(current: Path, baselines: list[Path], thresholds: dict, count: int = 4) -> dict:
+def compare(current: Path, baselines: list[Path], thresholds: dict, count: int = 4,
+            current_runs: dict[str, export.StageRuns] | None = None) -> dict:
     """{"doc": JSON-ready, "findings": {stage: [Finding]}, "figures": {name: fig}, "sheet": image}."""
     t = thresholds["compare"]
     skipped: list = []
-    pairs = collect(current, baselines, skipped)
+    pairs = collect(current, baselines, skipped, current_runs)
     doc = {"current": str(current), "baselines": [str(b) for b in baselines], "stages": {},
            "skipped": skipped}
     findings, figures = {}, {}

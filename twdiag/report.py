@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from . import __version__, bundle, checkpoints, outputs, rules, stats, visuals
+from . import __version__, bundle, checkpoints, export, outputs, rules, stats, visuals
 from .rules import Finding
 
 ACTIONS_FILE = Path(__file__).with_name("actions.yaml")
@@ -55,7 +55,9 @@ def diagnose(root: Path, thresholds: dict, explicit: dict | None = None, now: fl
         from . import compare
         progress("compare: against the baseline run(s)")
         t = time.perf_counter()
-        cmp = compare.compare(root, baselines, thresholds, count or thresholds["visuals"]["sheet_count"])
+        decoded = {s: export.StageRuns(s, h.logs) for s, h in histories.items()}  # decode once
+        cmp = compare.compare(root, baselines, thresholds, count or thresholds["visuals"]["sheet_count"],
+                              current_runs=decoded)
         timings["compare_s"] = round(time.perf_counter() - t, 3)
     doc = combine(root, stats_doc, ck["doc"], vis["doc"], thresholds,
                   cmp["doc"] if cmp else None)
