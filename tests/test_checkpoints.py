@@ -264,3 +264,18 @@ def test_shared_reference_bomb_is_walked_once(tmp_path):
     res = checkpoints.check_stage(sc, th, deep="all")
     assert res.checkpoints[0].status == "valid"
     assert res.checkpoints[0].fact("model_state_dict.pt", "tensors") == 6
+
+
+def test_single_file_checkpoints_by_alias(tmp_path):
+    """Forks save one `<name>_checkpoint_<N>.pt` holding the model under a key,
+    and name the latent-action stage `lam`."""
+    ckdir = tmp_path / "results" / TS / "lam" / "checkpoints"
+    ckdir.mkdir(parents=True)
+    weights = {"enc.weight": torch.randn(8, 8), "enc.bias": torch.zeros(8)}
+    torch.save({"model_state_dict": weights, "step": 100}, ckdir / "lam_checkpoint_100.pt")
+    torch.save({"model_state_dict": {}, "step": 200}, ckdir / "lam_checkpoint_200.pt")
+    out = checkpoints.analyse([tmp_path], rules.load_thresholds())["doc"]["stages"]
+    st = out["latent_actions"]
+    assert st["total"] == 2 and st["steps_by_status"] == {"valid": [100], "empty": [200]}
+    assert st["recommended_fallback"]["step"] == 100 and st["recommended_fallback"]["verified"] == "deep scan"
+    assert st["model"] == {"tensors": 2, "parameters": 72}

@@ -88,6 +88,11 @@ class Checkpoint:
     def usable(self) -> bool:
         return self.status not in UNUSABLE
 
+    @property
+    def model_file(self) -> str:
+        """The file holding the weights: model_state_dict.pt, or the one file."""
+        return self.path.name if self.single_file else "model_state_dict.pt"
+
     def fact(self, file: str, key: str, default=None):
         fc = self.files.get(file)
         return fc.facts.get(key, default) if fc else default
@@ -120,7 +125,7 @@ def _checkpoints_in(ckpt_dir: Path, stage: str) -> list[tuple[int, Path]]:
     out = []
     for child in ckpt_dir.iterdir():
         parsed = parse_checkpoint_name(child.name)
-        if parsed and (child.is_dir() or parsed and _CKPT_NAME.match(child.name).group("ext")):
+        if parsed and (child.is_dir() or child.suffix in (".pt", ".pth", ".ckpt")):
             out.append((parsed[1], child))
     return sorted(out, key=lambda t: t[0])
 
@@ -403,7 +408,16 @@ def check_checkpoint(stage: str, step: int, path: Path, thresholds: dict) -> Che
         if not fc.problems:
             _model_facts(fc)
         ck.problems += fc.problems
-        return ck
+    else:
+        _check_dir(ck, thresholds)
+    keys = ck.fact(ck.model_file, "keys")
+    ck.key_signature = frozenset(keys) if keys else None
+    return ck
+
+
+def _check_dir(ck: Checkpoint, thresholds: dict) -> None:
+    """The three files of a `<stage>_step_<N>/` checkpoint."""
+    path, step = ck.path, ck.step
     present = {p.name for p in path.iterdir() if p.is_file()}
     ck.extra_files = sorted(present - set(EXPECTED_FILES))
     missing = [n for n in EXPECTED_FILES if n not in present]
@@ -421,9 +435,6 @@ def check_checkpoint(stage: str, step: int, path: Path, thresholds: dict) -> Che
                                            "a weights file names non-torch globals: "
                                            + ", ".join(fc.foreign_globals)))
             ck.problems += fc.problems
-    keys = ck.fact("model_state_dict.pt", "keys")
-    ck.key_signature = frozenset(keys) if keys else None
-    return ck
 
 
 # --- deep scan (torch) --------------------------------------------------------------
@@ -569,7 +580,8 @@ def throughput(cks: list[Checkpoint]) -> dict | None:
         source = "state.pt timestamp"
         if t is None:
             try:
-                t, source = (c.path / "model_state_dict.pt").stat().st_mtime, "file mtime"
+                weights = c.path if c.single_file else c.path / c.model_file
+                t, source = weights.stat().st_mtime, "file mtime"
             except OSError:
                 continue
         points.append((c.step, t, source))
@@ -794,7 +806,7 @@ def stage_document(res: StageResult) -> dict:
             "verified": "deep scan" if res.fallback.deep == "passed" else "structure only"},
         "deep_scanned": [c.step for c in res.checkpoints if c.deep in ("passed", "failed")],
         "problems": [c.summary() for c in res.checkpoints if c.status != "valid"][:20],
-        "model": None if ref is None else {k: ref.fact("model_state_dict.pt", k) for k in
+        "model": None if ref is None else {k: ref.fact(ref.model_file, k) for k in
                                            ("tensors", "parameters")},
         "optimizer": None if ref is None else {k: ref.fact("optim_state_dict.pt", k) for k in
                                                ("state_entries", "param_groups", "learning_rates")},
