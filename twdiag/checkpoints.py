@@ -93,6 +93,14 @@ class Checkpoint:
         """The file holding the weights: model_state_dict.pt, or the one file."""
         return self.path.name if self.single_file else "model_state_dict.pt"
 
+    def file_path(self, name: str) -> Path:
+        return self.path if self.single_file else self.path / name
+
+    def newest_mtime(self) -> float:
+        """When anything in the checkpoint was last written (OSError if gone)."""
+        files = [self.path] if self.single_file else [*self.path.iterdir(), self.path]
+        return max(p.stat().st_mtime for p in files)
+
     def fact(self, file: str, key: str, default=None):
         fc = self.files.get(file)
         return fc.facts.get(key, default) if fc else default
@@ -175,9 +183,9 @@ def _run_root_of(ckpt_dir: Path) -> Path | None:
 
 # --- structural check (no pickle is ever run) -------------------------------------
 
-def check_file(path: Path, thresholds: dict, deep: bool = False) -> FileCheck:
-    """Zip structure, CRCs (metadata always, tensor data when deep), pickle
-    globals and an inert read of the pickle."""
+def check_file(path: Path, thresholds: dict) -> FileCheck:
+    """Zip structure, CRCs of the pickle and metadata entries, pickle globals
+    and an inert read of the pickle. Tensor data CRCs are the deep scan's."""
     fc = FileCheck(path.name)
     try:
         fc.size = path.stat().st_size
@@ -191,7 +199,7 @@ def check_file(path: Path, thresholds: dict, deep: bool = False) -> FileCheck:
         return fc
     try:
         with zipfile.ZipFile(path) as zf:
-            _check_zip(zf, fc, thresholds, deep)
+            _check_zip(zf, fc, thresholds)
     except zipfile.BadZipFile as exc:
         _not_a_zip(path, fc, exc)
     except OSError as exc:
@@ -217,7 +225,7 @@ def _not_a_zip(path: Path, fc: FileCheck, exc: Exception) -> None:
         fc.problems.append(Problem("corrupt", fc.name, f"not a torch zip archive ({exc})"))
 
 
-def _check_zip(zf: zipfile.ZipFile, fc: FileCheck, thresholds: dict, deep: bool) -> None:
+def _check_zip(zf: zipfile.ZipFile, fc: FileCheck, thresholds: dict) -> None:
     infos = zf.infolist()
     fc.entries = len(infos)
     pkl = next((i for i in infos if i.filename.endswith("/data.pkl") or i.filename == "data.pkl"), None)
@@ -240,14 +248,14 @@ def _check_zip(zf: zipfile.ZipFile, fc: FileCheck, thresholds: dict, deep: bool)
         for info in infos:
             if info is pkl:
                 continue
-            # Metadata entries always, tensor data only when deep: reading every
-            # byte of every checkpoint would cost more than loading them.
-            if not info.filename.startswith(prefix + "data/") or deep:
+            # Metadata entries only: reading every tensor byte of every
+            # checkpoint would cost more than loading them (deep scan does).
+            if not info.filename.startswith(prefix + "data/"):
                 _read_entry(zf, info)
     except (zipfile.BadZipFile, ValueError, EOFError, OSError) as exc:
         fc.problems.append(Problem("corrupt", fc.name, f"{exc}"))
         return
-    fc.crc_checked = "all" if deep else "metadata"
+    fc.crc_checked = "metadata"
     _inspect_pickle(data, fc, zf, prefix)
 
 
@@ -445,23 +453,31 @@ def deep_scan(ck: Checkpoint, thresholds: dict) -> None:
         ck.deep = "unavailable"
         return
     before = len(ck.problems)
-    names = [n for n in ck.files if n != "state.pt"]
-    for name in names:
-        fc = check_file(ck.path / name if not ck.single_file else ck.path, thresholds, deep=True)
-        new = [p for p in fc.problems if p.detail not in {q.detail for q in ck.problems}]
-        ck.problems += new
-        ck.files[name].crc_checked = fc.crc_checked
-        if fc.problems:
+    for name in [n for n in ck.files if n != "state.pt"]:
+        problem = _verify_all_crcs(ck.file_path(name), name)
+        if problem:
+            ck.problems.append(problem)
             continue
+        ck.files[name].crc_checked = "all"
         _load_and_scan(ck, name)
     ck.deep = "passed" if len(ck.problems) == before else "failed"
 
 
+def _verify_all_crcs(path: Path, name: str) -> Problem | None:
+    """Read every entry to its end: zipfile checks each CRC."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                _read_entry(zf, info)
+    except (zipfile.BadZipFile, ValueError, EOFError, OSError) as exc:
+        return Problem("corrupt", name, f"{exc}")
+    return None
+
+
 def _load_and_scan(ck: Checkpoint, name: str) -> None:
     import torch
-    path = ck.path if ck.single_file else ck.path / name
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        obj = torch.load(ck.file_path(name), map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as exc:
         ck.problems.append(Problem("unsafe_pickle", name, f"weights_only load refused: "
                                    f"{str(exc).splitlines()[0][:200]}"))
@@ -580,8 +596,7 @@ def throughput(cks: list[Checkpoint]) -> dict | None:
         source = "state.pt timestamp"
         if t is None:
             try:
-                weights = c.path if c.single_file else c.path / c.model_file
-                t, source = weights.stat().st_mtime, "file mtime"
+                t, source = c.file_path(c.model_file).stat().st_mtime, "file mtime"
             except OSError:
                 continue
         points.append((c.step, t, source))
@@ -602,11 +617,9 @@ def being_written(ck: Checkpoint, now: float, seconds: float) -> bool:
     if ck.status not in ("truncated", "missing_files"):
         return False
     try:
-        files = [ck.path] if ck.single_file else [*ck.path.iterdir(), ck.path]
-        newest = max(p.stat().st_mtime for p in files)
+        return now - ck.newest_mtime() < seconds
     except (OSError, ValueError):
         return False
-    return now - newest < seconds
 
 
 def stage_findings(res: StageResult, thresholds: dict, now: float | None = None) -> list[Finding]:
@@ -619,7 +632,7 @@ def stage_findings(res: StageResult, thresholds: dict, now: float | None = None)
         out.append(Finding("ckpt_latest_in_progress", "info", res.stage, "latest_status", latest.status,
                            "valid", [latest.step], str(latest.path),
                            f"latest checkpoint {latest.path.name} is {latest.status} but was written "
-                           f"{now - _mtime(latest):.0f} s ago: probably still being saved; judged on "
+                           f"{now - latest.newest_mtime():.0f} s ago: probably still being saved; judged on "
                            f"the ones before it"))
         res = StageResult(res.stage, res.checkpoints_dir, res.run_root, res.checkpoints[:-1], fb)
         latest = res.latest
@@ -662,11 +675,6 @@ def stage_findings(res: StageResult, thresholds: dict, now: float | None = None)
                            str(latest.path), f"latest checkpoint {latest.path.name} is "
                            f"{latest.status}: {latest.problems[0].detail}; {fb_text}"))
     return out
-
-
-def _mtime(ck: Checkpoint) -> float:
-    files = [ck.path] if ck.single_file else [*ck.path.iterdir(), ck.path]
-    return max(p.stat().st_mtime for p in files)
 
 
 def _status_counts(cks: list[Checkpoint]) -> str:
