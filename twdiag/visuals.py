@@ -76,30 +76,32 @@ def discover(path: Path) -> dict[str, list[ImageFile]]:
     """Images per stage, sorted by step, under a bundle root, run root, stage
     dir or any folder of `*_step_<N>.png` files. With several run roots, each
     stage comes from the newest one that has images for it."""
-    path = Path(path)
-    found: list[ImageFile] = []
-    if path.is_file():
-        m = _STEP.search(path.name)
-        found = [ImageFile(stage_of_name(path.name) or bundle.locate_stage(path)[0] or "unknown",
-                           int(m.group(1)) if m else 0, path)]
-    else:
-        stage, sdir = bundle.locate_stage(path)
-        if stage and sdir is not None and (sdir / "visualizations").is_dir():
-            found = _images_in(sdir / "visualizations", stage)
-        elif path.name == "visualizations" or not bundle.find_run_roots(path):
-            found = _images_in(path, stage) if path.is_dir() else []
-        else:
-            by_stage: dict[str, list[ImageFile]] = {}
-            for root in bundle.find_run_roots(path):
-                for st, sd in bundle.stage_dirs(root).items():
-                    imgs = _images_in(sd / "visualizations", st) if (sd / "visualizations").is_dir() else []
-                    if imgs:
-                        by_stage[st] = imgs
-            found = [i for v in by_stage.values() for i in v]
     out: dict[str, list[ImageFile]] = {}
-    for img in sorted(found, key=lambda i: (i.stage, i.step)):
+    for img in sorted(_found(Path(path)), key=lambda i: (i.stage, i.step)):
         out.setdefault(img.stage, []).append(img)
     return {s: out[s] for s in sorted(out, key=_stage_order)}
+
+
+def _found(path: Path) -> list[ImageFile]:
+    if path.is_file():
+        m = _STEP.search(path.name)
+        return [ImageFile(stage_of_name(path.name) or bundle.locate_stage(path)[0] or "unknown",
+                          int(m.group(1)) if m else 0, path)]
+    if not path.is_dir():
+        return []
+    stage, sdir = bundle.locate_stage(path)
+    if stage and sdir is not None and (sdir / "visualizations").is_dir():
+        return _images_in(sdir / "visualizations", stage)
+    roots = [] if path.name == "visualizations" else bundle.find_run_roots(path)
+    if not roots:
+        return _images_in(path, stage)
+    by_stage: dict[str, list[ImageFile]] = {}
+    for root in roots:  # oldest first: a newer run root's images replace
+        for st, sd in bundle.stage_dirs(root).items():
+            imgs = _images_in(sd / "visualizations", st) if (sd / "visualizations").is_dir() else []
+            if imgs:
+                by_stage[st] = imgs
+    return [i for v in by_stage.values() for i in v]
 
 
 def _stage_order(stage: str) -> int:
