@@ -16,10 +16,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import bundle, checkpoints, export, visuals
+from . import bundle, checkpoints, export, stats, visuals
 from .rules import Finding, findings_dicts, stage_verdict
 
-LOSS_KEYS = ("train/loss", "loss", "train_loss")
 
 
 @dataclass
@@ -103,12 +102,13 @@ def collect(current: Path, baselines: list[Path], skipped: list,
 # --- loss drift ------------------------------------------------------------------------
 
 def _loss_key(frames: list[pd.DataFrame]) -> str | None:
-    return next((k for k in LOSS_KEYS if all(k in f.columns for f in frames)), None)
+    return next((k for k in stats.LOSS_KEYS if all(k in f.columns for f in frames)), None)
 
 
 def _series(frame: pd.DataFrame, key: str) -> tuple[np.ndarray, np.ndarray]:
-    steps = pd.to_numeric(frame["_step"], errors="coerce").to_numpy(dtype=float)
-    vals = pd.to_numeric(frame[key], errors="coerce").to_numpy(dtype=float)
+    """stats' (steps, values) where `key` was logged, finite values only."""
+    steps, vals = stats._series(frame, key)
+    steps = pd.to_numeric(pd.Series(steps), errors="coerce").to_numpy(dtype=float)
     ok = np.isfinite(steps) & np.isfinite(vals)
     return steps[ok], vals[ok]
 
@@ -149,8 +149,9 @@ def loss_drift(pair: StagePair, t: dict) -> dict | None:
     n = int(np.clip(common // t["min_rows_per_window"], 3, t["max_windows"]))
     edges = np.linspace(lo, hi, n + 1)
     cur, cur_n = _window_stat(*series[0], edges)
-    base = np.array([_window_stat(s, v, edges)[0] for s, v in series[1:]])
-    base_n = np.array([_window_stat(s, v, edges)[1] for s, v in series[1:]])
+    per_base = [_window_stat(s, v, edges) for s, v in series[1:]]  # (medians, counts) each
+    base = np.array([m for m, _ in per_base])
+    base_n = np.array([n for _, n in per_base])
     centre = np.nanmedian(base, axis=0)
     spread = 1.4826 * np.nanmedian(np.abs(base - centre), axis=0) if len(base) > 1 else np.zeros(n)
     sigma = np.nanmedian([_noise(v) for _, v in series[1:]])
