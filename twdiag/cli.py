@@ -223,8 +223,7 @@ def _run_ckpts(args) -> tuple[dict, int]:
     out = outputs.prepare_out_dir(args.out_dir, _bundle_roots(paths)) if args.out_dir else None
     res = checkpoints.analyse(paths, thresholds, args.deep, progress=outputs.log)
     doc = res["doc"]
-    verdicts = {s: v["verdict"] for s, v in doc["stages"].items()}
-    doc["overall"] = rules.overall_verdict(verdicts, thresholds) if verdicts else None
+    doc["overall"] = rules.overall_of(doc["stages"], thresholds)
     if out is not None:
         doc["details"] = str(outputs.write_json(out / "checkpoints.json",
                                                 {**doc, "checkpoints": res["details"]}))
@@ -272,8 +271,7 @@ def _run_visuals(args) -> tuple[dict, int]:
     out = outputs.prepare_out_dir(args.out_dir or default_out_dir(roots[0]), roots)
     res = visuals.analyse(paths, thresholds, args.count, progress=outputs.log)
     doc = res["doc"]
-    verdicts = {s: v["verdict"] for s, v in doc["stages"].items()}
-    doc["overall"] = rules.overall_verdict(verdicts, thresholds) if verdicts else None
+    doc["overall"] = rules.overall_of(doc["stages"], thresholds)
     if res["sheet"] is not None:
         doc["contact_sheet"] = str(outputs.write_image(out / "contact_sheet.png", res["sheet"]))
     doc["details"] = str(outputs.write_json(out / "visuals.json", {**doc, "images": res["details"]}))

@@ -78,12 +78,11 @@ def combine(root: Path, st: dict, ck: dict, vis: dict, thresholds: dict, cmp: di
         if stage not in stages:  # unknown-stage inputs are kept, not judged silently
             stages[stage] = stage_entry(stage, st["stages"].get(stage), ck["stages"].get(stage),
                                         vis["stages"].get(stage), thresholds)
-    verdicts = {k: v["verdict"] for k, v in stages.items()}
     doc = {
         "tool": "twdiag diagnose", "version": __version__,
         "bundle": str(root),
         "generated_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "overall": rules.overall_verdict(verdicts, thresholds),
+        "overall": rules.overall_of(stages, thresholds),
         "run_status": current_status(stages),
         "stages": stages,
         "cross_stage": cross_stage_facts(stages, ck),

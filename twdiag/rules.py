@@ -90,6 +90,14 @@ def overall_verdict(stage_verdicts: dict[str, str], thresholds: dict) -> str:
     return worst
 
 
+def overall_of(stages: dict[str, dict], thresholds: dict) -> str | None:
+    """Overall verdict of a document's `stages` ({stage: {"verdict": ...}}),
+    None when there are none."""
+    if not stages:
+        return None
+    return overall_verdict({s: v["verdict"] for s, v in stages.items()}, thresholds)
+
+
 def worse(a: str, b: str) -> str:
     return a if _RANK[a] >= _RANK[b] else b
 

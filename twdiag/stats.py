@@ -517,7 +517,7 @@ def analyse_paths(paths: list, explicit: dict, thresholds: dict, now: float | No
     """Every stage found under `paths`: (document, histories). The document
     is what `stage_stats` prints; histories feed plots and details."""
     from . import export
-    from .rules import findings_dicts, overall_verdict
+    from .rules import findings_dicts, overall_of
     skipped: list = []
     histories = export.load_histories(paths, explicit, skipped)
     doc = {"stages": {}, "skipped": skipped}
@@ -525,8 +525,7 @@ def analyse_paths(paths: list, explicit: dict, thresholds: dict, now: float | No
         metrics, findings = analyse_stage(merged, thresholds, now)
         doc["stages"][stage] = {"verdict": metrics.pop("verdict"), "evidence_path": merged.latest.path,
                                 "metrics": metrics, "findings": findings_dicts(findings)}
-    doc["overall"] = overall_verdict({s: v["verdict"] for s, v in doc["stages"].items()},
-                                     thresholds) if doc["stages"] else None
+    doc["overall"] = overall_of(doc["stages"], thresholds)
     return doc, histories
 
 
