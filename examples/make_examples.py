@@ -1,113 +1,224 @@
 #!/usr/bin/env python3
-"""Generate the example bundles: real wandb (offline mode) logs, real
-torch.save checkpoints and real matplotlib image grids, in TinyWorlds' layout,
-then run diagnose.py on each into examples/outputs/<bundle>/.
+"""Build the example bundles by running upstream TinyWorlds' own training
+scripts on CPU, then run diagnose.py on each into examples/outputs/<bundle>/.
 
-  python examples/make_examples.py     # rewrites examples/bundle-* and examples/outputs
+    python examples/make_examples.py --tinyworlds PATH [--only NAME ...] [--keep-work DIR]
 
-bundle-healthy:   three stages learning normally (dynamics ends far below
-                  chance), reconstructions improving, every checkpoint valid.
-bundle-unhealthy: several problems at once, as in the real incident:
-  - latent_actions collapses to one action;
-  - dynamics' loss climbs back toward chance ln(1024) = 6.93 after a learning
-    rate set too high, and its late predictions are one texture for every input;
-  - the newest dynamics checkpoints were overwritten with {} (the multi-rank
-    save bug), so the fallback is dynamics_step_150.
-Only the .wandb files (and wandb's files/output.log) are kept, to stay small.
+PATH is a git checkout (or the git dir) of AlmondGod/tinyworlds. The pinned
+commit (TINYWORLDS_COMMIT) is exported with `git archive` into a scratch
+work tree, so the checkout itself is never touched. Into that work tree go:
+  - data/pong_frames.h5: our synthetic data set (tinyworlds_env/dataset.py)
+    in the PONG loader's format;
+  - configs/examples_cpu_training.yaml: the shared training config below.
+Each stage then runs as
+
+    WANDB_MODE=offline MPLBACKEND=Agg OMP_NUM_THREADS=1 TW_EXAMPLE_SEED=<seed> \
+    PYTHONPATH=<work tree>:examples/tinyworlds_env NG_RUN_ROOT_DIR=<work>/results/<ts> \
+      python scripts/train_<stage>.py --config configs/<stage>.yaml \
+        --training_config configs/examples_cpu_training.yaml <overrides>
+
+with the overrides in BUNDLES. `tinyworlds_env/` holds a torchvision
+stand-in (PyPI's torchvision does not load against the CPU torch here) and
+a sitecustomize that seeds Python/numpy/torch (TinyWorlds sets no seed).
+The run root and the wandb run dirs are copied into examples/<bundle>/
+(wandb's logs/ and tmp/ dropped, as in ../shared/tinyworlds-sample), then
+the documented post-hoc damage, if any, is applied. Every number that
+describes a bundle is in examples/README.md.
+
+Needs, besides this package: einops, h5py, opencv-python-headless,
+omegaconf, tqdm (`pip install ".[examples]"`) and torch.
 """
-import math
+from __future__ import annotations
+
+import argparse
+import os
 import shutil
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+ENV_DIR = HERE / "tinyworlds_env"
+TINYWORLDS_COMMIT = "a99f3a8"  # ../shared/spec: AlmondGod/tinyworlds @ a99f3a8
+DATA_SEED, DATA_FRAMES = 0, 4000
+NOW = 1796169600.0  # 2026-12-02T00:00:00Z: the outputs judge liveness at a fixed time
 
-from twdiag import synth  # noqa: E402
+# configs/examples_cpu_training.yaml: merged over each stage's own YAML by
+# TinyWorlds (training config wins), then the CLI overrides win over both.
+TRAINING_CONFIG = """\
+use_wandb: true
+wandb_project: tinyworlds-examples
+dataset: PONG
+preload_ratio: 1.0
+patch_size: 4
+context_length: 4
+frame_size: 64
+latent_dim: 5
+num_bins: 4
+n_actions: 4
+embed_dim: 16
+num_heads: 4
+hidden_dim: 32
+num_blocks: 1
+amp: false
+tf32: false
+compile: false
+device: CPU
+distributed:
+  use_ddp: False
+  use_fsdp: False
+  reshard_after_forward: False
+nproc_per_node: 1
+standalone: true
+video_tokenizer_config: configs/video_tokenizer.yaml
+latent_actions_config: configs/latent_actions.yaml
+dynamics_config: configs/dynamics.yaml
+run_video_tokenizer: true
+run_latent_actions: true
+run_dynamics: true
+optimizer: "adamw"
+use_moe: false
+"""
 
-N = 600
-CKPT_STEPS = (0, 150, 300, 450)
-IMAGE_STEPS = (0, 300, 450)  # three grids per stage keep each bundle under 5 MB
+STAGES = ("video_tokenizer", "latent_actions", "dynamics")
+# Per bundle: the stage overrides (in the order given on the command line),
+# the seed, and post-hoc damage. `{vt}` / `{lam}` become the newest upstream
+# checkpoint of the same run root, as TinyWorlds' full_train.py passes them.
+SANE = {
+    "video_tokenizer": ["n_updates=601", "batch_size_per_gpu=8", "log_interval=300", "learning_rate=0.002"],
+    "latent_actions": ["n_updates=601", "batch_size_per_gpu=8", "log_interval=300", "learning_rate=0.001"],
+    "dynamics": ["n_updates=601", "batch_size_per_gpu=8", "log_interval=300", "learning_rate=0.005",
+                 "video_tokenizer_path={vt}", "latent_actions_path={lam}"],
+}
+BUNDLES = {
+    "bundle-healthy": {
+        "seed": 11,
+        "story": "a sane three-stage pipeline: every stage learns",
+        "stages": SANE,
+        "damage": [],
+    },
+    "bundle-unhealthy": {
+        "seed": 12,
+        "story": ("the action model is trained at a learning rate 1,000x too low and never leaves its "
+                  "collapsed initial state (one action for everything); dynamics trains on it at a "
+                  "learning rate 60x too high with 2 gradient-accumulation steps and blows up far above "
+                  "chance; then the newest two dynamics checkpoints are overwritten with {} (the "
+                  "multi-rank save bug)"),
+        "stages": {
+            "video_tokenizer": SANE["video_tokenizer"],
+            "latent_actions": ["n_updates=601", "batch_size_per_gpu=8", "log_interval=300",
+                               "learning_rate=0.000001"],
+            "dynamics": ["n_updates=601", "batch_size_per_gpu=8", "gradient_accumulation_steps=2",
+                         "log_interval=150", "learning_rate=0.3",
+                         "video_tokenizer_path={vt}", "latent_actions_path={lam}"],
+        },
+        "damage": [("dynamics", "empty_newest", 2)],
+    },
+    "bundle-weak-tokenizer": {
+        "seed": 13,
+        "story": ("the tokenizer is too small (embed_dim 4, hidden_dim 8) and too short (150 updates) to "
+                  "reconstruct the frames; the action model and dynamics are trained sanely on top of it"),
+        "stages": {
+            "video_tokenizer": ["n_updates=151", "batch_size_per_gpu=8", "log_interval=75",
+                                "learning_rate=0.002", "embed_dim=4", "hidden_dim=8"],
+            "latent_actions": SANE["latent_actions"],
+            "dynamics": SANE["dynamics"],
+        },
+        "damage": [],
+    },
+}
 
 
-def _prune(root: Path) -> None:
-    for run_dir in (root / "wandb").glob("*run-*"):
-        for junk in ("logs", "tmp"):
-            shutil.rmtree(run_dir / junk, ignore_errors=True)
-        for f in (run_dir / "files").glob("*"):
-            if f.name != "output.log":
-                f.unlink()
-    for extra in (root / "wandb").glob("debug*.log"):
-        extra.unlink()
-    latest = root / "wandb" / "latest-run"
-    if latest.is_symlink():
-        latest.unlink()
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
-def build(root: Path, unhealthy: bool) -> None:
-    shutil.rmtree(root / "wandb", ignore_errors=True)
-    cfg = synth.stage_config
-    synth.wandb_run(root, "video_tokenizer_2026_11_28_06_35_05", cfg("video_tokenizer", n_updates=N),
-                    synth.curve_rows("video_tokenizer", N, seed=1, start=0.45, end=0.02, noise=0.05),
-                    console=lambda s: f"Step {s} Loss: 0.1" if s % 60 == 0 else None)
-    lam_actions = synth.collapsed_actions if unhealthy else synth.healthy_actions()
-    synth.wandb_run(root, "latent_actions_2026_11_28_06_36_26",
-                    cfg("latent_actions", n_updates=N, log_interval=10),
-                    synth.curve_rows("latent_actions", N, seed=2, start=1.4, end=0.03, noise=0.05,
-                                     log_interval=10, actions=lam_actions))
-
-    def diverging(step):  # learns, then unlearns as the high lr kicks in
-        return 0.6 + 6.3 * math.exp(-step / 40) + (5.8 * (step - 200) / (N - 200) if step > 200 else 0)
-    rows = synth.curve_rows("dynamics", N, seed=3, start=6.9, end=0.4, noise=0.04, n_updates=N,
-                            base_lr=0.05 if unhealthy else 0.01, loss_fn=diverging if unhealthy else None,
-                            actions=synth.healthy_actions())
-    synth.wandb_run(root, "dynamics_2026_11_28_06_37_33", cfg("dynamics", n_updates=N), rows)
-    _prune(root)
-    _results(root, unhealthy)
+def export_tree(tinyworlds: Path, dest: Path) -> str:
+    """`git archive` of the pinned commit into dest; returns the full hash."""
+    git = ["git", "-C", str(tinyworlds)]
+    full = subprocess.run(git + ["rev-parse", f"{TINYWORLDS_COMMIT}^{{commit}}"], check=True,
+                          capture_output=True, text=True).stdout.strip()
+    dest.mkdir(parents=True)
+    archive = subprocess.Popen(git + ["archive", full], stdout=subprocess.PIPE)
+    subprocess.run(["tar", "-x", "-C", str(dest)], stdin=archive.stdout, check=True)
+    if archive.wait() != 0:
+        raise SystemExit(f"git archive of {full} failed")
+    return full
 
 
-def _results(root: Path, unhealthy: bool) -> None:
-    """Checkpoints and image grids under results/<run>/<stage>/."""
+def prepare_work_tree(tinyworlds: Path, work: Path) -> str:
+    commit = export_tree(tinyworlds, work)
+    sys.path.insert(0, str(ENV_DIR))
+    import dataset
+    (work / "data").mkdir(exist_ok=True)
+    dataset.write(str(work / "data" / "pong_frames.h5"), DATA_FRAMES, DATA_SEED)
+    (work / "configs" / "examples_cpu_training.yaml").write_text(TRAINING_CONFIG)
+    return commit
+
+
+def run_stage(work: Path, run_root: Path, stage: str, overrides: list[str], seed: int) -> float:
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "MPLBACKEND": "Agg",
+           "OMP_NUM_THREADS": "1", "TW_EXAMPLE_SEED": str(seed),
+           "PYTHONPATH": os.pathsep.join([str(work), str(ENV_DIR)]), "NG_RUN_ROOT_DIR": str(run_root)}
+    cmd = [sys.executable, f"scripts/train_{stage}.py", "--config", f"configs/{stage}.yaml",
+           "--training_config", "configs/examples_cpu_training.yaml", *overrides]
+    log(f"  {stage}: {' '.join(cmd[1:])}")
+    t = time.perf_counter()
+    with open(run_root.parent / f"{stage}.console.txt", "w") as out:
+        subprocess.run(cmd, cwd=work, env=env, check=True, stdout=out, stderr=subprocess.STDOUT)
+    return time.perf_counter() - t
+
+
+def newest_checkpoint(run_root: Path, stage: str) -> Path:
+    ckpts = sorted((run_root / stage / "checkpoints").iterdir(),
+                   key=lambda p: int(p.name.rsplit("_", 1)[1]))
+    return ckpts[-1]
+
+
+def train_bundle(work: Path, name: str, spec: dict) -> tuple[Path, dict]:
+    ts = time.strftime("%Y_%m_%d_%H_%M_%S")  # TinyWorlds' readable_timestamp() format
+    run_root = work / "runs" / name / "results" / ts
+    run_root.mkdir(parents=True)
+    seconds = {}
+    for i, stage in enumerate(STAGES):
+        subs = {}
+        if stage == "dynamics":
+            subs = {"vt": newest_checkpoint(run_root, "video_tokenizer"),
+                    "lam": newest_checkpoint(run_root, "latent_actions")}
+        overrides = [o.format(**subs) for o in spec["stages"][stage]]
+        seconds[stage] = round(run_stage(work, run_root, stage, overrides, spec["seed"] + i), 1)
+    return run_root, seconds
+
+
+def copy_bundle(work: Path, run_root: Path, dest: Path) -> None:
+    """results/<ts> and wandb/offline-run-* (without logs/ and tmp/) into dest."""
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(run_root, dest / "results" / run_root.name)
+    for run_dir in sorted((work / "wandb").glob("offline-run-*")):
+        target = dest / "wandb" / run_dir.name
+        shutil.copytree(run_dir, target, ignore=shutil.ignore_patterns("logs", "tmp"))
+        shutil.rmtree(run_dir)  # the next bundle's stages start a fresh set
+
+
+def apply_damage(dest: Path, damage: list) -> list[str]:
     import torch
-    run = root / "results" / synth.TS
-    shutil.rmtree(root / "results", ignore_errors=True)
-    for k, step in enumerate(CKPT_STEPS):
-        late = k >= 2
-        for stage in synth.STAGE_NAMES:
-            synth.write_checkpoint(run / stage, stage, step, config=synth.stage_config(
-                stage, n_updates=N, video_tokenizer_path=f"{OLD_HOST}/video_tokenizer/checkpoints/"
-                "video_tokenizer_step_450", latent_actions_path=f"{OLD_HOST}/latent_actions/"
-                "checkpoints/latent_actions_step_450") if stage == "dynamics" else None)
-            if step not in IMAGE_STEPS:
-                continue
-            o = synth.pong_frames(16, seed=100 * k + len(stage))
-            if stage == "latent_actions":
-                pred = synth.predictions("good", synth.lam_targets(o), seed=k, amount=0.3 * (1 - k / 3))
-                synth.write_grid_png(run / stage / "visualizations" /
-                                     f"reconstructions_latent_actions_step_{step}.png", o, pred, LAM_TITLE)
-            elif stage == "video_tokenizer":
-                pred = synth.predictions("good", o, seed=k, amount=0.3 * (1 - k / 3))
-                synth.write_grid_png(run / stage / "visualizations" / f"video_tokenizer_recon_step_{step}.png",
-                                     o, pred)
-            else:
-                kind = "texture" if unhealthy and late else "good"
-                pred = synth.predictions(kind, o, seed=7 if kind == "texture" else k, amount=0.3 * (1 - k / 3))
-                synth.write_grid_png(run / stage / "visualizations" / f"dynamics_prediction_step_{step}.png",
-                                     synth.masked(o, seed=k), pred)
-    if unhealthy:  # ranks > 0 saved {} over rank 0's files
-        for step in CKPT_STEPS[2:]:
-            d = run / "dynamics" / "checkpoints" / f"dynamics_step_{step}"
-            torch.save({}, d / "model_state_dict.pt")
-            torch.save({}, d / "optim_state_dict.pt")
+    done = []
+    for stage, kind, count in damage:
+        if kind != "empty_newest":
+            raise ValueError(kind)
+        for ck in sorted((next((dest / "results").iterdir()) / stage / "checkpoints").iterdir(),
+                         key=lambda p: int(p.name.rsplit("_", 1)[1]))[-count:]:
+            # What the FSDP multi-rank save bug leaves: rank > 0 saves {} over rank 0's files.
+            torch.save({}, ck / "model_state_dict.pt")
+            torch.save({}, ck / "optim_state_dict.pt")
+            done.append(str(ck.relative_to(dest)))
+    return done
 
 
-OLD_HOST = f"/old/host/results/{synth.TS}"  # bundles move: paths resolve by suffix
-LAM_TITLE = "Reconstructed Sequences (4 sequences × 4 frames)"
-
-
-def outputs(name: str) -> None:
+def diagnose_outputs(name: str) -> None:
     """Run diagnose.py exactly as a user would, into examples/outputs/<name>."""
-    import subprocess
     out = HERE / "outputs" / name
     shutil.rmtree(out, ignore_errors=True)
     subprocess.run([sys.executable, str(HERE.parent / "scripts" / "diagnose.py"), f"examples/{name}",
@@ -115,10 +226,40 @@ def outputs(name: str) -> None:
                    cwd=HERE.parent, check=True, stdout=subprocess.DEVNULL)
 
 
-NOW = 1795856400.0  # 2026-11-28T09:00:00Z: liveness is judged at a fixed time
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tinyworlds", required=True, type=Path,
+                    help="a git checkout (or git dir) of AlmondGod/tinyworlds holding the pinned commit")
+    ap.add_argument("--only", action="append", choices=sorted(BUNDLES), help="build only these bundles")
+    ap.add_argument("--keep-work", type=Path, help="keep the scratch work tree here (default: deleted)")
+    ap.add_argument("--dest", type=Path, help="write the bundles here instead of examples/ "
+                    "(for trying settings; no outputs are made)")
+    ap.add_argument("--outputs-only", action="store_true",
+                    help="do not train: only re-run diagnose.py on the committed bundles")
+    args = ap.parse_args()
+    names = args.only or list(BUNDLES)
+    if args.outputs_only:
+        for name in names:
+            diagnose_outputs(name)
+        return
+    scratch = Path(tempfile.mkdtemp(prefix="tw-examples-"))
+    work = args.keep_work or scratch / "tinyworlds"
+    commit = prepare_work_tree(args.tinyworlds, work)
+    log(f"TinyWorlds {commit} exported to {work}")
+    for name in names:
+        spec = BUNDLES[name]
+        log(f"{name}: {spec['story']}")
+        run_root, seconds = train_bundle(work, name, spec)
+        dest = (args.dest or HERE) / name
+        copy_bundle(work, run_root, dest)
+        damaged = apply_damage(dest, spec["damage"])
+        size = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
+        log(f"{name}: trained in {seconds} s, {size / 1e6:.2f} MB, damage {damaged or 'none'}")
+        if args.dest is None:
+            diagnose_outputs(name)
+    if not args.keep_work:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 if __name__ == "__main__":
-    for name in ("bundle-healthy", "bundle-unhealthy"):
-        build(HERE / name, unhealthy=name == "bundle-unhealthy")
-        outputs(name)
+    main()

@@ -1,7 +1,8 @@
 """`twdiag` console command: thin subcommands over the library.
 
-Every subcommand prints exactly one JSON document on stdout; progress goes to
-stderr. The scripts in `scripts/` call `main()` with their subcommand.
+Every subcommand prints exactly one JSON document on stdout (bounded: lists
+are cut, and the document says what it cut); progress goes to stderr. The
+scripts in `scripts/` call `main()` with their subcommand (through `entry`).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import textwrap
 from pathlib import Path
 
 from . import __version__, outputs
+from .entry import EXIT_DEPENDENCY
 
 # Exit codes, shared by every subcommand and script (documented in --help,
 # SKILL.md and the README).
@@ -21,17 +23,19 @@ EXIT_INTERNAL = 1     # a bug: report it (the JSON says what failed)
 EXIT_USAGE = 2        # bad flags or arguments
 EXIT_NO_INPUT = 3     # the input path does not exist or holds nothing to analyse
 EXIT_UNREADABLE = 4   # input found, but none of it could be read
-EXIT_OUTPUT = 5       # the output dir cannot be used (or lies inside the bundle)
+EXIT_OUTPUT = 5       # the output dir cannot be used (or is inside the bundle, outside docs/action)
 EXIT_GATE = 10        # diagnose --fail-on: the verdict reached the gate level
+MAX_STDOUT_BYTES = 200_000
 
 EXIT_CODES_HELP = f"""\
 exit codes:
-  {EXIT_OK}   success (whatever the verdict)
+  {EXIT_OK}   success (whatever the verdict; bad files are reported, not fatal)
   {EXIT_INTERNAL}   internal error (a bug; the JSON has "error")
   {EXIT_USAGE}   usage error
   {EXIT_NO_INPUT}   input missing or holds nothing to analyse
   {EXIT_UNREADABLE}   input found but nothing in it was readable
-  {EXIT_OUTPUT}   output dir unusable or inside the run bundle
+  {EXIT_OUTPUT}   output dir unusable, or inside the run bundle outside docs/action/
+  {EXIT_DEPENDENCY}   a required Python package is missing (the JSON names it)
   {EXIT_GATE}  diagnose --fail-on level reached
 """
 
@@ -42,14 +46,12 @@ class CliError(Exception):
         self.code = code
 
 
-def _paths(values: list[str] | None) -> list[Path]:
-    if values:
-        return [Path(v) for v in values]
-    return [Path(os.environ.get("RUN_BUNDLE_ROOT") or ".")]
+def _default_input(value: str | None) -> Path:
+    return Path(value or os.environ.get("RUN_BUNDLE_ROOT") or ".")
 
 
 def _require_existing(paths: list[Path]) -> None:
-    missing = [str(p) for p in paths if not p.exists()]
+    missing = [str(p) for p in paths if not p.exists() and not p.is_symlink()]
     if missing:
         raise CliError(f"input does not exist: {', '.join(missing)}", EXIT_NO_INPUT)
 
@@ -60,33 +62,81 @@ def _subparser(sub, name: str, help: str, description: str, examples: str):
                           epilog=textwrap.dedent(examples) + EXIT_CODES_HELP)
 
 
-def _add_inputs(p, what: str) -> None:
-    p.add_argument("paths", nargs="*", help=f"{what} (default: $RUN_BUNDLE_ROOT or .)")
+def _thresholds(path: str | None) -> dict:
+    from . import rules
+    try:
+        return rules.load_thresholds(path)
+    except rules.ThresholdError as exc:
+        raise CliError(str(exc), EXIT_USAGE)
+
+
+def _explicit(values: list[str]) -> dict:
+    from . import logs
+    try:
+        return logs.parse_run_args(values)
+    except ValueError as exc:
+        raise CliError(str(exc), EXIT_USAGE)
+
+
+def _add_common(p, inputs_help: str, multi: bool = True) -> None:
+    p.add_argument("paths", nargs="*" if multi else "?", help=f"{inputs_help} (default: $RUN_BUNDLE_ROOT or .)")
+    p.add_argument("--thresholds", help="YAML merged over the default thresholds")
+
+
+def _add_run(p) -> None:
     p.add_argument("--run", action="append", default=[], metavar="STAGE=PATH",
-                   help="map a .wandb file to a stage explicitly (repeatable)")
+                   help="use this .wandb file for STAGE instead of the ones found (repeatable; "
+                        "STAGE is video_tokenizer, latent_actions or dynamics)")
 
 
-def _inputs(args) -> tuple[list[Path], dict]:
+def _add_out(p, what: str) -> None:
+    p.add_argument("--out-dir", help=f"where to write {what} (default: <bundle>/docs/action/ when the bundle "
+                                     "is writable, else ./twdiag-<bundle name>/)")
+
+
+def _inputs(args, narrow: bool) -> tuple[list[Path], dict]:
     """Positional paths (or the default bundle) and --run mappings, checked."""
-    explicit = _explicit(args.run)
-    paths = [] if (args.run and not args.paths) else _paths(args.paths)
+    explicit = _explicit(getattr(args, "run", []))
+    paths = [Path(p) for p in args.paths] if args.paths else ([] if explicit else [_default_input(None)])
     _require_existing(paths + list(explicit))
     return paths, explicit
+
+
+def _discover(paths: list[Path], explicit: dict, thresholds: dict, results: Path | None = None,
+              root: Path | None = None):
+    from . import bundle
+    b = bundle.discover(paths, explicit, results=results, root=root,
+                        max_entries=int(thresholds["limits"]["max_dir_entries"]))
+    for note in b.notes:
+        outputs.log(f"note: {note}")
+    return b
+
+
+def _out_dir(args, root: Path) -> Path:
+    """The chosen output dir, checked (not created), said on stderr."""
+    out = Path(args.out_dir) if args.out_dir else outputs.default_out_dir(root)
+    outputs.check_out_dir(out, [root])
+    outputs.log(f"outputs: {out}")
+    return out
 
 
 # --- export -----------------------------------------------------------------
 
 def _add_export(sub) -> None:
     p = _subparser(
-        sub, "export", "export local .wandb logs to CSV/JSON/Parquet per stage",
-        "Decode local .wandb transaction logs (no network, no wandb datastore) into "
-        "per-stage history tables plus run metadata, config, replayed summary, "
-        "system stats and console output.", """\
+        sub, "export", "export W&B history to CSV/JSON/Parquet per stage",
+        "Export each stage's W&B history plus run metadata, config, replayed summary, "
+        "system stats and console output. --source local decodes the local .wandb "
+        "transaction logs (no network, no wandb datastore); --source api reads the run "
+        "through wandb's public API; auto (default) uses the API only when credentials "
+        "are configured and the run is identified, and falls back to the local files.", """\
             examples:
-              %(prog)s RUN_BUNDLE_ROOT --out-dir Logs
+              %(prog)s RUN_BUNDLE_ROOT                       # -> <bundle>/docs/action/Logs/
+              %(prog)s RUN_BUNDLE_ROOT --out-dir Logs --suffix latest
               %(prog)s --run video_tokenizer=wandb/run-A/run-A.wandb \\
                   --run dynamics=wandb/run-B/run-B.wandb --out-dir Logs --suffix latest
               %(prog)s wandb/ --out-dir Logs --format csv,parquet
+              %(prog)s RUN_BUNDLE_ROOT --source api --api-run ENTITY/PROJECT/RUN_ID
 
             files written to --out-dir (per stage / per run):
               {stage}_history_{runid}_{suffix}.csv|.json|.parquet
@@ -94,13 +144,20 @@ def _add_export(sub) -> None:
               {stage}_system_{runid}_{suffix}.csv   system metrics
               {stage}_console_{runid}_{suffix}.tsv  console output
             """)
-    _add_inputs(p, "bundle root, wandb/ dir, run dir or .wandb file")
-    p.add_argument("--out-dir", default="Logs", help="output directory (default: Logs)")
+    _add_common(p, "bundle root, wandb/ dir, run dir or .wandb file")
+    _add_run(p)
+    p.add_argument("--out-dir", help="output directory (default: Logs/ under the default output dir: "
+                                     "<bundle>/docs/action/Logs when the bundle is writable, else "
+                                     "./twdiag-<bundle name>/Logs)")
     p.add_argument("--suffix", default="latest", help="file name suffix (default: latest)")
     p.add_argument("--format", default="csv,json",
                    help="comma list of csv,json,parquet (default: csv,json)")
     p.add_argument("--workers", type=int, default=None,
                    help="decode processes for large files (default: auto)")
+    p.add_argument("--source", choices=("auto", "local", "api"), default="auto",
+                   help="where the history comes from (default: auto; see above)")
+    p.add_argument("--api-run", action="append", default=[], metavar="[STAGE=]ENTITY/PROJECT/RUN_ID",
+                   help="identify a run for --source api/auto (default: the ids in the local run files)")
     p.set_defaults(func=_run_export)
 
 
@@ -111,30 +168,41 @@ def _run_export(args) -> tuple[dict, int]:
     if bad:
         raise CliError(f"unknown format(s): {', '.join(bad)}", EXIT_USAGE)
     if "parquet" in formats and importlib.util.find_spec("pyarrow") is None:
-        raise CliError("--format parquet needs pyarrow (pip install "
-                       "'tinyworlds-training-diagnostics[parquet]')", EXIT_USAGE)
-    paths, explicit = _inputs(args)
-    out = outputs.prepare_out_dir(args.out_dir, _bundle_roots(paths + list(explicit)))
-    doc = export.export(paths, out, explicit, args.suffix, formats, args.workers)
+        raise CliError("--format parquet needs pyarrow (pip install pyarrow)", EXIT_USAGE)
+    t = _thresholds(args.thresholds)
+    paths, explicit = _inputs(args, narrow=True)
+    b = _discover(paths, explicit, t)
+    out = Path(args.out_dir) if args.out_dir else outputs.default_out_dir(b.root) / "Logs"
+    outputs.check_out_dir(out, [b.root])
+    outputs.log(f"outputs: {out}")
+    with outputs.OutputSet(out, order_last=()) as outset:
+        doc = export.run(b, outset, args.suffix, formats, args.workers, args.source, args.api_run)
+    doc["out_dir"] = str(out)
     if not doc["stages"]:
         return doc, EXIT_UNREADABLE if doc["skipped"] else EXIT_NO_INPUT
     return doc, EXIT_OK
 
 
-def _bundle_roots(paths: list[Path]) -> list[Path]:
-    from . import bundle
-    return [bundle.bundle_root_of(p) for p in paths if p.exists()]
+# --- the analysis subcommands ---------------------------------------------------
 
+def _analysis(args, parts, narrow: bool = True):
+    from . import pipeline
+    t = _thresholds(args.thresholds)
+    paths, explicit = _inputs(args, narrow)
+    b = _discover(paths, explicit, t)
+    return pipeline.run(b, t, parts, deep=getattr(args, "deep", "auto"), now=getattr(args, "now", None),
+                        count=getattr(args, "count", None),
+                        read_outside=getattr(args, "read_outside_bundle", False)), t
 
-# --- stats ------------------------------------------------------------------
 
 def _add_stats(sub) -> None:
     p = _subparser(
         sub, "stats", "numeric diagnostics and findings per stage",
-        "Loss windows and trend, spikes, non-finite values, stage scale (dynamics vs "
-        "chance ln(codes), latent-action variance penalty), action diversity, "
-        "learning rate, correlations, throughput and liveness, with findings and a "
-        "verdict per stage.", """\
+        "Loss windows and trend, spikes, blow-ups and divergence (with their onset "
+        "step), non-finite values, stage scale (dynamics vs chance ln(codes) on the real "
+        "scale, latent-action variance penalty), action diversity, learning rate, "
+        "correlations, throughput and the run state from the log's own records, with "
+        "findings and a verdict per stage.", """\
             examples:
               %(prog)s RUN_BUNDLE_ROOT
               %(prog)s Logs/dynamics_history_2pghxx71_latest.csv
@@ -142,97 +210,110 @@ def _add_stats(sub) -> None:
               %(prog)s RUN_BUNDLE_ROOT --thresholds my-thresholds.yaml
               %(prog)s RUN_BUNDLE_ROOT --out-dir docs/action   # + stats.json, stage_windows.csv
             """)
-    _add_inputs(p, "bundle root, wandb dir, .wandb file or exported "
-                   "{stage}_history_* CSV/JSON/Parquet")
-    p.add_argument("--thresholds", help="YAML merged over the default thresholds")
-    p.add_argument("--details", metavar="FILE",
-                   help="write the full per-window table (CSV) to FILE")
+    _add_common(p, "bundle root, wandb dir, .wandb file or exported {stage}_history_* CSV/JSON/Parquet")
+    _add_run(p)
+    p.add_argument("--details", metavar="FILE", help="write the full per-window table (CSV) to FILE")
     p.add_argument("--out-dir", help="write stats.json (this document) and stage_windows.csv "
                    "(the per-window table) to this directory")
-    p.add_argument("--now", type=float, help="unix time to judge liveness against (default: now)")
+    p.add_argument("--now", type=float, help="unix time to judge the run state against (default: now)")
     p.set_defaults(func=_run_stats)
 
 
 def _run_stats(args) -> tuple[dict, int]:
-    from . import rules, stats
-    thresholds = _thresholds(args.thresholds)
-    paths, explicit = _inputs(args)
-    body, histories = stats.analyse_paths(paths, explicit, thresholds, args.now)
-    doc = {"thresholds": args.thresholds or str(rules.DEFAULT_THRESHOLDS), **body}
+    from . import rules
+    a, t = _analysis(args, ("stats",))
+    doc = {"thresholds": args.thresholds or str(rules.DEFAULT_THRESHOLDS), **a.stats,
+           "copied": a.copy.get("copied"), "skipped": a.bundle.skipped, "errors": a.errors}
+    for stage, body in doc["stages"].items():
+        body["state"] = a.states.get(stage)
+        body["findings"] = body["findings"] + [f.to_dict() for f in a.state_findings.get(stage, [])]
+        body["verdict"] = rules.verdict_of(body["findings"], body["verdict"] != "insufficient_data")
+    doc["overall"] = rules.overall_of(doc["stages"], t)
     if args.details:
-        _write_details(Path(args.details), histories, doc, paths)
+        target = Path(args.details)
+        outputs.check_out_dir(target.parent, [a.bundle.root])
+        with outputs.OutputSet(target.parent, order_last=()) as outset:
+            _write_details(outset, target.name, a.histories, doc)
+        doc["details"] = str(target)
     if args.out_dir:
-        out = outputs.prepare_out_dir(args.out_dir, _bundle_roots(paths))
-        if not args.details:
-            _write_details(out / "stage_windows.csv", histories, doc, paths)
-        doc["stats_json"] = str(outputs.write_json(out / "stats.json", doc))
-    if not histories:
+        out = _out_dir(args, a.bundle.root)
+        with outputs.OutputSet(out, order_last=("stats.json",)) as outset:
+            if not args.details:
+                _write_details(outset, "stage_windows.csv", a.histories, doc)
+            doc["stats_json"] = str(outset.write_json("stats.json", doc))
+    if not a.histories:
         return doc, EXIT_UNREADABLE if doc["skipped"] else EXIT_NO_INPUT
     return doc, EXIT_OK
 
 
-def _write_details(target: Path, histories: dict, doc: dict, paths: list[Path]) -> None:
+def _write_details(outset, name: str, histories: dict, doc: dict) -> None:
     import pandas as pd
 
     from . import stats
     frames = [stats.details_table(h.frame, doc["stages"][s]["metrics"]["loss_key"]).assign(stage=s)
               for s, h in histories.items() if doc["stages"][s]["metrics"].get("loss_key")]
-    if not frames:
-        return
-    outputs.prepare_out_dir(target.parent.resolve(), _bundle_roots(paths))
-    with outputs.atomic_path(target) as tmp:
-        pd.concat(frames).to_csv(tmp, index=False)
-    doc["details"] = str(target)
+    if frames:
+        pd.concat(frames).to_csv(outset.path(name), index=False)
 
-
-# --- checkpoints ----------------------------------------------------------------
 
 def _add_ckpts(sub) -> None:
     p = _subparser(
         sub, "ckpts", "checkpoint integrity, resumability and the safe fallback",
-        "Check every <stage>_step_<N> checkpoint without running its pickle: zip "
-        "structure and CRCs, pickle globals (unsafe ones are refused), an inert read "
-        "of keys, shapes, optimizer groups and saved step; then a deep scan "
-        "(torch.load weights_only+mmap, NaN/Inf per tensor) of the newest valid "
-        "checkpoint. Names the recommended fallback per stage and checks that the "
-        "dynamics stage's tokenizer/action checkpoints exist and are valid.", """\
+        "Check every <stage>_step_<N> checkpoint without running its pickle: torch's zip "
+        "layout and CRCs, every pickle global against an allowlist of what a TinyWorlds "
+        "checkpoint holds (anything else is unsafe_pickle), size budgets, an inert read of "
+        "keys, shapes, optimizer groups and saved step; then deep scans (torch.load "
+        "weights_only+mmap, NaN/Inf, weight norms) where they decide the answer. Names "
+        "the fallback per stage: the newest intact checkpoint saved before the onset of a "
+        "critical problem in the stage's own training (read from its W&B log when the "
+        "bundle has one), or restart: true with the reason; and checks the upstream "
+        "checkpoints dynamics depends on.", """\
             examples:
               %(prog)s RUN_BUNDLE_ROOT
               %(prog)s results/2026_02_06_00_44_34/dynamics/checkpoints --deep all
               %(prog)s results/RUN/dynamics/checkpoints/dynamics_step_52000
               %(prog)s RUN_BUNDLE_ROOT --out-dir docs/action   # + checkpoints.json (every checkpoint)
-
-            statuses: valid, empty, truncated, corrupt, non_finite, unsafe_pickle,
-            inconsistent, missing_files. Without torch: structural checks only.
             """)
-    p.add_argument("paths", nargs="*", help="bundle root, run root, stage dir, checkpoints "
-                   "dir or one checkpoint (default: $RUN_BUNDLE_ROOT or .)")
+    _add_common(p, "bundle root, run root, stage dir, checkpoints dir or one checkpoint")
     p.add_argument("--deep", choices=("auto", "all", "none"), default="auto",
-                   help="tensor scans: auto = newest valid + suspicious ones (default), "
-                        "all = every checkpoint, none = structure only")
-    p.add_argument("--thresholds", help="YAML merged over the default thresholds")
-    p.add_argument("--out-dir", help="also write checkpoints.json with every checkpoint's details")
+                   help="tensor scans: auto = where they decide the fallback (default), all, none")
+    p.add_argument("--now", type=float, help="unix time to judge the run state against (default: now)")
+    p.add_argument("--read-outside-bundle", action="store_true",
+                   help="also look at upstream paths recorded in configs that lie outside the bundle")
+    _add_out(p, "checkpoints.json")
     p.set_defaults(func=_run_ckpts)
 
 
 def _run_ckpts(args) -> tuple[dict, int]:
-    from . import checkpoints, rules
-    thresholds = _thresholds(args.thresholds)
-    paths = _paths(args.paths)
-    _require_existing(paths)
-    out = outputs.prepare_out_dir(args.out_dir, _bundle_roots(paths)) if args.out_dir else None
-    res = checkpoints.analyse(paths, thresholds, args.deep, progress=outputs.log)
-    doc = res["doc"]
-    doc["overall"] = rules.overall_of(doc["stages"], thresholds)
-    if out is not None:
-        doc["details"] = str(outputs.write_json(out / "checkpoints.json",
-                                                {**doc, "checkpoints": res["details"]}))
-    if not any(v["total"] for v in doc["stages"].values()):
+    from . import report, rules
+    a, t = _analysis(args, ("stats", "checkpoints"))
+    stages = {}
+    for stage, res in a.checkpoints.items():
+        body = report.stage_checkpoints(res, a.fallbacks.get(stage))
+        findings = [f.to_dict() for f in res.findings] + \
+                   [f.to_dict() for f in a.dependency_findings if f.stage == stage]
+        fb = a.fallbacks.get(stage) or {}
+        stages[stage] = {"verdict": rules.verdict_of(findings, bool(res.checkpoints)), **body,
+                         "fallback": {k: v for k, v in fb.items() if k != "checkpoints"},
+                         "findings": sorted(findings, key=lambda f: rules.SEVERITY_ORDER[f["severity"]])}
+    doc = {"torch": _torch_version(), "deep_mode": args.deep, "stages": stages,
+           "dependencies": a.dependencies, "copied": a.copy.get("copied"),
+           "skipped": a.bundle.skipped, "errors": a.errors, "seconds": a.timings.get("total_s")}
+    doc["overall"] = rules.overall_of(stages, t)
+    if args.out_dir:
+        out = _out_dir(args, a.bundle.root)
+        with outputs.OutputSet(out, order_last=()) as outset:
+            details = {s: [c.details() for c in r.checkpoints] for s, r in a.checkpoints.items()}
+            doc["details"] = str(outset.write_json("checkpoints.json", {**doc, "checkpoints": details}))
+    if not any(v["total"] for v in stages.values()):
         return doc, EXIT_NO_INPUT
     return doc, EXIT_OK  # invalid checkpoints are a verdict, not an input error
 
 
-# --- visuals ----------------------------------------------------------------------
+def _torch_version():
+    from . import checkpoints
+    return checkpoints.torch_version()
+
 
 def _add_visuals(sub) -> None:
     p = _subparser(
@@ -240,10 +321,10 @@ def _add_visuals(sub) -> None:
         "Find each stage's visualizations/*_step_<N>.png, split TinyWorlds' two "
         "panels (originals | outputs) into grid cells and measure what a person "
         "would see: flat colour, stripes, output that ignores its input, "
-        "PSNR/SSIM where cells align, and the early->late trend. Writes one "
-        "labelled contact sheet (long side <= 2000 px) to --out-dir.", """\
+        "PSNR/SSIM where cells align, and the trend over all images. Writes one "
+        "labelled contact sheet (long side <= 2000 px) and visuals.json.", """\
             examples:
-              %(prog)s RUN_BUNDLE_ROOT --out-dir docs/action
+              %(prog)s RUN_BUNDLE_ROOT
               %(prog)s results/RUN/dynamics --count 6 --out-dir /tmp/sheets
               %(prog)s results/RUN/dynamics/visualizations/dynamics_prediction_step_50000.png
 
@@ -251,30 +332,26 @@ def _add_visuals(sub) -> None:
               contact_sheet.png   first, middle and latest images per stage, labelled
               visuals.json        every image's metrics and flags
             """)
-    p.add_argument("paths", nargs="*", help="bundle root, run root, stage dir, visualizations "
-                   "dir or one PNG (default: $RUN_BUNDLE_ROOT or .)")
-    p.add_argument("--out-dir", help="where to write contact_sheet.png and visuals.json "
-                   "(default: docs/action beside the bundle)")
+    _add_common(p, "bundle root, run root, stage dir, visualizations dir or one PNG")
+    _add_out(p, "contact_sheet.png and visuals.json")
     p.add_argument("--count", type=int, help="images per stage on the sheet (default: 4)")
-    p.add_argument("--thresholds", help="YAML merged over the default thresholds")
     p.set_defaults(func=_run_visuals)
 
 
 def _run_visuals(args) -> tuple[dict, int]:
-    from . import rules, visuals
-    thresholds = _thresholds(args.thresholds)
+    from . import rules
     if args.count is not None and args.count < 1:
         raise CliError("--count must be at least 1", EXIT_USAGE)
-    paths = _paths(args.paths)
-    _require_existing(paths)
-    roots = _bundle_roots(paths)
-    out = outputs.prepare_out_dir(args.out_dir or default_out_dir(roots[0]), roots)
-    res = visuals.analyse(paths, thresholds, args.count, progress=outputs.log)
-    doc = res["doc"]
-    doc["overall"] = rules.overall_of(doc["stages"], thresholds)
-    if res["sheet"] is not None:
-        doc["contact_sheet"] = str(outputs.write_image(out / "contact_sheet.png", res["sheet"]))
-    doc["details"] = str(outputs.write_json(out / "visuals.json", {**doc, "images": res["details"]}))
+    a, t = _analysis(args, ("visuals",))
+    res = a.visuals or {"doc": {"stages": {}}, "sheet": None, "details": {}}
+    doc = {**res["doc"], "skipped": a.bundle.skipped, "errors": a.errors}
+    doc["overall"] = rules.overall_of(doc["stages"], t)
+    if any(v["analysed"] for v in doc["stages"].values()):
+        out = _out_dir(args, a.bundle.root)
+        with outputs.OutputSet(out, order_last=()) as outset:
+            if res["sheet"] is not None:
+                doc["contact_sheet"] = str(outset.write_image("contact_sheet.png", res["sheet"]))
+            doc["details"] = str(outset.write_json("visuals.json", {**doc, "images": res["details"]}))
     if not any(v["images"] for v in doc["stages"].values()):
         return doc, EXIT_NO_INPUT
     if not any(v["analysed"] for v in doc["stages"].values()):
@@ -292,77 +369,165 @@ def _add_diagnose(sub) -> None:
         sub, "diagnose", "one-shot answer: verdicts, evidence, fallback, next actions",
         "Run stats, checkpoint checks and visual checks on a TinyWorlds bundle and "
         "combine them into a verdict per stage and overall (normal / watch / critical), "
-        "the run status, evidence paths, the recommended fallback checkpoint and next "
-        "actions in priority order. Writes diagnosis.json, diagnosis.md, loss plots "
-        "and a contact sheet; prints a compact JSON summary.", """\
+        "the run state (from the logs' own records), evidence paths, the fallback "
+        "checkpoint per stage and next actions in priority order. Writes diagnosis.json, "
+        "diagnosis.md, diagnosis.html, loss plots and a contact sheet; prints a compact "
+        "JSON summary that is enough to answer from.", """\
             examples:
               %(prog)s RUN_BUNDLE_ROOT
               %(prog)s RUN_BUNDLE_ROOT --out-dir /tmp/diag --fail-on critical
               %(prog)s . --results results/2026_02_06_00_44_34 --run dynamics=wandb/run-X/run-X.wandb
+              %(prog)s wandb/run-X/run-X.wandb          # one log: that stage's --run
+              %(prog)s RUN_BUNDLE_ROOT --follow --interval 60   # watch a live run (NDJSON)
               RUN_BUNDLE_ROOT=/data/run %(prog)s --deep all
 
-            files written to --out-dir (default: docs/action beside the bundle):
+            files written to --out-dir (default: <bundle>/docs/action/ when the bundle is
+            writable, else ./twdiag-<bundle name>/):
               diagnosis.json   everything (stdout gets the compact version)
-              diagnosis.md     the report, in the checklist's template
-              loss_<stage>.png loss curves with windows, spikes, non-finite steps
+              diagnosis.md     the report, in the checklist's template, images linked
+              diagnosis.html   the same, self-contained: open or mail one file
+              loss_<stage>.png loss, lr, checkpoints and fallback; action panel for latent_actions
               contact_sheet.png  first/middle/latest image grids per stage
               checkpoints.json, visuals.json  per-checkpoint and per-image details
+
+            --follow: one JSON object per line on stdout whenever a stage's verdict,
+            state, fallback or newest finding changes; a heartbeat on stderr each
+            poll; the files above rewritten when something changed. Stops when every
+            stage finished or the run is judged crashed, on Ctrl-C, or (exit 10) at
+            the first poll that reaches --fail-on.
             """)
-    p.add_argument("bundle", nargs="?", help="bundle root holding results/ and/or wandb/ "
+    p.add_argument("bundle", nargs="?", help="bundle root holding results/ and/or wandb/; wandb/, results/, "
+                   "a run root or a stage dir step up to it; one .wandb file is its stage's --run "
                    "(default: $RUN_BUNDLE_ROOT or .)")
-    p.add_argument("--run", action="append", default=[], metavar="STAGE=PATH",
-                   help="use this .wandb file for a stage instead of the newest found (repeatable)")
+    _add_run(p)
     p.add_argument("--results", metavar="DIR",
                    help="read checkpoints and images from this run root (results/<ts>) instead "
                         "of the newest one per stage")
-    p.add_argument("--out-dir", help="output directory (default: docs/action beside the bundle)")
+    _add_out(p, "the report files")
     p.add_argument("--fail-on", choices=sorted(GATES),
                    help=f"exit {EXIT_GATE} when the overall verdict reaches this level (CI/cron)")
     p.add_argument("--deep", choices=("auto", "all", "none"), default="auto",
-                   help="checkpoint tensor scans (default: auto = newest valid per stage)")
+                   help="checkpoint tensor scans: auto = where they decide the fallback (default)")
     p.add_argument("--count", type=int, help="images per stage on the contact sheet (default: 4)")
     p.add_argument("--thresholds", help="YAML merged over the default thresholds")
-    p.add_argument("--now", type=float, help="unix time to judge liveness against (default: now)")
+    p.add_argument("--now", type=float, help="unix time to judge the run state against (default: now)")
     p.add_argument("--baseline", action="append", default=[], metavar="PATH",
                    help="a healthy run to compare against; drift findings join the verdict (repeatable)")
+    p.add_argument("--read-outside-bundle", action="store_true",
+                   help="also look at upstream paths recorded in configs that lie outside the bundle")
+    p.add_argument("--follow", action="store_true", help="keep watching a live run (see below)")
+    p.add_argument("--interval", type=float, default=30.0, help="seconds between --follow polls (default 30)")
+    p.add_argument("--max-polls", type=int, help="--follow: stop after this many polls")
     p.set_defaults(func=_run_diagnose)
 
 
+def resolve_diagnose_input(arg: str | None, explicit: dict) -> tuple[Path, dict, Path | None, list[str]]:
+    """(bundle root, --run map, --results override, notes) for diagnose's one
+    positional input: wandb/, results/, a run root or stage dir step up to the
+    bundle root; one .wandb file becomes its stage's --run."""
+    from . import bundle, safefs
+    given = _default_input(arg)
+    _require_existing([given])
+    notes, results = [], None
+    if given.suffix == ".wandb" and not safefs.is_dir(given):
+        root = bundle.bundle_root_of(given)
+        notes.append(f"{given} is one W&B log: it is used as its stage's --run, with the bundle at {root}")
+        explicit = {**explicit, given: bundle.ANY_STAGE}
+        return root, explicit, None, notes
+    if not safefs.is_dir(given):
+        raise CliError(f"not a directory or .wandb file: {given} (give the bundle root)", EXIT_USAGE)
+    real = safefs.resolve(given)
+    root = bundle.bundle_root_of(real)
+    if root != real:
+        if bundle.is_run_root(real) or bundle.locate_stage(real)[0]:
+            results = given
+        notes.append(f"{given} is inside the bundle {root}: using the bundle root"
+                     + (f", with checkpoints and images from {given}" if results else ""))
+    return (root if root != real else given), explicit, results, notes
+
+
 def _run_diagnose(args) -> tuple[dict, int]:
-    from . import plots, report
-    thresholds = _thresholds(args.thresholds)
+    from . import compare, pipeline, plots, report
+    t = _thresholds(args.thresholds)
     explicit = _explicit(args.run)
-    root = Path(args.bundle or os.environ.get("RUN_BUNDLE_ROOT") or ".")
+    root, explicit, auto_results, notes = resolve_diagnose_input(args.bundle, explicit)
     baselines = [Path(b) for b in args.baseline]
-    results = Path(args.results) if args.results else None
-    _require_existing([root, *explicit, *baselines, *([results] if results else [])])
-    if not root.is_dir():
-        raise CliError(f"not a directory: {root} (give the bundle root)", EXIT_USAGE)
-    out = outputs.prepare_out_dir(args.out_dir or default_out_dir(root), _bundle_roots([root]))
-    res = report.diagnose(root, thresholds, explicit, args.now, args.deep, args.count,
-                          baselines=baselines, results=results)
-    doc = res["doc"]
-    if all(e["verdict"] == "missing" for e in doc["stages"].values()):
-        from . import bundle
-        found = bundle.find_wandb_files(root) or bundle.find_run_roots(root)
+    results = Path(args.results) if args.results else auto_results
+    _require_existing([*[p for p in explicit], *baselines, *([results] if results else [])])
+    out = _out_dir(args, root)
+    if args.follow:
+        from . import follow
+        return follow.run(root, explicit, results, t, args, out), EXIT_OK
+    b = _discover([root], explicit, t, results=results, root=root)
+    b.notes[:0] = notes
+    for note in notes:
+        outputs.log(f"note: {note}")
+    if b.empty:
         return {"error": f"no TinyWorlds logs, checkpoints or images under {root}",
-                "skipped": doc["skipped"]}, EXIT_UNREADABLE if found else EXIT_NO_INPUT
-    files = {"loss_plots": plots.write_loss_plots(res["histories"],
-                                                  {s: e["stats"] for s, e in doc["stages"].items()}, out)}
-    if res["sheet"] is not None:
-        files["contact_sheet"] = str(outputs.write_image(out / "contact_sheet.png", res["sheet"]))
-    files.update(_write_figures(res["figures"], out))
-    if res["compare_sheet"] is not None:
-        files["compare_sheet"] = str(outputs.write_image(out / "compare_sheet.png", res["compare_sheet"]))
-    files["checkpoints"] = str(outputs.write_json(out / "checkpoints.json", res["checkpoint_details"]))
-    files["visuals"] = str(outputs.write_json(out / "visuals.json", res["image_details"]))
-    files["diagnosis_md"] = str(out / "diagnosis.md")
-    files["diagnosis_json"] = str(out / "diagnosis.json")
-    doc["outputs"] = files
-    outputs.write_text(out / "diagnosis.md", report.markdown(doc))
-    outputs.write_json(out / "diagnosis.json", doc)
+                "skipped": b.skipped, "notes": b.notes}, EXIT_NO_INPUT
+    a = pipeline.run(b, t, deep=args.deep, now=args.now, count=args.count,
+                     read_outside=args.read_outside_bundle)
+    cmp = None
+    if baselines:
+        cmp = _guarded_compare(a, compare, baselines, t, args.count)
+    doc = write_report(a, cmp, out, plots, report)
+    if all(e["verdict"] == "missing" for e in doc["stages"].values()):
+        return {"error": f"no TinyWorlds logs, checkpoints or images could be read under {root}",
+                "skipped": doc["skipped"], "outputs": doc.get("outputs")}, EXIT_UNREADABLE
     code = EXIT_GATE if args.fail_on and doc["overall"] in GATES[args.fail_on] else EXIT_OK
     return report.compact(doc), code
+
+
+def _guarded_compare(a, compare, baselines, t, count):
+    from . import logs
+    try:
+        decoded = {s: logs.StageRuns(s, h.logs) for s, h in a.histories.items()}
+        return compare.compare(a.bundle.root, baselines, t, count or t["visuals"]["sheet_count"],
+                               current_runs=decoded)
+    except Exception as exc:  # the comparison is an extra: the diagnosis stands without it
+        a.errors.append({"step": "compare", "error": f"{type(exc).__name__}: {exc}"[:500]})
+        return None
+
+
+def write_report(a, cmp, out: Path, plots, report) -> dict:
+    """Every output of a diagnosis, as one set: the old set or the new one."""
+    from . import html_report
+    doc = None
+    with outputs.OutputSet(out) as outset:
+        files = {"diagnosis_json": str(outset.final("diagnosis.json")),
+                 "diagnosis_md": str(outset.final("diagnosis.md")),
+                 "diagnosis_html": str(outset.final("diagnosis.html"))}
+        try:
+            doc = report.combine(a, cmp["doc"] if cmp else None)
+            figures = plots.loss_figures(a, doc)
+            for name, fig in figures.items():
+                files.setdefault("loss_plots", {})[name.removeprefix("loss_").removesuffix(".png")] = \
+                    str(outset.write_image(name, fig))
+                plots.close(fig)
+            if a.visuals and a.visuals.get("sheet") is not None:
+                files["contact_sheet"] = str(outset.write_image("contact_sheet.png", a.visuals["sheet"]))
+            if cmp:
+                for name, fig in cmp["figures"].items():
+                    files[name] = str(outset.write_image(name, fig))
+                    plots.close(fig)
+                if cmp["sheet"] is not None:
+                    files["compare_sheet"] = str(outset.write_image("compare_sheet.png", cmp["sheet"]))
+            files["checkpoints"] = str(outset.write_json(
+                "checkpoints.json", {s: [c.details() for c in r.checkpoints] for s, r in a.checkpoints.items()}))
+            files["visuals"] = str(outset.write_json("visuals.json", (a.visuals or {}).get("details", {})))
+            doc["outputs"] = files
+            outset.write_text("diagnosis.md", report.markdown(doc))
+            outset.write_text("diagnosis.html", html_report.render(doc, outset))
+        except Exception as exc:  # still leave a diagnosis.json saying what was done
+            if os.environ.get("TWDIAG_DEBUG"):
+                raise
+            a.errors.append({"step": "report", "error": f"{type(exc).__name__}: {exc}"[:500]})
+            doc = doc or {"overall": None, "bundle": str(a.bundle.root), "stages": {}, "skipped": a.bundle.skipped,
+                          "notes": a.bundle.notes, "next_actions": [], "run_status": {}, "cross_stage": []}
+            doc["errors"] = a.errors
+            doc["outputs"] = files
+        outset.write_json("diagnosis.json", doc)
+    return doc
 
 
 # --- compare -------------------------------------------------------------------------
@@ -370,19 +535,20 @@ def _run_diagnose(args) -> tuple[dict, int]:
 def _add_compare(sub) -> None:
     p = _subparser(
         sub, "compare", "drift from a healthy baseline, config diff, side-by-side visuals",
-        "Align the current run with one or more baselines by step and report, per "
-        "stage: the step where the loss leaves the baseline envelope and stays out "
-        "(onset) and the current/baseline ratio, action statistics and throughput "
-        "against the baseline, the config keys that differ (those known to move "
-        "training first) and checkpoint counts and sizes. With no --baseline, the "
-        "newest run of each stage is compared with the earlier runs in the same "
-        "wandb/ folder.", """\
+        "First check that the baseline is comparable (model dims, dataset, batch size, "
+        "n_actions, number of codes); if not, give the config diff only. Otherwise align the "
+        "current run with one or more baselines by step and report, per stage: the step "
+        "where the loss leaves the baseline envelope and stays out (onset) and the "
+        "current/baseline ratio, action statistics and throughput against the baseline, the "
+        "config keys that differ (those known to move training first) and checkpoint counts "
+        "and sizes. With no --baseline, the newest run of each stage is compared with the "
+        "earlier runs in the same wandb/ folder.", """\
             examples:
               %(prog)s RUN_BUNDLE_ROOT --baseline /data/last_week_bundle
               %(prog)s wandb/run-B/run-B.wandb --baseline wandb/run-A/run-A.wandb --out-dir /tmp/cmp
               %(prog)s wandb/      # newest run per stage vs the runs before it
 
-            files written to --out-dir (default: docs/action beside the bundle):
+            files written to --out-dir:
               compare.json          everything, with the per-window ratios
               overlay_<stage>.png   current vs baseline loss, envelope shaded, onset marked
               compare_sheet.png     the same steps from both runs, side by side
@@ -391,66 +557,67 @@ def _add_compare(sub) -> None:
                    "run to check (default: $RUN_BUNDLE_ROOT or .)")
     p.add_argument("--baseline", action="append", default=[], metavar="PATH",
                    help="a healthy run to compare against (repeatable)")
-    p.add_argument("--out-dir", help="output directory (default: docs/action beside the bundle)")
+    _add_out(p, "compare.json and the overlays")
     p.add_argument("--count", type=int, default=4, help="steps on the side-by-side sheet (default: 4)")
     p.add_argument("--thresholds", help="YAML merged over the default thresholds")
     p.set_defaults(func=_run_compare)
 
 
 def _run_compare(args) -> tuple[dict, int]:
-    from . import compare
-    thresholds = _thresholds(args.thresholds)
-    current = Path(args.current or os.environ.get("RUN_BUNDLE_ROOT") or ".")
+    from . import bundle, compare, plots
+    t = _thresholds(args.thresholds)
+    current = _default_input(args.current)
     baselines = [Path(b) for b in args.baseline]
     _require_existing([current, *baselines])
-    roots = _bundle_roots([current, *baselines])
-    out = outputs.prepare_out_dir(args.out_dir or default_out_dir(roots[0]), roots)
-    res = compare.compare(current, baselines, thresholds, args.count)
+    root = bundle.bundle_root_of(current)
+    out = _out_dir(args, root)
+    outputs.check_out_dir(out, [bundle.bundle_root_of(b) for b in baselines])
+    res = compare.compare(current, baselines, t, args.count)
     doc = res["doc"]
-    files = _write_figures(res["figures"], out)
-    if res["sheet"] is not None:
-        files["compare_sheet"] = str(outputs.write_image(out / "compare_sheet.png", res["sheet"]))
-    files["compare_json"] = str(out / "compare.json")
-    doc["outputs"] = files
-    outputs.write_json(out / "compare.json", doc)
+    with outputs.OutputSet(out, order_last=("compare.json",)) as outset:
+        files = {}
+        for name, fig in res["figures"].items():
+            files[name] = str(outset.write_image(name, fig))
+            plots.close(fig)
+        if res["sheet"] is not None:
+            files["compare_sheet"] = str(outset.write_image("compare_sheet.png", res["sheet"]))
+        files["compare_json"] = str(outset.final("compare.json"))
+        doc["outputs"] = files
+        outset.write_json("compare.json", doc)
     if not doc["stages"]:
         return doc, EXIT_UNREADABLE if doc["skipped"] else EXIT_NO_INPUT
     return doc, EXIT_OK
 
 
-def _write_figures(figures: dict, out: Path) -> dict:
-    import matplotlib.pyplot as plt
-    written = {}
-    for name, fig in figures.items():
-        written[name] = str(outputs.write_image(out / name, fig))
-        plt.close(fig)
-    return written
+# --- install-skill ---------------------------------------------------------------------
+
+def _add_install(sub) -> None:
+    p = _subparser(
+        sub, "install-skill", "copy the skill's files into an agent's skills folder",
+        "Copy only what the skill needs (SKILL.md, agents/, references/, scripts/, the twdiag "
+        "library and requirements.txt) into DEST/tinyworlds-training-diagnostics/. Creates "
+        "DEST; refuses to overwrite an existing copy without --force.", """\
+            examples:
+              %(prog)s .claude/skills      # Claude Code
+              %(prog)s .agents/skills      # Codex and other agents
+              %(prog)s ~/.claude/skills --force
+            """)
+    p.add_argument("dest", help="the skills folder (created if missing)")
+    p.add_argument("--force", action="store_true", help="replace an existing copy")
+    p.set_defaults(func=_run_install)
 
 
-def default_out_dir(bundle_root: Path) -> Path:
-    """`docs/action/` beside the bundle: never inside results/ or wandb/."""
-    return Path(bundle_root).resolve().parent / "docs" / "action"
-
-
-def _thresholds(path: str | None) -> dict:
-    from . import rules
+def _run_install(args) -> tuple[dict, int]:
+    from . import install
     try:
-        return rules.load_thresholds(path)
-    except rules.ThresholdError as exc:
-        raise CliError(str(exc), EXIT_USAGE)
-
-
-def _explicit(values: list[str]) -> dict:
-    from . import export
-    try:
-        return export.parse_run_args(values)
-    except ValueError as exc:
-        raise CliError(str(exc), EXIT_USAGE)
+        return install.install_skill(Path(args.dest), args.force), EXIT_OK
+    except install.InstallError as exc:
+        raise CliError(str(exc), exc.code)
 
 
 # --- entry point --------------------------------------------------------------
 
-SUBCOMMANDS = [_add_diagnose, _add_export, _add_stats, _add_ckpts, _add_visuals, _add_compare]
+SUBCOMMANDS = [_add_diagnose, _add_export, _add_stats, _add_ckpts, _add_visuals, _add_compare, _add_install]
 
 
 def build_parser(prog: str = "twdiag") -> argparse.ArgumentParser:
@@ -481,6 +648,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             outputs.emit({"tool": "twdiag", "version": __version__,
                           "error": "usage error (see stderr or --help)", "exit_code": code})
         return code
+    outputs.install_sigterm_handler()
     command = args.command
     try:
         doc, code = args.func(args)
@@ -491,16 +659,19 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         doc, code = {"error": str(exc)}, EXIT_OUTPUT
         outputs.log(f"error: {exc}")
     except KeyboardInterrupt:
+        outputs.log("interrupted")
         return 130
     except Exception as exc:  # a bug: say so plainly, keep stdout JSON
         if os.environ.get("TWDIAG_DEBUG"):
             raise
-        doc = {"error": f"internal error: {type(exc).__name__}: {exc}",
+        doc = {"error": f"internal error: {type(exc).__name__}: {exc}"[:1000],
                "hint": "rerun with TWDIAG_DEBUG=1 for a traceback and report it"}
         code = EXIT_INTERNAL
         outputs.log(f"internal error: {type(exc).__name__}: {exc}")
+    if doc is None:  # --follow printed its own lines
+        return code
     doc = {"tool": f"twdiag {command}", "version": __version__, **doc, "exit_code": code}
-    outputs.emit(doc)
+    outputs.emit(doc, MAX_STDOUT_BYTES)
     return code
 
 

@@ -16,18 +16,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import bundle, checkpoints, export, stats, visuals
+from . import bundle, logs, safefs, stats, visuals
 from .rules import Finding, findings_dicts, stage_verdict
-
 
 
 @dataclass
 class Side:
-    """One run of one stage: its merged history and where it came from."""
+    """One run of one stage: its merged history and the bundle it came from."""
 
     label: str
-    history: export.StageHistory
-    root: Path | None  # the bundle root, for checkpoints and images
+    history: logs.StageHistory
+    bundle: bundle.Bundle | None  # for checkpoints and images
 
     @property
     def frame(self) -> pd.DataFrame:
@@ -48,7 +47,7 @@ class StagePair:
 
 # --- collecting runs ----------------------------------------------------------------
 
-def _attempts(runs: export.StageRuns) -> list[list]:
+def _attempts(runs: logs.StageRuns) -> list[list]:
     """Split a stage's logs into attempts: a log starting at (near) step 0
     begins a new attempt; one starting later resumes the previous one."""
     out: list[list] = []
@@ -61,23 +60,33 @@ def _attempts(runs: export.StageRuns) -> list[list]:
     return out
 
 
-def _merged(stage: str, logs: list) -> export.StageHistory:
-    return export.merge_history(export.StageRuns(stage, list(logs)))
+def _merged(stage: str, stage_logs: list) -> logs.StageHistory:
+    return logs.merge_history(logs.StageRuns(stage, list(stage_logs)))
+
+
+def _load(path: Path, skipped: list) -> tuple[bundle.Bundle, dict[str, logs.StageRuns]]:
+    b = bundle.discover([path])
+    runs = logs.decode_stages(b) if b.wandb_files else {}
+    skipped += b.skipped
+    return b, runs
 
 
 def collect(current: Path, baselines: list[Path], skipped: list,
-            current_runs: dict[str, export.StageRuns] | None = None) -> list[StagePair]:
+            current_runs: dict[str, logs.StageRuns] | None = None) -> list[StagePair]:
     """Pair each stage of the current input with its baselines. Pass
     `current_runs` when the current logs are already decoded (diagnose)."""
-    cur_runs = current_runs if current_runs is not None else export.load_stages([current], skipped=skipped)
+    if current_runs is None:
+        cur_bundle, cur_runs = _load(current, skipped)
+    else:
+        cur_bundle, cur_runs = bundle.discover([current]), current_runs
     pairs = []
     if baselines:
-        base_runs = [(b, export.load_stages([b], skipped=skipped)) for b in baselines]
+        base_runs = [_load(b, skipped) for b in baselines]
         for stage, runs in cur_runs.items():
             attempts = _attempts(runs)
-            cur = Side("current", _merged(stage, attempts[-1]), bundle.bundle_root_of(current))
-            bases = [Side(f"baseline {i + 1}", _merged(stage, br[stage].logs), bundle.bundle_root_of(b))
-                     for i, (b, br) in enumerate(base_runs) if stage in br]
+            cur = Side("current", _merged(stage, attempts[-1]), cur_bundle)
+            bases = [Side(f"baseline {i + 1}", _merged(stage, br[stage].logs), bb)
+                     for i, (bb, br) in enumerate(base_runs) if stage in br]
             pair = StagePair(stage, cur, bases)
             if len(attempts) > 1:
                 pair.notes.append(f"{len(attempts)} attempts of {stage} in the current input; "
@@ -86,15 +95,15 @@ def collect(current: Path, baselines: list[Path], skipped: list,
                 pair.notes.append(f"no baseline has {stage}")
             pairs.append(pair)
         return pairs
-    root = bundle.bundle_root_of(current)
     for stage, runs in cur_runs.items():
         attempts = _attempts(runs)
         if len(attempts) < 2:
-            pairs.append(StagePair(stage, Side("current", _merged(stage, attempts[-1]), root), [],
+            pairs.append(StagePair(stage, Side("current", _merged(stage, attempts[-1]), cur_bundle), [],
                                    [f"only one run of {stage} here and no --baseline given"]))
             continue
-        bases = [Side(f"earlier run {i + 1}", _merged(stage, a), root) for i, a in enumerate(attempts[:-1])]
-        pairs.append(StagePair(stage, Side("current", _merged(stage, attempts[-1]), root), bases,
+        bases = [Side(f"earlier run {i + 1}", _merged(stage, a), cur_bundle)
+                 for i, a in enumerate(attempts[:-1])]
+        pairs.append(StagePair(stage, Side("current", _merged(stage, attempts[-1]), cur_bundle), bases,
                                [f"newest {stage} run compared with the {len(bases)} before it"]))
     return pairs
 
@@ -107,7 +116,7 @@ def _loss_key(frames: list[pd.DataFrame]) -> str | None:
 
 def _series(frame: pd.DataFrame, key: str) -> tuple[np.ndarray, np.ndarray]:
     """stats' (steps, values) where `key` was logged, finite values only."""
-    steps, vals = stats._series(frame, key)
+    steps, vals = stats.series(frame, key)
     steps = pd.to_numeric(pd.Series(steps), errors="coerce").to_numpy(dtype=float)
     ok = np.isfinite(steps) & np.isfinite(vals)
     return steps[ok], vals[ok]
@@ -259,17 +268,35 @@ def config_diff(cur: dict, base: dict, t: dict) -> list[dict]:
 
 
 def checkpoint_sizes(side: Side, stage: str) -> dict | None:
-    if side.root is None:
-        return None
-    found = [sc for sc in checkpoints.discover(side.root) if sc.stage == stage and sc.found]
-    if not found:
+    art = side.bundle.stages.get(stage) if side.bundle else None
+    if art is None or not art.checkpoints:
         return None
     sizes = []
-    for _, path in found[0].found:
-        f = path / "model_state_dict.pt" if path.is_dir() else path
-        if f.is_file():
-            sizes.append(f.stat().st_size)
-    return {"count": len(found[0].found), "model_bytes_median": int(np.median(sizes)) if sizes else None}
+    for ref in art.checkpoints:
+        f = ref.path / "model_state_dict.pt" if safefs.is_dir(ref.path) else ref.path
+        size = safefs.size_of(f)
+        if size is not None:
+            sizes.append(size)
+    return {"count": len(art.checkpoints), "model_bytes_median": int(np.median(sizes)) if sizes else None}
+
+
+def comparability(cur: dict, base: dict, t: dict) -> list[str]:
+    """Why a baseline cannot be compared with the current run: the settings
+    that change what the loss, throughput and checkpoint sizes mean."""
+    out = []
+    for key in t["comparable_keys"]:
+        a, b = cur.get(key), base.get(key)
+        if a is not None and b is not None and a != b:
+            out.append(f"{key} {b} -> {a}")
+    codes = [(c.get("num_bins"), c.get("latent_dim")) for c in (cur, base)]
+    if all(x is not None for pair in codes for x in pair):
+        try:
+            n = [int(bins) ** int(dim) for bins, dim in codes]
+            if n[0] != n[1]:
+                out.append(f"codes {n[1]} -> {n[0]}")
+        except (TypeError, ValueError, OverflowError):
+            pass
+    return out
 
 
 # --- one stage ------------------------------------------------------------------------------
@@ -284,6 +311,16 @@ def compare_stage(pair: StagePair, t: dict) -> tuple[dict, list[Finding], dict |
     ctx = _Ctx(pair, t, out, [], pair.current.paths[-1])
     diff = config_diff(pair.current.history.config, pair.baselines[0].history.config, t)
     out["config_diff"] = diff[:t["config_keys_shown"]]
+    why = comparability(pair.current.history.config, pair.baselines[0].history.config, t)
+    out["comparable"] = not why
+    if why:
+        out["incomparable"] = why
+        out["notes"].append("the baseline was trained with another configuration (" + "; ".join(why)
+                            + "): only the config diff is given; no drift, action, throughput or "
+                              "checkpoint-size findings")
+        ctx.add("baseline_not_comparable", "info", "config", why[0], "same model dims, data, batch, "
+                "n_actions and codes", [], "baseline not comparable: " + "; ".join(why))
+        return out, ctx.findings, None
     drift = _drift_part(ctx, diff)
     _actions_part(ctx)
     _throughput_part(ctx, drift["common_steps"] if drift else (0, float("inf")))
@@ -419,10 +456,12 @@ def side_by_side_sheet(pairs: list[StagePair], thresholds: dict, count: int):
     t = thresholds["visuals"]
     rows = []
     for pair in pairs:
-        if not pair.baselines or pair.current.root is None or pair.baselines[0].root is None:
+        if not pair.baselines or pair.current.bundle is None or pair.baselines[0].bundle is None:
             continue
-        cur = visuals.discover(pair.current.root).get(pair.stage, [])
-        base = visuals.discover(pair.baselines[0].root).get(pair.stage, [])
+        if not ((pair.current.bundle.stages.get(pair.stage) and pair.baselines[0].bundle.stages.get(pair.stage))):
+            continue
+        cur = pair.current.bundle.stages[pair.stage].images
+        base = pair.baselines[0].bundle.stages[pair.stage].images
         if not cur or not base:
             continue
         base_by_step = {i.step: i for i in base}
@@ -430,16 +469,16 @@ def side_by_side_sheet(pairs: list[StagePair], thresholds: dict, count: int):
         picks = [common[k] for k in visuals.sheet_steps(len(common), count)] if common else []
         if not picks:
             continue
-        rows.append((f"current {pair.stage}", [visuals.analyse_image(i, t, keep_thumb=True) for i in picks]))
+        rows.append((f"current {pair.stage}", [visuals.analyse_image(i, t, keep_thumb=True) for i in picks], {}))
         rows.append((f"baseline {pair.stage}",
-                     [visuals.analyse_image(base_by_step[i.step], t, keep_thumb=True) for i in picks]))
+                     [visuals.analyse_image(base_by_step[i.step], t, keep_thumb=True) for i in picks], {}))
     return visuals.contact_sheet(rows, t)
 
 
 # --- whole comparison ------------------------------------------------------------------------
 
 def compare(current: Path, baselines: list[Path], thresholds: dict, count: int = 4,
-            current_runs: dict[str, export.StageRuns] | None = None) -> dict:
+            current_runs: dict[str, logs.StageRuns] | None = None) -> dict:
     """{"doc": JSON-ready, "findings": {stage: [Finding]}, "figures": {name: fig}, "sheet": image}."""
     t = thresholds["compare"]
     skipped: list = []

@@ -1,166 +1,19 @@
-"""Export local `.wandb` logs to tidy files, one set per stage.
-
-Stage mapping, in order: an explicit `--run stage=path`, the TinyWorlds run
-name `{stage}_{timestamp}`, then config and logged keys. Several files of one
-stage (resumed runs) are merged in start-time order; rows a later file
-re-logged (it resumed from an earlier checkpoint) supersede the earlier ones,
-and a `_source` column keeps each row's run id.
+"""Export a bundle's W&B logs to tidy files, one set per stage: history as
+CSV / JSON / Parquet, and per run its metadata, config, replayed summary,
+system metrics and console output. Decoding and stage mapping are `logs`'.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from . import bundle, history, outputs
+from . import bundle as bundle_mod, history, logs, outputs
 
 FORMATS = ("csv", "json", "parquet")
 KEYS_SHOWN = 60  # key names listed per run on stdout; the files hold all
-
-
-@dataclass
-class StageRuns:
-    stage: str
-    logs: list[history.RunLog] = field(default_factory=list)
-    mapped_by: list[str] = field(default_factory=list)
-
-    @property
-    def run_ids(self) -> list[str]:
-        return list(dict.fromkeys(run_id(log) for log in self.logs))
-
-
-def run_id(log: history.RunLog) -> str:
-    """The W&B run id, or the file's `run-<id>` name when no run record survived."""
-    return log.meta.get("run_id") or Path(log.path).stem.removeprefix("run-")
-
-
-def step_range(frame: pd.DataFrame) -> dict:
-    if not len(frame):
-        return {"step_min": None, "step_max": None}
-    return {"step_min": int(frame["_step"].min()), "step_max": int(frame["_step"].max())}
-
-
-@dataclass
-class StageHistory:
-    """A stage's merged history, ready for analysis or export."""
-
-    stage: str
-    frame: pd.DataFrame
-    non_finite: dict
-    logs: list[history.RunLog]
-    superseded_rows: int = 0
-
-    @property
-    def config(self) -> dict:
-        merged: dict = {}
-        for log in self.logs:
-            merged.update(log.config)
-        return merged
-
-    @property
-    def latest(self) -> history.RunLog:
-        return self.logs[-1]
-
-
-def parse_run_args(values: list[str]) -> dict[Path, str]:
-    """`--run stage=path` pairs -> {resolved path: stage}."""
-    out = {}
-    for v in values or []:
-        stage, sep, path = v.partition("=")
-        canon = bundle.canonical_stage(stage)
-        if not sep or not path:
-            raise ValueError(f"--run expects stage=path, got {v!r}")
-        out[Path(path).resolve()] = canon or stage
-    return out
-
-
-def classify(log: history.RunLog, explicit: str | None) -> tuple[str | None, str]:
-    if explicit:
-        return explicit, "--run"
-    stage = bundle.stage_from_run_name(log.meta.get("name"))
-    if stage:
-        return stage, "run name"
-    stage = bundle.stage_from_config(log.config, log.history_keys)
-    if stage:
-        return stage, "config/keys"
-    return None, "unknown"
-
-
-def load_stages(paths: list[Path], explicit: dict[Path, str] | None = None,
-                console_dir: Path | None = None, skipped: list | None = None,
-                workers: int | None = None) -> dict[str, StageRuns]:
-    """Decode every `.wandb` file found and group the logs by stage."""
-    explicit = dict(explicit or {})
-    skipped = skipped if skipped is not None else []
-    files: list[Path] = []
-    seen: set[Path] = set()
-    for p in list(paths) + list(explicit):
-        found = [w.path for w in bundle.find_wandb_files(p)]
-        if not found:
-            skipped.append({"path": str(p), "reason": "no .wandb file found here"})
-        for f in found:
-            if f.resolve() not in seen:
-                seen.add(f.resolve())
-                files.append(f)
-    stages: dict[str, StageRuns] = {}
-    for f in files:
-        console = None
-        if console_dir is not None:
-            console = console_dir / f".console-{f.stem}.tmp"
-            console.unlink(missing_ok=True)
-        outputs.log(f"decoding {f}")
-        log = history.decode(f, console_path=console, workers=workers)
-        log.meta["console_tmp"] = str(console) if console else None
-        if not log.scan.header_ok:
-            skipped.append({"path": str(f), "reason": log.error})
-            continue
-        stage, how = classify(log, explicit.get(f.resolve()))
-        stage = stage or "unknown"
-        runs = stages.setdefault(stage, StageRuns(stage))
-        runs.logs.append(log)
-        runs.mapped_by.append(how)
-    for runs in stages.values():
-        order = sorted(range(len(runs.logs)), key=lambda i: _start_key(runs.logs[i]))
-        runs.logs = [runs.logs[i] for i in order]
-        runs.mapped_by = [runs.mapped_by[i] for i in order]
-    return stages
-
-
-def _start_key(log: history.RunLog) -> tuple:
-    return (log.meta.get("start_time") or 0.0, log.path)
-
-
-def merge_history(runs: StageRuns) -> StageHistory:
-    """Concatenate a stage's files in time order; later files win on overlap."""
-    frames, non_finite, superseded = [], {}, 0
-    offset = 0  # rows are labelled globally until the end, so non_finite can follow them
-    for log in runs.logs:
-        frame = log.history
-        if frames and len(frame):
-            first = frame["_step"].iloc[0]
-            keep = [f[f["_step"] < first] for f in frames]
-            superseded += sum(len(a) - len(b) for a, b in zip(frames, keep))
-            frames = keep
-        frame = frame.assign(_source=run_id(log))
-        frame.index = np.arange(offset, offset + len(frame))
-        for key, nf in log.non_finite.items():
-            entry = non_finite.setdefault(key, {"rows": [], "values": []})
-            entry["rows"] += [r + offset for r in nf["rows"]]
-            entry["values"] += nf["values"]
-        offset += len(frame)
-        frames.append(frame)
-    frame = pd.concat(frames) if frames else pd.DataFrame({"_step": []})
-    labels = frame.index
-    frame = frame.reset_index(drop=True)
-    for entry in non_finite.values():  # superseded rows drop out (-1)
-        pos = labels.get_indexer(entry["rows"])
-        entry["values"] = [v for v, p in zip(entry["values"], pos) if p >= 0]
-        entry["rows"] = [int(p) for p in pos if p >= 0]
-    non_finite = {k: v for k, v in non_finite.items() if v["rows"]}
-    return StageHistory(runs.stage, frame, non_finite, runs.logs, superseded)
 
 
 def _csv_ready(frame: pd.DataFrame, non_finite: dict) -> pd.DataFrame:
@@ -180,31 +33,43 @@ def _csv_ready(frame: pd.DataFrame, non_finite: dict) -> pd.DataFrame:
 
 
 def write_csv(frame: pd.DataFrame, target: Path, non_finite: dict | None = None) -> Path:
+    """Write to `target` (an OutputSet temp path: the set makes it atomic)."""
     ready = _csv_ready(frame, non_finite or {})
-    with outputs.atomic_path(target) as tmp:
-        try:  # pyarrow's writer is ~10x faster than pandas' on large tables
-            import pyarrow as pa
-            import pyarrow.csv as pacsv
-            table = pa.Table.from_pandas(ready, preserve_index=False)
-            pacsv.write_csv(table, tmp, pacsv.WriteOptions(quoting_style="needed"))
-        except ImportError:
-            ready.to_csv(tmp, index=False)
+    try:  # pyarrow's writer is ~10x faster than pandas' on large tables
+        import pyarrow as pa
+        import pyarrow.csv as pacsv
+        table = pa.Table.from_pandas(ready, preserve_index=False)
+        pacsv.write_csv(table, target, pacsv.WriteOptions(quoting_style="needed"))
+    except ImportError:
+        ready.to_csv(target, index=False)
     return target
 
 
+def _json_column(s: pd.Series) -> str:
+    """One column as a JSON array, converted column-wise: missing and
+    non-finite cells become null (the logged ones are listed apart)."""
+    if s.dtype.kind == "f":
+        vals = s.to_numpy()
+        cells = vals.astype(object)
+        cells[~np.isfinite(vals)] = None
+        return json.dumps(cells.tolist(), allow_nan=False)
+    if s.dtype.kind in "iub":
+        return json.dumps(s.tolist())
+    cells = s.to_numpy(dtype=object).copy()
+    cells[pd.isna(s).to_numpy()] = None
+    try:
+        return json.dumps(cells.tolist(), allow_nan=False, ensure_ascii=False)
+    except (TypeError, ValueError):  # nested NaN or odd types: the slow, careful way
+        return outputs.dumps(cells.tolist(), indent=None)
+
+
 def write_json_history(frame: pd.DataFrame, target: Path, non_finite: dict) -> Path:
-    """Column-oriented JSON: {"columns": {name: [values]}, "non_finite": ...}."""
-    cols = {}
-    for col in frame.columns:
-        s = frame[col]
-        if s.dtype.kind == "f":
-            cols[col] = [None if v != v or v in (np.inf, -np.inf) else v for v in s.tolist()]
-        else:
-            cols[col] = [None if v is None or (isinstance(v, float) and v != v) else v
-                         for v in s.tolist()]
-    doc = {"rows": len(frame), "columns": cols, "non_finite": non_finite}
-    with outputs.atomic_path(target) as tmp:
-        tmp.write_text(json.dumps(outputs.to_jsonable(doc), allow_nan=False))
+    """Column-oriented JSON: {"rows", "columns": {name: [values]}, "non_finite"},
+    written column by column (no per-value Python work)."""
+    parts = [f"{json.dumps(str(col))}: {_json_column(frame[col])}" for col in frame.columns]
+    text = (f'{{"rows": {len(frame)}, "columns": {{{", ".join(parts)}}}, '
+            f'"non_finite": {outputs.dumps(non_finite, indent=None)}}}')
+    Path(target).write_text(text, encoding="utf-8")
     return target
 
 
@@ -227,66 +92,8 @@ def write_parquet(frame: pd.DataFrame, target: Path, non_finite: dict) -> Path:
         else:
             arrays.append(pa.array(s.to_numpy()))
         names.append(col)
-    with outputs.atomic_path(target) as tmp:
-        pq.write_table(pa.Table.from_arrays(arrays, names=names), tmp)
+    pq.write_table(pa.Table.from_arrays(arrays, names=names), target)
     return target
-
-
-def read_table(path: str | Path) -> tuple[pd.DataFrame, dict]:
-    """Read an exported history file back, with its logged non-finite values."""
-    path = Path(path)
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-        table = pq.read_table(path)
-        frame = table.to_pandas()
-        non_finite = {}
-        for name in table.column_names:
-            col = table.column(name)
-            if pa_is_float(col):
-                arr = np.asarray(col.to_numpy(zero_copy_only=False), dtype=float)
-                valid = ~np.asarray(col.is_null().to_numpy(zero_copy_only=False))
-                bad = np.flatnonzero(valid & ~np.isfinite(arr))
-                if len(bad):
-                    non_finite[name] = {"rows": bad.tolist(),
-                                        "values": [history._nf_text(arr[i]) for i in bad]}
-        return frame, non_finite
-    if path.suffix == ".json":
-        doc = json.loads(path.read_text())
-        frame = pd.DataFrame(doc["columns"])
-        non_finite = doc.get("non_finite", {})
-        for col, nf in non_finite.items():
-            values = frame[col].astype(float).to_numpy().copy()
-            values[nf["rows"]] = [float(v) for v in nf["values"]]
-            frame[col] = values
-        return frame, non_finite
-    frame = pd.read_csv(path, keep_default_na=False, na_values=[""], low_memory=False)
-    non_finite = {}
-    for col in frame.columns:
-        if frame[col].dtype.kind in "ifb":
-            continue
-        text = frame[col].astype(object)
-        marks = text.isin(list(_NF_SPELLINGS)).to_numpy()
-        if not marks.any():
-            continue
-        numeric = pd.to_numeric(text.where(~marks), errors="coerce")
-        if numeric.notna().sum() + marks.sum() < text.notna().sum():
-            continue  # a text column that happens to hold "nan"
-        rows = np.flatnonzero(marks)
-        spelled = [_NF_SPELLINGS[v] for v in text.iloc[rows]]
-        values = numeric.to_numpy(dtype=float).copy()  # pandas 3: views are read-only
-        values[rows] = [float(v) for v in spelled]
-        frame[col] = values
-        non_finite[col] = {"rows": rows.tolist(), "values": spelled}
-    return frame, non_finite
-
-
-_NF_SPELLINGS = {"NaN": "NaN", "nan": "NaN", "Infinity": "Infinity", "inf": "Infinity",
-                 "-Infinity": "-Infinity", "-inf": "-Infinity"}
-
-
-def pa_is_float(col) -> bool:
-    import pyarrow as pa
-    return pa.types.is_floating(col.type)
 
 
 def run_summary(log: history.RunLog) -> dict:
@@ -294,7 +101,7 @@ def run_summary(log: history.RunLog) -> dict:
     return {
         "path": log.path, "run_id": log.meta.get("run_id"), "name": log.meta.get("name"),
         "project": log.meta.get("project"), "status": log.status,
-        "exit_code": log.meta.get("exit_code"), "rows": len(h), **step_range(h),
+        "exit_code": log.meta.get("exit_code"), "rows": len(h), **logs.step_range(h),
         "writer": log.meta.get("cli_version") or log.meta.get("producer_version"),
         "record_types": log.record_types,
         "damage": {k: v for k, v in log.scan.to_dict().items()
@@ -313,29 +120,62 @@ def run_document(log: history.RunLog, stage: str) -> dict:
             "console_tail": log.console_tail[-50:]}
 
 
-def export(paths: list[Path], out_dir: Path, explicit: dict[Path, str] | None = None,
-           suffix: str = "latest", formats: tuple[str, ...] = ("csv", "json"),
-           workers: int | None = None) -> dict:
-    """Decode, merge per stage and write files. Returns the stdout document."""
-    skipped: list = []
-    stages = load_stages(paths, explicit, console_dir=out_dir, skipped=skipped, workers=workers)
-    doc = {"out_dir": str(out_dir), "suffix": suffix, "formats": list(formats),
-           "stages": {}, "skipped": skipped}
-    for stage, runs in stages.items():
-        merged = merge_history(runs)
+def _choose_source(b: bundle_mod.Bundle, source: str, api_runs: list[str], workers, console_dir):
+    """(stage runs, source document): the API when asked and usable, else the
+    local files, with the reason."""
+    from . import wandb_api
+    info = {"requested": source, "used": "local"}
+    local = None
+    if source in ("auto", "api"):
+        try:
+            named = wandb_api.parse_api_runs(api_runs)
+        except ValueError as exc:
+            raise ValueError(str(exc)) from None
+        creds = wandb_api.credentials()
+        if not named and b.wandb_files:
+            local = logs.decode_stages(b, console_dir=console_dir, workers=workers)
+            named = wandb_api.identify(local)
+        if creds is None:
+            info["reason"] = "no W&B credentials configured (WANDB_API_KEY or ~/.netrc): local files used"
+        elif not named:
+            info["reason"] = ("the run is not identified (no --api-run, and the local run files name no "
+                              "entity/project/id, as offline runs do): local files used")
+        else:
+            try:
+                stages = wandb_api.fetch(named)
+                info.update(used="api", credentials=creds, runs=[r.path for r in named])
+                return stages, info
+            except wandb_api.ApiUnavailable as exc:
+                info["reason"] = f"{exc}; local files used"
+    if local is None:
+        local = logs.decode_stages(b, console_dir=console_dir, workers=workers) if b.wandb_files else {}
+    return local, info
+
+
+def run(b: bundle_mod.Bundle, outset, suffix: str = "latest", formats: tuple[str, ...] = ("csv", "json"),
+        workers: int | None = None, source: str = "local", api_runs: list[str] = ()) -> dict:
+    """Decode (or fetch), merge per stage and write the files into `outset`
+    (an outputs.OutputSet). Returns the stdout document."""
+    console_dir = outset.tmp_dir() if b.wandb_files else None
+    stages, info = _choose_source(b, source, list(api_runs), workers, console_dir)
+    doc = {"suffix": suffix, "formats": list(formats), "source": info,
+           "stages": {}, "skipped": b.skipped, "notes": b.notes}
+    for stage in sorted(stages, key=bundle_mod.stage_order):
+        runs = stages[stage]
+        merged = logs.merge_history(runs)
         tag = "+".join(runs.run_ids)
-        files = _write_stage(merged, out_dir, f"{stage}_history_{tag}_{suffix}", formats)
+        files = _write_stage(merged, outset, f"{stage}_history_{tag}_{suffix}", formats)
         run_entries = []
         for log, how in zip(runs.logs, runs.mapped_by):
             entry = run_summary(log)
             entry["stage_from"] = how
             entry["keys"] = sorted(log.history_keys)[:KEYS_SHOWN]
             entry["keys_total"] = len(log.history_keys)
-            entry["outputs"] = _write_run_files(log, out_dir, stage, run_id(log), suffix)
+            entry["outputs"] = _write_run_files(log, outset, stage, logs.run_id(log), suffix)
             run_entries.append(entry)
         h = merged.frame
         doc["stages"][stage] = {
-            "runs": run_entries, "rows": len(h), **step_range(h),
+            "runs": run_entries, "rows": len(h), **logs.step_range(h),
             "superseded_rows": merged.superseded_rows,
             "non_finite": {k: len(v["rows"]) for k, v in merged.non_finite.items()},
             "outputs": files,
@@ -343,84 +183,26 @@ def export(paths: list[Path], out_dir: Path, explicit: dict[Path, str] | None = 
     return doc
 
 
-def _write_stage(merged: StageHistory, out_dir: Path, stem: str, formats) -> dict:
+def _write_stage(merged: logs.StageHistory, outset, stem: str, formats) -> dict:
     files = {}
-    if "csv" in formats:
-        files["csv"] = str(write_csv(merged.frame, out_dir / f"{stem}.csv", merged.non_finite))
-    if "json" in formats:
-        files["json"] = str(write_json_history(merged.frame, out_dir / f"{stem}.json",
-                                               merged.non_finite))
-    if "parquet" in formats:
-        files["parquet"] = str(write_parquet(merged.frame, out_dir / f"{stem}.parquet",
-                                             merged.non_finite))
+    writers = {"csv": write_csv, "json": write_json_history, "parquet": write_parquet}
+    for fmt in FORMATS:
+        if fmt in formats:
+            name = f"{stem}.{fmt}"
+            writers[fmt](merged.frame, outset.path(name), merged.non_finite)
+            files[fmt] = str(outset.final(name))
     return files
 
 
-def _write_run_files(log: history.RunLog, out_dir: Path, stage: str, rid: str,
-                     suffix: str) -> dict:
-    files = {"run": str(outputs.write_json(out_dir / f"{stage}_run_{rid}_{suffix}.json",
-                                           run_document(log, stage)))}
+def _write_run_files(log: history.RunLog, outset, stage: str, rid: str, suffix: str) -> dict:
+    files = {"run": str(outset.write_json(f"{stage}_run_{rid}_{suffix}.json", run_document(log, stage)))}
     if len(log.system):
-        target = out_dir / f"{stage}_system_{rid}_{suffix}.csv"
-        with outputs.atomic_path(target) as tmp:
-            log.system.to_csv(tmp, index=False)
-        files["system"] = str(target)
+        name = f"{stage}_system_{rid}_{suffix}.csv"
+        log.system.to_csv(outset.path(name), index=False)
+        files["system"] = str(outset.final(name))
     tmp_console = log.meta.get("console_tmp")
     if tmp_console and Path(tmp_console).exists():
-        target = out_dir / f"{stage}_console_{rid}_{suffix}.tsv"
-        Path(tmp_console).replace(target)  # same dir: an atomic rename
-        files["console"] = str(target)
+        name = f"{stage}_console_{rid}_{suffix}.tsv"
+        Path(tmp_console).replace(outset.path(name))  # same temp dir: a rename
+        files["console"] = str(outset.final(name))
     return files
-
-
-TABLE_SUFFIXES = (".csv", ".json", ".parquet")
-
-
-def _table_log(path: Path, skipped: list) -> tuple[str, history.RunLog] | None:
-    """An exported `{stage}_history_{runid}_{suffix}.*` file as a RunLog."""
-    stage, sep, rest = path.name.partition("_history_")
-    stage = bundle.canonical_stage(stage)
-    if not sep or not stage:
-        skipped.append({"path": str(path), "reason": "not an exported {stage}_history_* file"})
-        return None
-    try:
-        frame, non_finite = read_table(path)
-    except Exception as exc:  # pandas/pyarrow raise many types on bad files
-        skipped.append({"path": str(path), "reason": f"unreadable table: {exc}"})
-        return None
-    if "_step" not in frame.columns:
-        skipped.append({"path": str(path), "reason": "no _step column"})
-        return None
-    runid_suffix = rest.rsplit(".", 1)[0]
-    meta, config = {}, {}
-    for doc_path in path.parent.glob(f"{stage}_run_*.json"):
-        if doc_path.stem.split("_run_", 1)[1] in runid_suffix:
-            doc = json.loads(doc_path.read_text())
-            meta, config = doc.get("meta", {}), doc.get("config", {})
-    report = history.wandb_log.ScanReport(path=str(path), header_ok=True)
-    log = history.RunLog(path=str(path), scan=report, meta=meta, config=config, summary={},
-                         history=frame, non_finite=non_finite, system=pd.DataFrame(),
-                         console_tail=[], record_types={}, history_keys=list(frame.columns))
-    return stage, log
-
-
-def load_histories(paths: list[Path], explicit: dict[Path, str] | None = None,
-                   skipped: list | None = None, workers: int | None = None) -> dict[str, StageHistory]:
-    """Stage histories from .wandb files, bundle dirs or exported tables."""
-    skipped = skipped if skipped is not None else []
-    wandb_paths, stages = [], {}
-    for p in paths:
-        if p.is_file() and p.suffix in TABLE_SUFFIXES:
-            found = _table_log(p, skipped)
-            if found:
-                runs = stages.setdefault(found[0], StageRuns(found[0]))
-                runs.logs.append(found[1])
-                runs.mapped_by.append("file name")
-        else:
-            wandb_paths.append(p)
-    if wandb_paths or explicit:
-        for stage, runs in load_stages(wandb_paths, explicit, skipped=skipped, workers=workers).items():
-            mine = stages.setdefault(stage, StageRuns(stage))
-            mine.logs += runs.logs
-            mine.mapped_by += runs.mapped_by
-    return {stage: merge_history(runs) for stage, runs in stages.items()}

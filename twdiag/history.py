@@ -260,8 +260,14 @@ class _Decoder:
             if not m.get(attr) and getattr(r, attr):
                 m[attr] = getattr(r, attr)
 
+    def _stamp(self, key: str, ts: float | None) -> None:
+        """Keep the newest time each kind of timed record carries."""
+        if ts and ts > self.meta.get(key, 0.0):
+            self.meta[key] = ts
+
     def _on_stats(self, s) -> None:
         row = {"timestamp": _ts(s.timestamp)}
+        self._stamp("last_stats_time", row["timestamp"])
         for it in s.item:
             v = _decode_json(it.value_json)
             row[it.key] = v if isinstance(v, (int, float)) else np.nan
@@ -293,6 +299,7 @@ class _Decoder:
 
     def _on_output(self, kind: str, o) -> None:
         ts = _ts(o.timestamp) if o.HasField("timestamp") else None
+        self._stamp("last_output_time", ts)
         try:  # enum values differ between record kinds: use the names
             stream = type(o).OutputType.Name(o.output_type).lower()
         except (AttributeError, ValueError):
@@ -338,6 +345,9 @@ class _Decoder:
         for key in ("cli_version", "python_version", "core_version", "producer_version"):
             if key in self.meta:
                 later.pop(key, None)
+        for key in ("last_stats_time", "last_output_time"):
+            if key in later:
+                later[key] = max(later[key], self.meta.get(key, 0.0))
         self.meta.update(later)
         self.meta["run_records"] = self.meta.get("run_records", 0) + runs
 
@@ -357,7 +367,7 @@ class _Decoder:
                 bad = ~np.isfinite(vals)
                 if bad.any():
                     non_finite[key] = {"rows": rows[bad].tolist(),
-                                       "values": [_nf_text(v) for v in vals[bad]]}
+                                       "values": [nf_text(v) for v in vals[bad]]}
             elif vals.dtype.kind == "i" and len(rows) == n:
                 full = vals
             elif vals.dtype.kind == "i":
@@ -373,7 +383,7 @@ class _Decoder:
         return frame, non_finite
 
 
-def _nf_text(v: float) -> str:
+def nf_text(v: float) -> str:
     return "NaN" if np.isnan(v) else ("Infinity" if v > 0 else "-Infinity")
 
 

@@ -1,72 +1,191 @@
-"""Writing results: atomically, and never inside a run bundle."""
+"""Writing results: where they may go, and writing a set of them atomically.
+
+Inside a run bundle the only place we write is `docs/action/` (the seed's
+place for generated analysis outputs); anywhere else in a bundle is refused.
+A set of outputs is written into a hidden temp dir inside the target dir,
+then each file is moved into place with `os.replace`, with SIGINT/SIGTERM
+held off during the moves: an interrupted run leaves the old set or the new
+one, and never a `.tmp` file. Nothing is created before the first write.
+Files get the usual permissions (0666 minus the umask).
+"""
 from __future__ import annotations
 
 import json
 import math
 import os
+import shutil
+import signal
 import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
+
+from . import safefs
 
 
 class OutputError(Exception):
     """The output directory cannot be used."""
 
 
-PROTECTED_PARTS = ("results", "wandb")
+GOVERNED = Path("docs") / "action"  # the one place inside a bundle we write to
 
 
-def prepare_out_dir(out_dir: str | Path, bundle_roots: list[Path] = ()) -> Path:
-    """Create `out_dir` and refuse locations inside a bundle's results/ or wandb/."""
-    out = Path(out_dir).resolve()
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_out_dir(out_dir: str | Path, bundle_roots: list[Path] = ()) -> Path:
+    """Refuse a location inside a bundle other than its docs/action/, and one
+    that cannot be created or written. Creates nothing."""
+    out = safefs.resolve(out_dir)
     for root in bundle_roots:
-        root = Path(root).resolve()
-        for part in PROTECTED_PARTS:
-            guarded = root / part
-            if out == guarded or guarded in out.parents:
-                raise OutputError(f"refusing to write into the run bundle: {out} is inside {guarded}")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create output dir {out}: {exc.strerror or exc}") from exc
-    if not os.access(out, os.W_OK):
-        raise OutputError(f"output dir is not writable: {out}")
+        root = safefs.resolve(root)
+        if _inside(out, root) and not _inside(out, root / GOVERNED):
+            raise OutputError(f"refusing to write into the run bundle: {out} is inside {root}; "
+                              f"inside a bundle only {root / GOVERNED} is used for outputs")
+    probe = out
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not safefs.is_dir(probe):
+        raise OutputError(f"output path {out} runs into a file: {probe}")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise OutputError(f"output dir is not writable: {probe}")
     return Path(out_dir)  # as given: relative inputs give relative paths in the JSON
 
 
+def bundle_writable(root: Path) -> bool:
+    """Can docs/action/ be created (or written) inside this bundle?"""
+    probe = safefs.resolve(root) / GOVERNED
+    while not probe.exists() and probe != safefs.resolve(root).parent:
+        probe = probe.parent
+    return safefs.is_dir(probe) and os.access(probe, os.W_OK | os.X_OK)
+
+
+def default_out_dir(bundle_root: Path, cwd: Path | None = None) -> Path:
+    """`<bundle>/docs/action/` when the bundle is writable; otherwise a folder
+    named after the bundle under the current directory."""
+    if bundle_writable(bundle_root):
+        return Path(bundle_root) / GOVERNED
+    name = safefs.resolve(bundle_root).name or "bundle"
+    return Path(cwd or Path.cwd()) / f"twdiag-{name}"
+
+
+def _file_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 @contextmanager
-def atomic_path(target: str | Path) -> Iterator[Path]:
-    """Yield a temp path beside `target`; rename it over `target` on success."""
-    target = Path(target)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
+def _signals_held():
+    """Defer SIGINT/SIGTERM while a few renames finish (POSIX only)."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
     try:
-        yield Path(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-def write_text(target: str | Path, text: str) -> Path:
-    with atomic_path(target) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    return Path(target)
+class OutputSet:
+    """Files written together: `path(name)` gives a temp path to write,
+    `final(name)` where it will be, `commit()` moves them all into place.
+    Use as a context manager: commit on success, clean up on any error."""
 
+    def __init__(self, target: str | Path, order_last: tuple[str, ...] = ("diagnosis.json",)):
+        self.target = Path(target)
+        self.order_last = order_last
+        self._tmp: Path | None = None
+        self._created: Path | None = None  # the first dir we made, removed again if left empty
+        self._names: list[str] = []
+        self.committed: dict[str, str] = {}
 
-def write_image(target: str | Path, image) -> Path:
-    """A PIL image (or a matplotlib figure) saved as PNG, atomically."""
-    with atomic_path(target) as tmp:
+    def final(self, name: str) -> Path:
+        return self.target / name
+
+    def tmp_dir(self) -> Path:
+        """The set's temp dir (created on first use), for files renamed in later."""
+        return self.path(".keep").parent
+
+    def path(self, name: str) -> Path:
+        if self._tmp is None:
+            try:
+                missing = [p for p in (self.target, *self.target.parents) if not p.exists()]
+                self._created = missing[-1] if missing else None
+                self.target.mkdir(parents=True, exist_ok=True)
+                self._tmp = Path(tempfile.mkdtemp(prefix=".twdiag-tmp-", dir=self.target))
+            except OSError as exc:
+                raise OutputError(f"cannot create output dir {self.target}: {exc.strerror or exc}") from exc
+        if name not in self._names and name != ".keep":
+            self._names.append(name)
+        return self._tmp / name
+
+    def commit(self) -> dict[str, str]:
+        if self._tmp is None:
+            return {}
+        mode = _file_mode()
+        names = [n for n in self._names if n not in self.order_last] + \
+                [n for n in self.order_last if n in self._names]
+        with _signals_held():
+            for name in names:
+                src = self._tmp / name
+                if src.exists():
+                    os.chmod(src, mode)
+                    os.replace(src, self.final(name))
+                    self.committed[name] = str(self.final(name))
+        self.abort()
+        return self.committed
+
+    def abort(self) -> None:
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+        if self._created is not None and not self.committed:
+            for d in (self.target, *self.target.parents):  # only what we made, only if empty
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
+                if d == self._created:
+                    break
+            self._created = None
+
+    def __enter__(self) -> "OutputSet":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            try:
+                self.commit()
+            except OSError as err:
+                self.abort()
+                raise OutputError(f"cannot write outputs to {self.target}: {err.strerror or err}") from err
+        else:
+            self.abort()
+
+    # --- writers ------------------------------------------------------------------
+    def write_text(self, name: str, text: str) -> Path:
+        self.path(name).write_text(text, encoding="utf-8")
+        return self.final(name)
+
+    def write_json(self, name: str, obj) -> Path:
+        return self.write_text(name, dumps(obj) + "\n")
+
+    def write_image(self, name: str, image) -> Path:
+        """A PIL image or a matplotlib figure, as PNG."""
+        tmp = self.path(name)
         if hasattr(image, "savefig"):
             image.savefig(tmp, format="png")
         else:
             image.save(tmp, format="PNG", optimize=False)
-    return Path(target)
+        return self.final(name)
 
 
 def to_jsonable(obj):
@@ -97,16 +216,49 @@ def dumps(obj, indent: int | None = 2) -> str:
     return json.dumps(to_jsonable(obj), indent=indent, ensure_ascii=False, allow_nan=False)
 
 
-def write_json(target: str | Path, obj) -> Path:
-    return write_text(target, dumps(obj) + "\n")
-
-
-def emit(obj) -> None:
-    """The one JSON document a script prints on stdout."""
-    sys.stdout.write(dumps(obj) + "\n")
+def emit(obj, max_bytes: int | None = None) -> None:
+    """The one JSON document a script prints on stdout, at most `max_bytes`:
+    longer lists are cut (longest first) and each cut list gets a sibling
+    `<key>_not_shown` count, so the document says what it left out."""
+    text = dumps(obj)
+    if max_bytes:
+        keep = 50
+        while len(text) > max_bytes and keep >= 1:
+            obj = _cut_lists(to_jsonable(obj), keep)
+            obj["stdout_truncated"] = f"lists cut to {keep} items to stay under {max_bytes:,} bytes"
+            text = dumps(obj)
+            keep //= 2
+    sys.stdout.write(text + "\n")
     sys.stdout.flush()
+
+
+def _cut_lists(obj, keep: int):
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            if isinstance(v, list) and len(v) > keep:
+                out[k] = [_cut_lists(x, keep) for x in v[:keep]]
+                out[f"{k}_not_shown"] = len(v) - keep
+            else:
+                out[k] = _cut_lists(v, keep)
+        return out
+    if isinstance(obj, list):
+        return [_cut_lists(x, keep) for x in obj]
+    if isinstance(obj, str) and len(obj) > 20 * keep + 200:
+        return obj[:20 * keep + 200] + "…"
+    return obj
 
 
 def log(msg: str) -> None:
     """Progress for humans: stderr only, stdout stays JSON."""
     print(msg, file=sys.stderr, flush=True)
+
+
+def install_sigterm_handler() -> None:
+    """SIGTERM unwinds like Ctrl-C, so every `finally` (temp dirs) runs."""
+    def _raise(signum, frame):
+        raise KeyboardInterrupt
+    try:
+        signal.signal(signal.SIGTERM, _raise)
+    except (ValueError, OSError):  # not the main thread
+        pass

@@ -1,51 +1,75 @@
-"""Loss-curve PNGs per stage: the raw curve (binned min/max envelope on long
-runs), a rolling median, the summary windows, spikes and non-finite steps."""
-from __future__ import annotations
+"""Loss figures per stage, drawn for a person to read at a glance:
 
-from pathlib import Path
+- the loss (binned min-max envelope on long runs, a rolling median, window
+  means, spikes, non-finite steps); dynamics on the real scale (logged x
+  gradient accumulation steps) so the chance line ln(codes) means chance;
+- the learning rate on a second axis;
+- every checkpoint as a marker on the x axis, coloured by status, with the
+  fallback circled (or "restart" written when none qualifies);
+- for latent_actions, a panel of action entropy and unique actions as
+  fractions of their maximum, with the watch and critical lines, from its
+  own log and from the frozen model's statistics logged during dynamics;
+- the legend outside the axes, so it never hides the end of a curve.
+"""
+from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 
 MAX_POINTS = 4000  # envelope bins: matplotlib stays fast on 300k-step runs
+STATUS_COLOURS = {"valid": "tab:green", "empty": "tab:red", "truncated": "tab:red", "corrupt": "tab:red",
+                  "unsafe_pickle": "purple", "missing_files": "tab:orange", "non_finite": "tab:red",
+                  "inconsistent": "tab:orange"}
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def close(fig) -> None:
+    _plt().close(fig)
 
 
 def _envelope(steps: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if len(steps) <= MAX_POINTS:
         return steps, values, values
-    bins = np.array_split(np.arange(len(steps)), MAX_POINTS)
-    s = np.array([steps[b[0]] for b in bins])
-    lo = np.array([values[b].min() for b in bins])
-    hi = np.array([values[b].max() for b in bins])
-    return s, lo, hi
+    edges = np.linspace(0, len(steps), MAX_POINTS + 1).astype(int)
+    starts = edges[:-1]
+    lo = np.minimum.reduceat(values, starts)
+    hi = np.maximum.reduceat(values, starts)
+    return steps[starts], lo, hi
 
 
-def loss_figure(stage: str, frame: pd.DataFrame, metrics: dict):
-    """A matplotlib figure for one stage; the caller saves it."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    key = metrics.get("loss_key")
-    fig, ax = plt.subplots(figsize=(10, 4.5), dpi=100)
-    if not key or key not in frame.columns:
-        ax.text(0.5, 0.5, f"{stage}: no loss metric", ha="center", va="center")
-        return fig
+def _numeric(frame: pd.DataFrame, key: str) -> tuple[np.ndarray, np.ndarray]:
     steps = pd.to_numeric(frame["_step"], errors="coerce").to_numpy(dtype=float)
-    loss = pd.to_numeric(frame[key], errors="coerce").to_numpy(dtype=float)
+    vals = pd.to_numeric(frame[key], errors="coerce").to_numpy(dtype=float)
+    ok = np.isfinite(steps) & np.isfinite(vals)
+    return steps[ok], vals[ok]
+
+
+def _loss_axes(ax, stage: str, frame: pd.DataFrame, metrics: dict) -> None:
+    key = metrics.get("loss_key")
+    factor = (metrics.get("loss_scale") or {}).get("factor", 1) if stage == "dynamics" else 1
+    steps = pd.to_numeric(frame["_step"], errors="coerce").to_numpy(dtype=float)
+    loss = pd.to_numeric(frame[key], errors="coerce").to_numpy(dtype=float) * factor
     finite = np.isfinite(loss) & np.isfinite(steps) & (loss > 0)
+    label = f"{key} x {factor} (real scale)" if factor > 1 else key
     s, lo, hi = _envelope(steps[finite], loss[finite])
-    ax.fill_between(s, lo, hi, color="tab:blue", alpha=0.25, linewidth=0, label=f"{key} (min-max)")
-    ax.plot(s, (lo + hi) / 2 if len(s) < len(steps[finite]) else lo, color="tab:blue", lw=0.6)
+    ax.fill_between(s, lo, hi, color="tab:blue", alpha=0.25, linewidth=0, label=f"{label}: min-max")
+    ax.plot(s, (lo + hi) / 2 if len(s) < finite.sum() else lo, color="tab:blue", lw=0.6)
     if finite.sum() > 50:
         med = pd.Series(loss[finite]).rolling(51, center=True, min_periods=10).median().to_numpy()
         ss, ml, _ = _envelope(steps[finite], med)
         ax.plot(ss, ml, color="black", lw=1.2, label="rolling median (51 rows)")
     for w in (metrics.get("loss") or {}).get("windows", []):
-        ax.hlines(w["mean"], w["step_from"], w["step_to"], colors="tab:orange", lw=2)
+        ax.hlines(w["mean"] * factor, w["step_from"], w["step_to"], colors="tab:orange", lw=2)
     ax.plot([], [], color="tab:orange", lw=2, label="window means")
     events = (metrics.get("spikes") or {}).get("events", [])
     if events:
-        ax.scatter([e["step"] for e in events], [e["value"] for e in events], marker="v",
+        ax.scatter([e["step"] for e in events], [e["value"] * factor for e in events], marker="v",
                    color=["tab:green" if e["recovered"] else "tab:red" for e in events],
                    zorder=5, label="spikes (green = recovered)")
     bad = steps[~np.isfinite(loss) & np.isfinite(steps)]
@@ -56,26 +80,134 @@ def loss_figure(stage: str, frame: pd.DataFrame, metrics: dict):
     chance = (metrics.get("scale") or {}).get("chance_nats")
     if chance:
         ax.axhline(chance, color="gray", ls="--", lw=1, label=f"chance ln(codes) = {chance:.2f}")
+    blow = (metrics.get("loss") or {}).get("blowup")
+    if blow:
+        ax.axvspan(blow["onset_step"], blow["end_step"], color="tab:red", alpha=0.08,
+                   label=f"blow-up {blow['onset_step']}–{blow['end_step']}")
     ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel(key)
-    ax.set_title(f"{stage}: {key}")
-    ax.legend(loc="upper right", fontsize=8)
+    ax.set_ylabel(label)
+
+
+def _lr_axes(ax, frame: pd.DataFrame, metrics: dict):
+    lr = metrics.get("learning_rate") or {}
+    key = lr.get("key")
+    if not key or key not in frame.columns:
+        return None
+    s, v = _numeric(frame, key)
+    if not len(v):
+        return None
+    ax2 = ax.twinx()
+    s, lo, hi = _envelope(s, v)
+    ax2.plot(s, hi, color="tab:purple", lw=1, alpha=0.7, label=f"learning rate ({key})")
+    ax2.set_ylabel("learning rate", color="tab:purple")
+    ax2.tick_params(axis="y", colors="tab:purple")
+    ax2.set_yscale("log")
+    return ax2
+
+
+def _checkpoint_marks(ax, entry: dict | None) -> None:
+    if not entry or not entry.get("checkpoints"):
+        return
+    table = entry["checkpoints"].get("table") or []
+    fb = entry.get("fallback") or {}
+    seen = set()
+    for row in table:
+        colour = STATUS_COLOURS.get(row["status"], "gray")
+        lab = None if row["status"] in seen else f"checkpoint: {row['status']}"
+        seen.add(row["status"])
+        ax.axvline(row["step"], color=colour, lw=1.0, ls=":", alpha=0.8)
+        ax.plot([row["step"]], [0.02], marker="|", ms=14, mew=2.5, color=colour,
+                transform=ax.get_xaxis_transform(), clip_on=False, label=lab)
+    if fb.get("step") is not None:
+        ax.plot([fb["step"]], [0.06], marker="o", ms=13, mfc="none", mew=2.5, color="black",
+                transform=ax.get_xaxis_transform(), clip_on=False, label=f"fallback: step {fb['step']}")
+    elif fb.get("restart"):
+        ax.text(0.01, 0.95, "no fallback: restart", transform=ax.transAxes, color="tab:red",
+                fontsize=11, fontweight="bold", va="top")
+    onset = (fb.get("onset") or {})
+    if onset.get("step") is not None:
+        ax.axvline(onset["step"], color="tab:red", lw=1.5, ls="--",
+                   label=f"onset: {onset['rule_id']} at step {onset['step']}")
+
+
+def _action_axes(ax, frame: pd.DataFrame, acts: dict, title: str, thresholds: dict) -> None:
+    n = acts.get("n_actions")
+    th = thresholds["actions"]
+    if "action_entropy" in frame.columns and n:
+        s, v = _numeric(frame, "action_entropy")
+        s, lo, hi = _envelope(s, v / np.log(n))
+        ax.plot(s, (lo + hi) / 2, color="tab:blue", lw=1, marker="o" if len(s) < 30 else None,
+                label="entropy / ln(n_actions)")
+    if "unique_actions" in frame.columns and n:
+        s, v = _numeric(frame, "unique_actions")
+        s, lo, hi = _envelope(s, v / n)
+        ax.plot(s, (lo + hi) / 2, color="tab:green", lw=1, marker="s" if len(s) < 30 else None,
+                label="unique actions / n_actions")
+    ax.axhline(th["entropy_watch"], color="tab:orange", ls="--", lw=1,
+               label=f"entropy watch ({th['entropy_watch']})")
+    ax.axhline(th["entropy_critical"], color="tab:red", ls="--", lw=1,
+               label=f"entropy critical ({th['entropy_critical']})")
+    ax.axhline(th["unique_fraction_watch"], color="tab:olive", ls=":", lw=1,
+               label=f"unique-actions watch ({th['unique_fraction_watch']})")
+    ax.set_ylim(-0.02, 1.05)
+    ax.set_ylabel("fraction of max")
+    ax.set_title(title, fontsize=10, loc="left")
+
+
+def stage_figure(stage: str, frame: pd.DataFrame, metrics: dict, entry: dict | None, thresholds: dict,
+                 frozen: tuple[pd.DataFrame, dict] | None = None):
+    """One figure for a stage; the caller saves and closes it."""
+    plt = _plt()
+    acts = metrics.get("actions") or {}
+    panels = [("loss", None)]
+    if stage == "latent_actions" and acts:
+        panels.append(("actions", (frame, acts, "actions in latent_actions' own log")))
+    if stage == "latent_actions" and frozen is not None:
+        panels.append(("actions", (frozen[0], frozen[1], "the frozen action model, as logged during dynamics "
+                                                         "(x axis: dynamics steps)")))
+    heights = [3] + [1.6] * (len(panels) - 1)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(12, 4.2 + 2.2 * (len(panels) - 1)), dpi=100,
+                             gridspec_kw={"height_ratios": heights}, squeeze=False)
+    axes = axes[:, 0]
+    key = metrics.get("loss_key")
+    ax = axes[0]
+    handles = []
+    if not key or key not in frame.columns:
+        ax.text(0.5, 0.5, f"{stage}: no loss metric", ha="center", va="center", transform=ax.transAxes)
+    else:
+        _loss_axes(ax, stage, frame, metrics)
+        ax2 = _lr_axes(ax, frame, metrics)
+        _checkpoint_marks(ax, entry)
+        if ax2 is not None:
+            h2, l2 = ax2.get_legend_handles_labels()
+            handles = list(zip(h2, l2))
+    verdict = (entry or {}).get("verdict")
+    ax.set_title(f"{stage}: {key or 'loss'}" + (f"  —  verdict {verdict}" if verdict else ""), loc="left")
+    h1, l1 = ax.get_legend_handles_labels()
+    ax.legend([h for h, _ in zip(h1, l1)] + [h for h, _ in handles], l1 + [lab for _, lab in handles],
+              loc="upper left", bbox_to_anchor=(1.09, 1.0), fontsize=8, frameon=False)
+    for panel_ax, (kind, spec) in zip(axes[1:], panels[1:]):
+        _action_axes(panel_ax, *spec, thresholds)
+        panel_ax.legend(loc="upper left", bbox_to_anchor=(1.09, 1.0), fontsize=8, frameon=False)
+    axes[-1].set_xlabel("step")
     fig.tight_layout()
     return fig
 
 
-def write_loss_plots(histories: dict, stage_docs: dict, out_dir: Path) -> dict[str, str]:
-    """One PNG per stage with a history; returns {stage: path}."""
-    import matplotlib.pyplot as plt
-
-    from .outputs import write_image
-    written = {}
-    for stage, hist in histories.items():
-        metrics = (stage_docs.get(stage) or {}).get("metrics") or {}
-        fig = loss_figure(stage, hist.frame, metrics)
-        try:
-            written[stage] = str(write_image(Path(out_dir) / f"loss_{stage}.png", fig))
-        finally:
-            plt.close(fig)
-    return written
+def loss_figures(a, doc: dict) -> dict:
+    """{"loss_<stage>.png": figure} for every stage with a history."""
+    out = {}
+    dyn = a.histories.get("dynamics")
+    dyn_acts = ((a.stats["stages"].get("dynamics") or {}).get("metrics") or {}).get("actions")
+    for stage, hist in a.histories.items():
+        metrics = (a.stats["stages"].get(stage) or {}).get("metrics") or {}
+        frozen = None
+        if stage == "latent_actions" and dyn is not None and dyn_acts:
+            n = dyn_acts.get("n_actions") or (metrics.get("actions") or {}).get("n_actions") \
+                or hist.config.get("n_actions")
+            frozen = (dyn.frame, {**dyn_acts, "n_actions": n})
+        if stage == "latent_actions" and metrics.get("actions") and not metrics["actions"].get("n_actions"):
+            metrics = {**metrics, "actions": {**metrics["actions"], "n_actions": hist.config.get("n_actions")}}
+        out[f"loss_{stage}.png"] = stage_figure(stage, hist.frame, metrics, doc["stages"].get(stage),
+                                                a.thresholds, frozen)
+    return out

@@ -11,6 +11,7 @@ SEVERITIES = ("info", "watch", "critical")
 VERDICTS = ("normal", "insufficient_data", "watch", "critical", "missing")
 _RANK = {"normal": 0, "insufficient_data": 1, "missing": 2, "watch": 2, "critical": 3}
 MAX_STEPS_LISTED = 20
+SEVERITY_ORDER = {"critical": 0, "watch": 1, "info": 2}
 
 
 class ThresholdError(Exception):
@@ -103,5 +104,4 @@ def worse(a: str, b: str) -> str:
 
 
 def findings_dicts(findings: list[Finding]) -> list[dict]:
-    order = {"critical": 0, "watch": 1, "info": 2}
-    return [f.to_dict() for f in sorted(findings, key=lambda f: order[f.severity])]
+    return [f.to_dict() for f in sorted(findings, key=lambda f: SEVERITY_ORDER[f.severity])]

@@ -1,68 +1,79 @@
-"""Read a checkpoint's pickle without ever running it.
+"""Read a checkpoint's pickle without ever running it: an allowlist.
 
-`torch.load(weights_only=True)` refuses TinyWorlds' `state.pt` because its
-config pickles `utils.config.*` classes. This module reads such pickles with
-an Unpickler whose `find_class` never imports anything outside a tiny
-allowlist of plain data types: every other global becomes an inert stand-in
-class that only records the arguments it was called with. Tensors become
-`TensorInfo` records (dtype, shape, storage key) read from the pickle alone,
-so key sets and parameter counts are known without loading tensor data.
+`torch.load(weights_only=True)` refuses TinyWorlds' `state.pt`, because its
+config pickles `utils.config.*` classes, and TinyWorlds itself reloads
+`state.pt` with `weights_only=False`: whatever a pickle names there runs on
+resume. So a checkpoint is only called safe when every global its pickles
+name is on an allowlist of what a TinyWorlds checkpoint legitimately holds.
+`torch._weights_only_unpickler` is the reference for what counts as safe:
 
-Every global the pickle names passes through `find_class`, which records it
-and raises `UnsafePickle` for known code-execution entry points: the GLOBAL
-opcode is resolved before any REDUCE could call it, so refusing there means
-nothing ran. (The C unpickler does this; a pure-Python opcode walk with
-`pickletools` was 5x slower for the same answer.)
+- torch's tensor and storage rebuild functions, storage and tensor classes,
+  dtypes, `torch.Size`, `torch.device`;
+- `collections.OrderedDict` / `Counter` and the builtin data types pickle
+  itself spells as globals (`set`, `frozenset`, `complex`, `bytearray`,
+  `_codecs.encode` for bytes);
+- numpy's array and scalar reconstructors (inert here);
+- in `state.pt` only, TinyWorlds' own config classes (`utils.config.*`) and
+  the FSDP policy dataclasses their fields may hold, as inert stand-ins.
+  The list lives in the thresholds file (`checkpoints.config_globals`) so a
+  fork can add its own classes with `--thresholds`.
+
+Any other global makes the file unsafe; the evidence names it. Names are
+resolved the way `pickle` and torch resolve them (Python 2 aliases such as
+`commands` -> `subprocess` applied first), so an alias cannot hide a global.
+Nothing is ever imported: allowed globals come back as our own inert
+functions and classes. Tensors become `TensorInfo` records read from the
+pickle alone, so key sets and parameter counts need no tensor data.
+
+Resources are bounded before anything is allocated: every constructor we
+hand out checks its argument sizes against the budget, the pickle's size is
+capped by the caller, and the C unpickler runs under an address-space limit
+(RLIMIT_AS), so opcode tricks such as a memo index of 2**30 fail with a
+clear reason instead of taking the machine's memory.
 """
 from __future__ import annotations
 
+import _compat_pickle
 import collections
 import io
+import itertools
+import math
 import pickle
 import reprlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-
-# Modules whose globals can run code, touch files or the network when called.
-# A pickle naming any of them is `unsafe_pickle`, never read further.
-UNSAFE_MODULES = frozenset({
-    "os", "posix", "nt", "subprocess", "_posixsubprocess", "sys", "importlib",
-    "shutil", "socket", "pathlib", "io", "_io", "runpy", "pty", "ctypes", "pickle",
-    "_pickle", "marshal", "code", "codeop", "webbrowser", "multiprocessing",
-    "tempfile", "glob", "urllib", "http", "requests", "asyncio", "signal",
-    "threading", "_thread", "types", "functools", "operator", "inspect",
-    "platform", "pdb", "timeit", "bdb", "cProfile", "profile", "trace",
-    "zipimport", "pkgutil", "imp", "shelve", "dbm", "sqlite3", "smtplib",
-    "ftplib", "telnetlib", "xmlrpc", "logging", "atexit", "gc", "ssl",
-})
-UNSAFE_BUILTINS = frozenset({
-    "eval", "exec", "compile", "open", "__import__", "getattr", "setattr",
-    "delattr", "globals", "locals", "vars", "input", "breakpoint", "exit", "quit",
-    "help", "memoryview", "super", "type", "classmethod", "staticmethod", "property",
-    "__build_class__", "print",
-})
-# Plain data constructors that are safe to call with pickled arguments.
-_SAFE_BUILTINS = {t.__name__: t for t in (set, frozenset, slice, complex, range,
-                                          bytearray, bytes, int, float, str, list,
-                                          dict, tuple, bool)}
-_SAFE_GLOBALS = {("collections", "OrderedDict"): collections.OrderedDict}
-# numpy arrays and scalars (e.g. RNG state) are data; they stay inert stand-ins.
-_NUMPY_DATA = frozenset({
-    ("numpy", "ndarray"), ("numpy", "dtype"),
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-})
 
 # Element sizes of torch's typed storages, by class name (torch.FloatStorage...).
 STORAGE_ITEMSIZE = {
     "FloatStorage": 4, "DoubleStorage": 8, "HalfStorage": 2, "BFloat16Storage": 2,
     "LongStorage": 8, "IntStorage": 4, "ShortStorage": 2, "CharStorage": 1,
     "ByteStorage": 1, "BoolStorage": 1, "ComplexFloatStorage": 8,
-    "ComplexDoubleStorage": 16, "UntypedStorage": 1,
+    "ComplexDoubleStorage": 16, "UntypedStorage": 1, "QInt8Storage": 1, "QUInt8Storage": 1,
+    "QInt32Storage": 4, "QUInt4x2Storage": 1, "QUInt2x4Storage": 1,
+    "Float8_e5m2Storage": 1, "Float8_e4m3fnStorage": 1,
 }
+_DTYPES = ("float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8",
+           "uint8", "bool", "complex64", "complex128", "double", "float", "half", "long", "int",
+           "short", "cfloat", "cdouble", "qint8", "quint8", "qint32", "quint4x2", "quint2x4",
+           "float8_e5m2", "float8_e4m3fn", "uint16", "uint32", "uint64",
+           *(f"uint{i}" for i in range(1, 8)), *(f"int{i}" for i in range(1, 8)))
+_TENSOR_CLASSES = ("FloatTensor", "DoubleTensor", "HalfTensor", "BFloat16Tensor", "LongTensor",
+                   "IntTensor", "ShortTensor", "CharTensor", "ByteTensor", "BoolTensor")
+# torch's other tensor rebuilders: safe per torch, opaque to us (no shape facts).
+_OPAQUE_REBUILDERS = ("_rebuild_qtensor", "_rebuild_sparse_tensor", "_rebuild_meta_tensor_no_storage",
+                      "_rebuild_nested_tensor", "_rebuild_wrapper_subclass",
+                      "_rebuild_device_tensor_from_numpy", "_rebuild_device_tensor_from_cpu_tensor")
+_NUMPY = ("numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct",
+          "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar", "numpy.ndarray",
+          "numpy.dtype")
 
 
 class UnsafePickle(Exception):
-    """The pickle names globals that could execute code."""
+    """The pickle names a global outside the allowlist."""
+
+
+class BudgetExceeded(Exception):
+    """The pickle asks for more memory or nodes than a checkpoint can need."""
 
 
 @dataclass(frozen=True)
@@ -89,10 +100,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= int(d)
-        return n
+        return math.prod(self.shape)
 
     @property
     def dtype(self) -> str:
@@ -120,117 +128,234 @@ class Inert:
         return f"{self._qualname}({inner})"
 
 
-def _stand_in(module: str, name: str) -> type:
-    return type(name.split(".")[-1], (Inert,), {"_qualname": f"{module}.{name}"})
+def _stand_in(qualname: str) -> type:
+    return type(qualname.rsplit(".", 1)[-1], (Inert,), {"_qualname": qualname})
 
 
-def _rebuild_tensor(storage, offset=0, size=(), stride=(), *rest) -> TensorInfo:
-    return TensorInfo(storage if isinstance(storage, StorageRef) else None,
-                      tuple(size), int(offset or 0))
+# --- the allowlist ----------------------------------------------------------------
 
-
-def _rebuild_parameter(data, *rest):
-    return data
-
-
-_TORCH_REBUILDERS = {
-    "_rebuild_tensor_v2": _rebuild_tensor, "_rebuild_tensor": _rebuild_tensor,
-    "_rebuild_parameter": _rebuild_parameter,
-    "_rebuild_parameter_with_state": _rebuild_parameter,
-}
+def resolve_name(module: str, name: str) -> str:
+    """`module.name` as pickle and torch would import it (Python 2 aliases mapped)."""
+    if (module, name) in _compat_pickle.NAME_MAPPING:
+        module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+    elif module in _compat_pickle.IMPORT_MAPPING:
+        module = _compat_pickle.IMPORT_MAPPING[module]
+    return f"{module}.{name}"
 
 
 @dataclass
+class Budget:
+    """Per-file caps, from the thresholds file (checkpoints.budget)."""
+
+    max_bytes: int = 64 << 20        # one bytes/bytearray value
+    max_items: int = 1_000_000       # one list/dict/set built by a constructor call
+    max_dims: int = 16               # dimensions of one tensor
+    max_numel: int = 1 << 40         # elements of one tensor (a shape, not an allocation)
+    max_memory: int = 512 << 20      # address space the unpickler may add
+
+    @classmethod
+    def from_thresholds(cls, t: dict) -> "Budget":
+        b = t.get("budget", {})
+        return cls(**{k: int(b[k]) for k in cls.__dataclass_fields__ if k in b})
+
+
+class _Guards:
+    """The callables allowed globals resolve to; each checks sizes first."""
+
+    def __init__(self, budget: Budget):
+        self.b = budget
+
+    def _items(self, value, what: str):
+        if value is None:
+            return ()
+        if not isinstance(value, (list, tuple, set, frozenset, dict)):
+            raise pickle.UnpicklingError(f"{what} of a {type(value).__name__}")
+        if len(value) > self.b.max_items:
+            raise BudgetExceeded(f"{what} of {len(value):,} items (budget {self.b.max_items:,})")
+        return value
+
+    def set(self, items=()):
+        return set(self._items(items, "set"))
+
+    def frozenset(self, items=()):
+        return frozenset(self._items(items, "frozenset"))
+
+    def ordered_dict(self, items=()):
+        return collections.OrderedDict(self._items(items, "OrderedDict"))
+
+    def counter(self, items=()):
+        return collections.Counter(self._items(items, "Counter"))
+
+    def bytearray(self, source=b"", *rest):
+        if isinstance(source, int):
+            if not 0 <= source <= self.b.max_bytes:
+                raise BudgetExceeded(f"bytearray({source:,}) (budget {self.b.max_bytes:,} bytes)")
+            return bytearray(source)
+        if isinstance(source, (bytes, bytearray, str)):
+            if len(source) > self.b.max_bytes:
+                raise BudgetExceeded(f"bytearray of {len(source):,} bytes")
+            return bytearray(source, *rest) if isinstance(source, str) else bytearray(source)
+        return bytearray(self._items(source, "bytearray"))
+
+    def codecs_encode(self, obj, encoding="utf-8", errors="strict"):
+        # protocol-2 pickles spell bytes as _codecs.encode(str, 'latin1')
+        if not isinstance(obj, str) or len(obj) > self.b.max_bytes:
+            raise pickle.UnpicklingError("_codecs.encode of a non-string or oversized value")
+        return obj.encode(str(encoding), str(errors))
+
+    def complex(self, real=0.0, imag=0.0):
+        if not all(isinstance(x, (int, float)) for x in (real, imag)):
+            raise pickle.UnpicklingError("complex() of a non-number")
+        return complex(real, imag)
+
+    def size(self, dims=()):
+        return tuple(self.shape(dims))
+
+    def shape(self, dims) -> tuple:
+        if not isinstance(dims, (tuple, list)) or len(dims) > self.b.max_dims or not all(
+                isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims):
+            raise pickle.UnpicklingError(f"tensor shape {reprlib.repr(dims)} is not a tuple of "
+                                         "non-negative ints")
+        if math.prod(dims) > self.b.max_numel:
+            raise BudgetExceeded(f"tensor shape {tuple(dims)} has more than {self.b.max_numel:,} elements")
+        return tuple(dims)
+
+    def rebuild_tensor(self, storage, offset=0, size=(), stride=(), *rest):
+        if not isinstance(offset, int) or offset < 0:
+            raise pickle.UnpicklingError(f"tensor storage offset {reprlib.repr(offset)}")
+        return TensorInfo(storage if isinstance(storage, StorageRef) else None, self.shape(size), offset)
+
+    def rebuild_tensor_v3(self, storage, offset=0, size=(), stride=(), requires_grad=False,
+                          hooks=None, dtype=None, *rest):
+        return self.rebuild_tensor(storage, offset, size, stride)
+
+    @staticmethod
+    def rebuild_parameter(data, *rest):
+        return data
+
+    @staticmethod
+    def rebuild_from_type(func, new_type, args, state=None):
+        # torch._tensor._rebuild_from_type_v2(func, type, args, state): the
+        # tensor is func(*args); func is itself an allowed (inert) rebuilder.
+        return func(*args) if callable(func) and isinstance(args, tuple) else None
+
+
+def _allowlist(guards: _Guards, config_globals: tuple[str, ...]) -> tuple[dict, dict]:
+    """(globals allowed in every torch file, extra ones allowed in state.pt)."""
+    allowed: dict = {
+        "collections.OrderedDict": guards.ordered_dict,
+        "collections.Counter": guards.counter,
+        "builtins.set": guards.set,
+        "builtins.frozenset": guards.frozenset,
+        "builtins.bytearray": guards.bytearray,
+        "builtins.complex": guards.complex,
+        "_codecs.encode": guards.codecs_encode,
+        "torch.Size": guards.size,
+        "torch._utils._rebuild_tensor": guards.rebuild_tensor,
+        "torch._utils._rebuild_tensor_v2": guards.rebuild_tensor,
+        "torch._utils._rebuild_tensor_v3": guards.rebuild_tensor_v3,
+        "torch._utils._rebuild_parameter": guards.rebuild_parameter,
+        "torch._utils._rebuild_parameter_with_state": guards.rebuild_parameter,
+        "torch._tensor._rebuild_from_type_v2": guards.rebuild_from_type,
+    }
+    for name in ("torch.device", "torch.Tensor", "torch.nn.parameter.Parameter",
+                 "torch.serialization._get_layout", "torch.storage.TypedStorage",
+                 *(f"torch.{t}" for t in _TENSOR_CLASSES), *(f"torch.cuda.{t}" for t in _TENSOR_CLASSES),
+                 *(f"torch.{d}" for d in _DTYPES),
+                 *(f"torch.{q}" for q in ("per_tensor_affine", "per_tensor_symmetric", "per_channel_affine",
+                                          "per_channel_symmetric", "per_channel_affine_float_qparams")),
+                 *(f"torch._utils.{f}" for f in _OPAQUE_REBUILDERS), *_NUMPY):
+        allowed[name] = _stand_in(name)
+    for storage in STORAGE_ITEMSIZE:  # the storage type travels as its name
+        allowed[f"torch.{storage}"] = storage
+        allowed[f"torch.cuda.{storage}"] = storage
+    allowed["torch.storage.UntypedStorage"] = "UntypedStorage"
+    state_only = {name: _stand_in(name) for name in config_globals}
+    return allowed, state_only
+
+
+# --- the unpickler ------------------------------------------------------------------
+
+@dataclass
 class GlobalsReport:
-    """Every global a pickle names, sorted into kinds."""
+    """Every global a pickle names (as resolved), and the refused ones."""
 
     all: list[str] = field(default_factory=list)
-    unsafe: list[str] = field(default_factory=list)
-    foreign: list[str] = field(default_factory=list)  # not torch/collections/builtins data
-
-
-def classify_global(module: str, name: str) -> str:
-    """torch | data | unsafe | foreign."""
-    root = module.split(".")[0]
-    if root == "builtins" or root == "__builtin__":
-        return "unsafe" if name in UNSAFE_BUILTINS or name not in _SAFE_BUILTINS else "data"
-    if root in UNSAFE_MODULES:
-        return "unsafe"
-    if root == "torch":
-        return "torch"
-    if (module, name) in _SAFE_GLOBALS or (module, name) == ("_codecs", "encode"):
-        return "data"
-    if (module, name) in _NUMPY_DATA:
-        return "numpy"
-    if "." in name or name.startswith("_"):
-        return "unsafe"  # attribute paths such as Path.write_text, or private helpers
-    return "foreign"
-
-
-def _record(rep: GlobalsReport, module: str, name: str) -> None:
-    label = f"{module}.{name}"
-    if label in rep.all:
-        return
-    rep.all.append(label)
-    kind = classify_global(module, name)
-    if kind == "unsafe":
-        rep.unsafe.append(label)
-    elif kind == "foreign":
-        rep.foreign.append(label)
+    refused: list[str] = field(default_factory=list)
 
 
 class RestrictedUnpickler(pickle.Unpickler):
-    """Resolves only plain data types; everything else becomes an inert class."""
+    """Resolves only allowlisted globals, to our own inert objects."""
 
-    def __init__(self, data: bytes):
+    def __init__(self, data: bytes, budget: Budget, config_globals: tuple[str, ...] = (),
+                 allow_config: bool = False):
         super().__init__(io.BytesIO(data))
         self.report = GlobalsReport()
+        self.guards = _Guards(budget)
+        allowed, state_only = _allowlist(self.guards, tuple(config_globals))
+        self.allowed = {**allowed, **state_only} if allow_config else allowed
 
     def find_class(self, module: str, name: str):
-        _record(self.report, module, name)
-        kind = classify_global(module, name)
-        if kind == "unsafe":
-            raise UnsafePickle(f"{module}.{name}")
-        if kind == "data":
-            if (module, name) == ("_codecs", "encode"):
-                return _codecs_encode
-            return _SAFE_GLOBALS.get((module, name)) or _SAFE_BUILTINS[name]
-        if kind == "torch":
-            if name in _TORCH_REBUILDERS:
-                return _TORCH_REBUILDERS[name]
-            if name.endswith("Storage"):
-                return name  # the storage type travels as its name
-            if name == "Size":
-                return tuple
-        return _stand_in(module, name)
+        raw = f"{module}.{name}"
+        label = resolve_name(module, name)
+        shown = label if label == raw else f"{raw} (resolves to {label})"
+        if shown not in self.report.all:
+            self.report.all.append(shown)
+        if label not in self.allowed:
+            self.report.refused.append(shown)
+            raise UnsafePickle(shown)
+        return self.allowed[label]
 
     def persistent_load(self, pid):
         # torch's zip format: ('storage', storage_type, key, location, numel)
-        if isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage":
-            stype = pid[1] if isinstance(pid[1], str) else getattr(pid[1], "__name__", "?")
-            return StorageRef(stype, str(pid[2]), str(pid[3]), int(pid[4]))
-        return Inert(pid)
+        if (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
+                and isinstance(pid[1], str) and isinstance(pid[2], str) and isinstance(pid[3], str)
+                and isinstance(pid[4], int) and not isinstance(pid[4], bool) and pid[4] >= 0):
+            return StorageRef(pid[1], pid[2], pid[3], pid[4])
+        raise pickle.UnpicklingError(f"persistent id {reprlib.repr(pid)} is not a torch storage reference")
 
 
-def _codecs_encode(obj, encoding="utf-8", errors="strict"):
-    # protocol-2 pickles spell bytes as _codecs.encode(str, 'latin1')
-    return str(obj).encode(encoding, errors)
-
-
-def safe_load(data: bytes, up: RestrictedUnpickler | None = None):
-    """Unpickle `data` inertly. Raises UnsafePickle at the first unsafe global,
-    before anything could call it; UnpicklingError for malformed data. Pass
-    your own `up` to read `up.report` (every global named) afterwards."""
-    up = up or RestrictedUnpickler(data)
+@contextmanager
+def _memory_limit(extra: int):
+    """Cap the process's address space at its current size + `extra` while
+    the C unpickler runs (it trusts memo indexes: LONG_BINPUT 2**30 would
+    zero-fill 8 GiB). Does nothing where RLIMIT_AS is unavailable."""
     try:
-        obj = up.load()
-    except UnsafePickle:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        with open("/proc/self/statm") as fh:
+            current = int(fh.read().split()[0]) * resource.getpagesize()
+    except (ImportError, OSError, ValueError, AttributeError):
+        yield
+        return
+    limit = current + extra
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    if soft != resource.RLIM_INFINITY and soft <= limit:
+        yield
+        return
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def safe_load(up: RestrictedUnpickler):
+    """Unpickle inertly. Raises UnsafePickle at the first refused global,
+    before anything could call it; BudgetExceeded when the pickle asks for
+    too much; UnpicklingError for malformed data."""
+    try:
+        with _memory_limit(up.guards.b.max_memory):
+            return up.load()
+    except (UnsafePickle, BudgetExceeded):
         raise
+    except MemoryError as exc:
+        raise BudgetExceeded(f"unpickling needs more than {up.guards.b.max_memory >> 20} MiB") from exc
     except RecursionError as exc:
         raise pickle.UnpicklingError("pickle nests too deeply") from exc
     except Exception as exc:
-        raise pickle.UnpicklingError(f"{type(exc).__name__}: {exc}") from exc
-    return obj
+        raise pickle.UnpicklingError(f"{type(exc).__name__}: {exc}"[:300]) from exc
 
 
 def plain(obj, depth: int = 0, limit: int = 200, budget: list | None = None):
@@ -243,18 +368,20 @@ def plain(obj, depth: int = 0, limit: int = 200, budget: list | None = None):
     if depth > 6 or budget[0] < 0:
         return "…"
     if isinstance(obj, dict):
-        items = list(obj.items())[:limit]
-        return {str(k): plain(v, depth + 1, limit, budget) for k, v in items}
+        items = itertools.islice(obj.items(), limit)
+        return {str(k)[:200]: plain(v, depth + 1, limit, budget) for k, v in items}
     if isinstance(obj, (list, tuple, set, frozenset)):
-        return [plain(v, depth + 1, limit, budget) for v in list(obj)[:limit]]
+        return [plain(v, depth + 1, limit, budget) for v in itertools.islice(obj, limit)]
     if isinstance(obj, TensorInfo):
         return f"tensor{list(obj.shape)}"
     if isinstance(obj, Inert):
         if not obj.state:
             return repr(obj)[:200]
         return {"class": obj._qualname, "state": plain(obj.state, depth + 1, limit, budget)}
-    if isinstance(obj, bytes):
+    if isinstance(obj, (bytes, bytearray)):
         return f"<{len(obj)} bytes>"
-    if obj is None or isinstance(obj, (bool, int, float, str)):
+    if isinstance(obj, str):
+        return obj[:1000]
+    if obj is None or isinstance(obj, (bool, int, float)):
         return obj
     return repr(obj)[:200]

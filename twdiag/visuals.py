@@ -11,30 +11,19 @@ where cells line up with originals, PSNR and SSIM.
 """
 from __future__ import annotations
 
-import re
+import io
+import struct
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
-from . import bundle
+from . import bundle as bundle_mod, safefs
+from .bundle import ImageFile
 from .rules import Finding
 
-# File-name stems per stage (TinyWorlds' own names).
-NAME_STAGE = (("video_tokenizer_recon", "video_tokenizer"),
-              ("reconstructions_latent_actions", "latent_actions"),
-              ("dynamics_prediction", "dynamics"))
-_STEP = re.compile(r"_step_(\d+)\.png$", re.IGNORECASE)
 FLAGS = ("flat_color", "striping", "input_independent_output", "low_fidelity")
 MAX_LISTED = 30  # per-image entries on stdout; the details file lists all
-
-
-@dataclass
-class ImageFile:
-    stage: str
-    step: int
-    path: Path
 
 
 @dataclass
@@ -44,68 +33,14 @@ class ImageResult:
     layout: str = "unknown"  # two_panel | two_panel_approx | unknown
     metrics: dict = field(default_factory=dict)
     flags: list[str] = field(default_factory=list)
+    why: dict = field(default_factory=dict)  # flag -> which test fired, in words
     error: str | None = None
     thumb: Image.Image | None = None  # reduced image, kept only for sheet steps
 
     def to_dict(self) -> dict:
         return {"step": self.image.step, "path": str(self.image.path), "size": self.size,
-                "layout": self.layout, "flags": self.flags, "error": self.error,
+                "layout": self.layout, "flags": self.flags, "why": self.why, "error": self.error,
                 "metrics": self.metrics}
-
-
-# --- discovery ---------------------------------------------------------------------
-
-def stage_of_name(name: str) -> str | None:
-    low = name.lower()
-    for stem, stage in NAME_STAGE:
-        if low.startswith(stem):
-            return stage
-    return None
-
-
-def _images_in(folder: Path, stage: str | None) -> list[ImageFile]:
-    out = []
-    for p in folder.iterdir():
-        m = _STEP.search(p.name)
-        if m and p.is_file():
-            out.append(ImageFile(stage or stage_of_name(p.name) or "unknown", int(m.group(1)), p))
-    return out
-
-
-def discover(path: Path) -> dict[str, list[ImageFile]]:
-    """Images per stage, sorted by step, under a bundle root, run root, stage
-    dir or any folder of `*_step_<N>.png` files. With several run roots, each
-    stage comes from the newest one that has images for it."""
-    out: dict[str, list[ImageFile]] = {}
-    for img in sorted(_found(Path(path)), key=lambda i: (i.stage, i.step)):
-        out.setdefault(img.stage, []).append(img)
-    return {s: out[s] for s in sorted(out, key=_stage_order)}
-
-
-def _found(path: Path) -> list[ImageFile]:
-    if path.is_file():
-        m = _STEP.search(path.name)
-        return [ImageFile(stage_of_name(path.name) or bundle.locate_stage(path)[0] or "unknown",
-                          int(m.group(1)) if m else 0, path)]
-    if not path.is_dir():
-        return []
-    stage, sdir = bundle.locate_stage(path)
-    if stage and sdir is not None and (sdir / "visualizations").is_dir():
-        return _images_in(sdir / "visualizations", stage)
-    roots = [] if path.name == "visualizations" else bundle.find_run_roots(path)
-    if not roots:
-        return _images_in(path, stage)
-    by_stage: dict[str, list[ImageFile]] = {}
-    for root in roots:  # oldest first: a newer run root's images replace
-        for st, sd in bundle.stage_dirs(root).items():
-            imgs = _images_in(sd / "visualizations", st) if (sd / "visualizations").is_dir() else []
-            if imgs:
-                by_stage[st] = imgs
-    return [i for v in by_stage.values() for i in v]
-
-
-def _stage_order(stage: str) -> int:
-    return bundle.STAGES.index(stage) if stage in bundle.STAGES else len(bundle.STAGES)
 
 
 # --- decoding and layout ---------------------------------------------------------------
@@ -114,10 +49,14 @@ class ImageError(Exception):
     pass
 
 
-def load(path: Path, t: dict) -> Image.Image:
-    """Open and decode, refusing decompression bombs before decoding."""
+def load(path, t: dict) -> Image.Image:
+    """Open and decode a regular file, refusing decompression bombs before decoding."""
     try:
-        im = Image.open(path)
+        with safefs.open_regular(path) as fh:
+            data = fh.read(t["max_file_bytes"] + 1)
+        if len(data) > t["max_file_bytes"]:
+            raise ImageError(f"file larger than {t['max_file_bytes']:,} bytes; not decoded")
+        im = Image.open(io.BytesIO(data))
         w, h = im.size
         if w * h > t["max_pixels"]:
             im.close()
@@ -126,12 +65,14 @@ def load(path: Path, t: dict) -> Image.Image:
         im.load()
     except ImageError:
         raise
+    except safefs.Unreadable as exc:
+        raise ImageError(f"not readable: {exc}")
     except UnidentifiedImageError:
         raise ImageError("not an image Pillow can identify (zero bytes or not a PNG)")
     except Image.DecompressionBombError as exc:
         raise ImageError(f"decompression bomb guard: {exc}")
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(f"cannot decode: {exc}")
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error, MemoryError) as exc:
+        raise ImageError(f"cannot decode: {type(exc).__name__}: {exc}"[:300])
     if im.mode not in ("RGB", "RGBA", "L"):
         im = im.convert("RGBA")
     return im
@@ -400,7 +341,7 @@ def analyse_image(img: ImageFile, t: dict, keep_thumb: bool = False) -> ImageRes
     pairs = _aligned(img.stage, orig, pred)
     if pairs is not None and pairs[0].shape == pairs[1].shape:
         res.metrics["fidelity"] = fidelity(*pairs, mask_grey=img.stage == "dynamics")
-    res.flags = image_flags(m_in, m_out, res.metrics.get("fidelity", {}), t)
+    res.flags, res.why = image_flags(m_in, m_out, res.metrics.get("fidelity", {}), t)
     res.metrics["output"]["flat_share"] = m_out["flat_share"]
     return res
 
@@ -415,24 +356,37 @@ def _strip(m: dict) -> dict:
     return {k: v for k, v in m.items() if k != "cell_std"}
 
 
-def image_flags(m_in: dict, m_out: dict, fid: dict, t: dict) -> list[str]:
-    flags = []
+def image_flags(m_in: dict, m_out: dict, fid: dict, t: dict) -> tuple[list[str], dict]:
+    """Flags, and for each the test that fired (in words, with its numbers)."""
+    flags, why = [], {}
     flat_level = max(t["flat_cell_std"], t["flat_relative"] * m_in["cell_std_median"])
     flat_share = float((m_out["cell_std"] < flat_level).mean())
     m_out["flat_share"] = round(flat_share, 3)
     if flat_share >= t["flat_share"]:
         flags.append("flat_color")
+        why["flat_color"] = f"{flat_share:.0%} of output cells are flat (gray std < {flat_level:.3g})"
     if (m_out["stripe_score"] >= t["stripe_score"]
             and m_out["stripe_score"] >= t["stripe_vs_input"] * m_in["stripe_score"]):
         flags.append("striping")
-    identical = (m_in["cross_cell_spread"] >= t["min_input_spread"]
-                 and m_out["cross_cell_spread"] < t["independent_ratio"] * m_in["cross_cell_spread"])
-    ignores = bool(fid) and fid.get("input_dependence", 1.0) < t["min_input_dependence"]
+        why["striping"] = (f"one spatial frequency holds {m_out['stripe_score']:.0%} of the output's power "
+                           f"({m_in['stripe_score']:.0%} in the inputs)")
+    ratio = m_out["cross_cell_spread"] / max(m_in["cross_cell_spread"], 1e-9)
+    identical = (m_in["cross_cell_spread"] >= t["min_input_spread"] and ratio < t["independent_ratio"])
+    dep = fid.get("input_dependence") if fid else None
+    ignores = dep is not None and dep < t["min_input_dependence"]
     if "flat_color" not in flags and (identical or ignores):
         flags.append("input_independent_output")
+        parts = []
+        if identical:
+            parts.append(f"output cells are near-identical (cross-cell spread {ratio:.2f}x the inputs')")
+        if ignores:
+            parts.append(f"each output matches its own input no better than the others "
+                         f"(input dependence {dep:.3f} < {t['min_input_dependence']})")
+        why["input_independent_output"] = "; ".join(parts)
     if fid and not flags and (fid["psnr_db"] < t["psnr_min_db"] or fid["ssim"] < t["ssim_min"]):
         flags.append("low_fidelity")
-    return flags
+        why["low_fidelity"] = f"PSNR {fid['psnr_db']:.1f} dB, SSIM {fid['ssim']:.2f}"
+    return flags, why
 
 
 # --- per stage -----------------------------------------------------------------------------
@@ -450,38 +404,65 @@ def quality(r: ImageResult) -> float | None:
 
 
 def trend(results: list[ImageResult], t: dict) -> dict:
-    """Early third vs late third: PSNR where cells align, and collapse flags."""
+    """How the images moved over all of them, not just first against last:
+    PSNR per image (where cells align) and the share of collapse flags.
+
+    improving: better than the start (the last third against the first), and
+    not flat over the last `plateau_min_images` images;
+    plateau: better than the start, but flat since `plateau_since_step` for at
+    least `plateau_min_images` images (one flat interval is not a plateau);
+    degrading: worse late, or collapse flags grew; flat: no real change."""
     ok = [r for r in results if r.error is None and r.layout.startswith("two_panel")]
     if len(ok) < t["trend_min_images"]:
         return {"trend": "unknown", "reason": f"{len(ok)} analysable images"}
-    k = max(1, len(ok) // 3)
-    early, late = ok[:k], ok[-k:]
+    parts = [list(p) for p in np.array_split(np.arange(len(ok)), 3)]
+    early, late = [ok[i] for i in parts[0]], [ok[i] for i in parts[-1]]
     collapse = ("flat_color", "striping", "input_independent_output")
-    bad_early = sum(any(f in r.flags for f in collapse) for r in early) / k
-    bad_late = sum(any(f in r.flags for f in collapse) for r in late) / k
-    q_early = [quality(r) for r in early if quality(r) is not None]
-    q_late = [quality(r) for r in late if quality(r) is not None]
-    out = {"early_steps": [r.image.step for r in early], "late_steps": [r.image.step for r in late],
+    bad_early = sum(any(f in r.flags for f in collapse) for r in early) / len(early)
+    bad_late = sum(any(f in r.flags for f in collapse) for r in late) / len(late)
+    out = {"steps": [r.image.step for r in ok], "early_steps": [r.image.step for r in early],
+           "late_steps": [r.image.step for r in late],
            "collapse_share_early": round(bad_early, 3), "collapse_share_late": round(bad_late, 3)}
-    delta = None
-    if q_early and q_late:
-        delta = float(np.mean(q_late) - np.mean(q_early))
-        out.update(psnr_early_db=round(float(np.mean(q_early)), 3),
-                   psnr_late_db=round(float(np.mean(q_late)), 3), psnr_delta_db=round(delta, 3))
-    if bad_late > bad_early or (delta is not None and delta <= -t["trend_db"]):
+    q = [quality(r) for r in ok]
+    recent = overall = None
+    if all(x is not None for x in q):
+        out["psnr_db"] = [round(x, 2) for x in q]
+        means = [float(np.mean([q[i] for i in part])) for part in parts]
+        overall, recent = means[-1] - means[0], means[-1] - means[1]
+        since = next(i for i in range(len(q)) if all(abs(x - q[-1]) < t["trend_db"] for x in q[i:]))
+        out.update(psnr_early_db=round(means[0], 3), psnr_mid_db=round(means[1], 3),
+                   psnr_late_db=round(means[-1], 3), psnr_delta_db=round(overall, 3),
+                   psnr_recent_delta_db=round(recent, 3), plateau_since_step=ok[since].image.step)
+    if bad_late > bad_early or (recent is not None and recent <= -t["trend_db"]) or \
+            (overall is not None and overall <= -t["trend_db"]):
         out["trend"] = "degrading"
-    elif bad_late < bad_early or (delta is not None and delta >= t["trend_db"]):
+    elif overall is not None and overall >= t["trend_db"] and \
+            len(ok) - ok.index(next(r for r in ok if r.image.step == out["plateau_since_step"])) \
+            >= t["plateau_min_images"]:
+        out["trend"] = "plateau"
+    elif (overall is not None and overall >= t["trend_db"]) or (recent is not None and recent >= t["trend_db"]) \
+            or (overall is None and bad_late < bad_early):
         out["trend"] = "improving"
     else:
         out["trend"] = "flat"
     return out
 
 
-def stage_findings(stage: str, results: list[ImageResult], tr: dict, t: dict) -> list[Finding]:
+def _onset(ok: list[ImageResult], flag: str) -> int:
+    """First step of the run of images, up to the latest, that carry `flag`."""
+    i = len(ok) - 1
+    while i > 0 and flag in ok[i - 1].flags:
+        i -= 1
+    return ok[i].image.step
+
+
+def stage_findings(stage: str, results: list[ImageResult], tr: dict, t: dict) -> tuple[list[Finding], dict]:
+    """(findings, onsets of the critical ones)."""
     ok = [r for r in results if r.error is None]
     out: list[Finding] = []
+    onsets: dict[str, int] = {}
     if not ok:
-        return out
+        return out, onsets
     latest = ok[-1]
     first, last = ok[0].image.step, latest.image.step
     late = [r for r in ok if r.image.step >= first + (1 - t["late_fraction"]) * (last - first)]
@@ -500,22 +481,24 @@ def stage_findings(stage: str, results: list[ImageResult], tr: dict, t: dict) ->
         else:
             sev, when = "info", "only in earlier images (typical early in training)"
         ev = hit[-1]
+        if sev == "critical":
+            onsets[flag] = _onset(ok, flag)
         out.append(Finding(flag, sev, stage, _flag_metric(flag), _flag_value(flag, ev),
                            _flag_threshold(flag, t), [r.image.step for r in hit], str(ev.image.path),
-                           f"{_FLAG_TEXT[flag]} {when}"))
+                           f"{_FLAG_TEXT[flag]} {when}: {ev.why.get(flag, '')} (step {ev.image.step})"))
     if tr.get("trend") == "degrading":
         out.append(Finding("visual_degrading", t["severity"]["degrading"], stage, "trend",
-                           tr.get("psnr_delta_db", tr.get("collapse_share_late")), t["trend_db"],
+                           tr.get("psnr_recent_delta_db", tr.get("collapse_share_late")), t["trend_db"],
                            tr["late_steps"], str(latest.image.path),
-                           "late images look worse than early ones"))
-    return out
+                           "late images look worse than earlier ones"
+                           + (f" (PSNR by image {tr['psnr_db']} dB)" if tr.get("psnr_db") else "")))
+    return out, onsets
 
 
 _FLAG_TEXT = {
     "flat_color": "output cells are flat colour blocks",
     "striping": "output is dominated by one spatial frequency (stripes or a repeated pattern)",
-    "input_independent_output": "output cells are near-identical while the inputs differ: "
-                                "the model ignores its input",
+    "input_independent_output": "outputs do not follow their inputs",
     "low_fidelity": "reconstructions are far from the originals (low PSNR/SSIM)",
 }
 
@@ -547,77 +530,108 @@ def _flag_threshold(flag: str, t: dict):
 
 # --- contact sheet ---------------------------------------------------------------------------
 
-def contact_sheet(rows: list[tuple[str, list[ImageResult]]], t: dict) -> Image.Image | None:
-    """One row per stage, thumbnails labelled `stage step N`, long side capped."""
-    rows = [(s, [r for r in rs if r.thumb is not None]) for s, rs in rows]
-    rows = [(s, rs) for s, rs in rows if rs]
+SEVERITY_COLOURS = {"critical": (200, 30, 30), "watch": (225, 140, 0), "info": (90, 90, 90),
+                    None: (40, 140, 60)}
+
+
+def contact_sheet(rows: list[tuple[str, list[ImageResult], dict]], t: dict) -> Image.Image | None:
+    """One row per stage: a header band coloured by the stage's worst image
+    finding, then thumbnails labelled with step, PSNR and flags (each label
+    in its flag's severity colour). Long side capped for image viewers."""
+    rows = [(s, [r for r in rs if r.thumb is not None], sev) for s, rs, sev in rows]
+    rows = [(s, rs, sev) for s, rs, sev in rows if rs]
     if not rows:
         return None
-    ncols = max(len(rs) for _, rs in rows)
-    gap, label_h = 8, 28
+    ncols = max(len(rs) for _, rs, _ in rows)
+    gap, header_h, label_h = 10, 34, 30
     thumb_w = int(min(t["thumb_width"], (t["sheet_max_side"] - gap * (ncols + 1)) / ncols))
-    ratio = max(r.thumb.height / r.thumb.width for _, rs in rows for r in rs)
+    ratio = max(r.thumb.height / r.thumb.width for _, rs, _ in rows for r in rs)
     thumb_h = int(thumb_w * ratio)
-    sheet = Image.new("RGB", (gap + ncols * (thumb_w + gap), gap + len(rows) * (thumb_h + label_h + gap)),
-                      "white")
+    row_h = header_h + label_h + thumb_h + gap
+    sheet = Image.new("RGB", (gap + ncols * (thumb_w + gap), gap + len(rows) * row_h), "white")
     draw = ImageDraw.Draw(sheet)
-    font = _font(18)
-    for i, (stage, rs) in enumerate(rows):
-        y = gap + i * (thumb_h + label_h + gap)
+    head, small = _font(22), _font(17)
+    order = {"critical": 0, "watch": 1, "info": 2}
+    for i, (stage, rs, severity) in enumerate(rows):
+        y = gap + i * row_h
+        worst = min((severity.get(f) for r in rs for f in r.flags if severity.get(f)),
+                    key=lambda v: order[v], default=None)
+        colour = SEVERITY_COLOURS[worst]
+        draw.rectangle([gap, y, sheet.width - gap, y + header_h - 4], fill=colour)
+        draw.text((gap + 8, y + 4), f"{stage}: worst image finding {worst or 'none'}",
+                  fill="white", font=head)
         for j, r in enumerate(rs):
             x = gap + j * (thumb_w + gap)
+            psnr = quality(r)
+            sev = min((severity.get(f) for f in r.flags if severity.get(f)), key=lambda v: order[v],
+                      default=None)
+            label = f"step {r.image.step}" + (f" · PSNR {psnr:.1f} dB" if psnr is not None else "")
+            if r.flags:
+                label += " · " + ", ".join(r.flags)
+            draw.text((x, y + header_h), label, fill=SEVERITY_COLOURS[sev] if r.flags else "black", font=small)
             thumb = r.thumb.copy()
             thumb.thumbnail((thumb_w, thumb_h))
-            sheet.paste(thumb, (x, y + label_h))
-            flags = f"  [{', '.join(r.flags)}]" if r.flags else ""
-            draw.text((x, y + 4), f"{stage} step {r.image.step}{flags}", fill="black", font=font)
+            ty = y + header_h + label_h
+            sheet.paste(thumb, (x, ty))
+            if sev in ("critical", "watch"):
+                draw.rectangle([x - 3, ty - 3, x + thumb.width + 2, ty + thumb.height + 2],
+                               outline=SEVERITY_COLOURS[sev], width=4)
     if max(sheet.size) > t["sheet_max_side"]:
         sheet.thumbnail((t["sheet_max_side"], t["sheet_max_side"]))
     return sheet
 
 
 def _font(size: int):
+    for name in ("DejaVuSans.ttf", "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"):
+        try:
+            return ImageFont.truetype(name, size)
+        except OSError:
+            continue
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1
         return ImageFont.load_default()
 
 
-# --- whole input ------------------------------------------------------------------------------
+# --- whole bundle ------------------------------------------------------------------------------
 
-def analyse(paths: list[Path], thresholds: dict, count: int | None = None,
-            progress=None) -> dict:
+def analyse(b: bundle_mod.Bundle, thresholds: dict, count: int | None = None, progress=None) -> dict:
     """Analyse every stage's images; returns the compact document, per-image
     details and the contact sheet (a PIL image, not yet written)."""
     t = thresholds["visuals"]
     count = count or t["sheet_count"]
-    found: dict[str, list[ImageFile]] = {}
-    for p in paths:
-        for stage, imgs in discover(p).items():
-            found[stage] = imgs
     doc: dict = {"stages": {}, "skipped": []}
     details, sheet_rows = {}, []
-    for stage, imgs in found.items():
+    for stage in b.ordered_stages():
+        imgs = b.stages[stage].images
+        if not imgs:
+            continue
         picks = set(sheet_steps(len(imgs), count))
         results = []
         for i, img in enumerate(imgs):
-            results.append(analyse_image(img, t, keep_thumb=i in picks))
+            try:
+                results.append(analyse_image(img, t, keep_thumb=i in picks))
+            except Exception as exc:  # one odd image never stops the report
+                results.append(ImageResult(img, error=f"analysis failed: {type(exc).__name__}: {exc}"[:300]))
             if progress and (i + 1) % 50 == 0:
                 progress(f"{stage}: {i + 1}/{len(imgs)} images")
         tr = trend(results, t)
-        findings = stage_findings(stage, results, tr, t)
-        doc["stages"][stage] = stage_document(stage, results, tr, findings)
+        findings, onsets = stage_findings(stage, results, tr, t)
+        doc["stages"][stage] = stage_document(stage, results, tr, findings, onsets)
         bad = [{"path": str(r.image.path), "reason": r.error} for r in results if r.error]
         doc["skipped"] += bad[:MAX_LISTED]
         if len(bad) > MAX_LISTED:
             doc["skipped"].append({"path": str(imgs[0].path.parent),
                                    "reason": f"{len(bad) - MAX_LISTED} more unreadable images (see visuals.json)"})
         details[stage] = [r.to_dict() for r in results]
-        sheet_rows.append((stage, [r for r in results if r.thumb is not None]))
+        severity = {f.rule_id: f.severity for f in findings}
+        sheet_rows.append((stage, [r for r in results if r.thumb is not None], severity))
+    b.skipped += doc["skipped"]
     return {"doc": doc, "details": details, "sheet": contact_sheet(sheet_rows, t)}
 
 
-def stage_document(stage: str, results: list[ImageResult], tr: dict, findings: list[Finding]) -> dict:
+def stage_document(stage: str, results: list[ImageResult], tr: dict, findings: list[Finding],
+                   onsets: dict) -> dict:
     from .rules import findings_dicts, stage_verdict
     ok = [r for r in results if r.error is None]
     latest = ok[-1] if ok else None
@@ -629,4 +643,4 @@ def stage_document(stage: str, results: list[ImageResult], tr: dict, findings: l
             # bounded for stdout: the latest flagged steps (visuals.json has all)
             "flags_by_step": {r.image.step: r.flags for r in [r for r in ok if r.flags][-MAX_LISTED:]},
             "flagged_images": sum(bool(r.flags) for r in ok),
-            "trend": tr, "findings": findings_dicts(findings)}
+            "trend": tr, "onsets": onsets, "findings": findings_dicts(findings)}

@@ -1,0 +1,1 @@
+"""Empty: TinyWorlds imports `torchvision.datasets` but uses none of it."""

@@ -1,0 +1,162 @@
+"""Next actions, in priority order, each conditioned on its evidence.
+
+One action per watch/critical finding (one per `group` of findings that
+are the same problem seen several ways), worded from `actions.yaml`. A rule
+with variants picks the one its evidence supports: resume from the fallback,
+or restart (with the newest intact checkpoint's trade-off in numbers), or
+retrain after the upstream stage is fixed; for the action model, "never
+learned" (raise the learning rate) against "collapsed after learning"
+(lower it). Order: critical before watch; among critical actions the most
+upstream stage first, because later stages are built on it; then the
+rule's priority. `rank` (and `priority`) is the position, 1..n.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from . import bundle as bundle_mod, stats
+
+ACTIONS_FILE = Path(__file__).with_name("actions.yaml")
+MAX_ACTIONS = 12
+_SEVERITY = {"critical": 0, "watch": 1}
+
+
+def load_actions() -> dict:
+    with open(ACTIONS_FILE, encoding="utf-8") as fh:
+        return yaml.safe_load(fh)["actions"]
+
+
+class _Safe(dict):
+    """str.format_map that leaves unknown placeholders visible, never raises."""
+
+    def __missing__(self, key):
+        return "n/a"
+
+
+def _fmt(x) -> str:
+    if x is None:
+        return "n/a"
+    if isinstance(x, float):
+        return f"{x:.4g}"
+    return str(x)
+
+
+def _hours(steps: int | None, rate: float | None) -> str:
+    if not steps or not rate:
+        return "time unknown"
+    h = steps / rate / 3600
+    return f"about {h:.1f} h at {rate:.3g} steps/s" if h >= 0.1 else f"about {h * 60:.0f} min at {rate:.3g} steps/s"
+
+
+def stage_context(stage: str, entry: dict, metrics: dict, thresholds: dict, upstream: str | None,
+                  frame=None) -> dict:
+    """The numbers an action may quote for one stage."""
+    fb = entry.get("fallback") or {}
+    lr = metrics.get("learning_rate") or {}
+    peak = lr.get("max") or lr.get("config_learning_rate")
+    onset = (fb.get("onset") or {}).get("step")
+    newest = fb.get("newest_intact") or {}
+    table = {row["step"]: row for row in fb.get("checkpoints", [])}
+    loss = metrics.get("loss") or {}
+    rate = (metrics.get("throughput") or {}).get("steps_per_s_overall")
+    acts = metrics.get("actions") or {}
+    var = acts.get("encoder_variance") or {}
+    lr_at_onset = stats.value_at(frame, lr.get("key"), [onset]).get(onset) if (
+        frame is not None and onset is not None and lr.get("key")) else None
+    ctx = {
+        "stage": stage,
+        "fallback": f"{Path(fb['path']).name} (step {fb['step']})" if fb.get("path") else None,
+        "newest_intact": f"{Path(newest['path']).name} (step {newest['step']})" if newest else None,
+        "newest_loss": _fmt((table.get(newest.get("step")) or {}).get("loss")),
+        "best_loss": _fmt(metrics.get("loss", {}).get("best_level") or loss.get("min")),
+        "onset_step": onset, "onset_rule": (fb.get("onset") or {}).get("rule_id"),
+        "peak_lr": _fmt(peak), "lower_lr": _fmt(peak * thresholds["advice"]["lr_cut"]) if peak else "n/a",
+        "lr_at_onset": _fmt(lr_at_onset),
+        "steps_kept": f"{newest['step']:,}" if newest else "n/a",
+        "hours_kept": _hours(newest.get("step"), rate),
+        "upstream": upstream,
+        "enc_var_first": _fmt(var.get("first")), "enc_var_max": _fmt(var.get("max")),
+        "lam_lr": _fmt(peak),
+    }
+    floor = thresholds["stages"]["latent_actions"]["encoder_variance_floor"]
+    ctx["_never_learned"] = bool(var) and (var.get("max") or 0) < floor
+    ctx["_fallback"] = bool(fb.get("path"))
+    ctx["_newest"] = bool(newest)
+    return ctx
+
+
+def _variant(rule: str, spec: dict, ctx: dict, finding: dict) -> str | None:
+    variants = spec.get("variants")
+    if not variants:
+        return None
+    if rule in ("action_collapse", "lam_variance_penalty"):
+        return "never_learned" if ctx["_never_learned"] else "collapsed"
+    if rule == "ckpt_latest_unusable":
+        return "fallback" if ctx["_fallback"] else "no_fallback"
+    if finding["severity"] == "watch" and "watch" in variants:
+        return "watch"
+    if ctx["upstream"]:
+        return "after_upstream"
+    if ctx["_fallback"]:
+        return "resume"
+    return "restart_or_newest" if ctx["_newest"] else "restart"
+
+
+def _upstream_critical(stage: str, stages: dict) -> str | None:
+    order = bundle_mod.STAGES
+    if stage not in order:
+        return None
+    for up in order[:order.index(stage)]:
+        if (stages.get(up) or {}).get("verdict") == "critical":
+            return up
+    return None
+
+
+def next_actions(stages: dict, stats_doc: dict, thresholds: dict, histories: dict | None = None) -> list[dict]:
+    table = load_actions()
+    items = []
+    for stage, entry in stages.items():
+        metrics = ((stats_doc.get("stages") or {}).get(stage) or {}).get("metrics") or {}
+        frame = histories[stage].frame if histories and stage in histories else None
+        ctx = stage_context(stage, entry, metrics, thresholds, _upstream_critical(stage, stages), frame)
+        groups: dict[str, dict] = {}
+        seen = set()
+        for f in sorted(entry["findings"], key=lambda f: (_SEVERITY.get(f["severity"], 9),
+                                                          table.get(f["rule_id"], {}).get("priority", 50))):
+            if f["severity"] not in _SEVERITY or f["rule_id"] in seen:
+                continue
+            seen.add(f["rule_id"])
+            spec = table.get(f["rule_id"], {"priority": 50, "action": "Investigate: {message}"})
+            group = spec.get("group")
+            if group and group in groups:
+                groups[group]["_also"].append(f["rule_id"])
+                continue
+            item = {"severity": f["severity"], "stage": stage, "rule_id": f["rule_id"],
+                    "evidence_path": f["evidence_path"], "_spec": spec, "_finding": f, "_also": [],
+                    "_priority": spec["priority"]}
+            items.append(item)
+            if group:
+                groups[group] = item
+        for item in [i for i in items if i["stage"] == stage]:
+            f, spec = item["_finding"], item["_spec"]
+            variant = _variant(f["rule_id"], spec, ctx, f)
+            template = spec["variants"][variant] if variant else spec["action"]
+            also = f" (Also seen: {', '.join(item['_also'])}.)" if item["_also"] else ""
+            item["action"] = template.format_map(_Safe(
+                {k: (v if v is not None else "n/a") for k, v in ctx.items() if not k.startswith("_")},
+                value=_fmt(f["value"]), evidence=f["evidence_path"], message=f["message"], also=also,
+                fallback=ctx["fallback"] or "no checkpoint (none qualifies)"))
+            if variant:
+                item["variant"] = variant
+            if item["_also"]:
+                item["also"] = item["_also"]
+    order = {s: i for i, s in enumerate(bundle_mod.STAGES)}
+    items.sort(key=lambda a: (_SEVERITY[a["severity"]],
+                              order.get(a["stage"], 9) if a["severity"] == "critical" else 0,
+                              a["_priority"], order.get(a["stage"], 9)))
+    out = []
+    for rank, a in enumerate(items[:MAX_ACTIONS], 1):
+        out.append({"rank": rank, "priority": rank, **{k: v for k, v in a.items() if not k.startswith("_")}})
+    return out

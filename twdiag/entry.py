@@ -1,0 +1,40 @@
+"""The scripts' entry point, importable without any third-party package, so a
+missing dependency gives one JSON error with the install command instead of
+a traceback (even for --help)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+# import name -> distribution to install
+REQUIRED = {"numpy": "numpy", "pandas": "pandas", "yaml": "pyyaml", "PIL": "pillow",
+            "matplotlib": "matplotlib", "google.protobuf": "protobuf", "wandb": "wandb"}
+EXIT_DEPENDENCY = 6
+
+
+def missing() -> list[str]:
+    out = []
+    for module, dist in REQUIRED.items():
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):  # a parent package is missing
+            found = False
+        if not found:
+            out.append(dist)
+    return out
+
+
+def run(command: str, argv: list[str], prog: str) -> int:
+    lacking = missing()
+    if lacking:
+        doc = {"tool": f"twdiag {command}", "error": f"missing Python package(s): {', '.join(lacking)}",
+               "install": f"python -m pip install {' '.join(lacking)}   # or: python -m pip install -r "
+                          "requirements.txt (in the skill folder)",
+               "exit_code": EXIT_DEPENDENCY}
+        print(json.dumps(doc, indent=2))
+        print(f"error: missing Python package(s): {', '.join(lacking)}; install with: "
+              f"python -m pip install {' '.join(lacking)}", file=sys.stderr)
+        return EXIT_DEPENDENCY
+    from .cli import main
+    return main([command, *argv], prog=prog)

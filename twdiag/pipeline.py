@@ -1,0 +1,126 @@
+"""The whole analysis, in the order it runs:
+
+    discover the bundle once -> decode its logs -> analyses (stats |
+    checkpoints | visuals) -> run state -> fallback per stage -> cross-stage
+    -> findings (then verdicts, advice and the report: `report`).
+
+Each step runs inside a guard: a failure in one file or one analysis becomes
+an entry in `errors` with its reason, and the rest of the bundle is still
+judged. Every script runs the parts it needs through `run`.
+"""
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import dataclass, field
+
+from . import bundle as bundle_mod, checkpoints, crossstage, fallback, logs, outputs, runstate, stats
+
+PARTS = ("stats", "checkpoints", "visuals")
+
+
+@dataclass
+class Analysis:
+    bundle: bundle_mod.Bundle
+    thresholds: dict
+    now: float
+    deep: str = "auto"
+    histories: dict = field(default_factory=dict)          # stage -> logs.StageHistory
+    stats: dict = field(default_factory=lambda: {"stages": {}})
+    checkpoints: dict = field(default_factory=dict)        # stage -> checkpoints.StageResult
+    visuals: dict | None = None                            # visuals.analyse result
+    copy: dict = field(default_factory=dict)               # runstate.copied_evidence
+    states: dict = field(default_factory=dict)             # stage -> run state
+    state_findings: dict = field(default_factory=dict)     # stage -> [Finding]
+    fallbacks: dict = field(default_factory=dict)          # stage -> fallback document
+    dependencies: list = field(default_factory=list)
+    dependency_findings: list = field(default_factory=list)
+    cross: dict = field(default_factory=lambda: {"findings": [], "facts": []})
+    errors: list = field(default_factory=list)
+    timings: dict = field(default_factory=dict)
+
+    def stage_findings(self, stage: str) -> list[dict]:
+        """Every finding filed under a stage, from every part."""
+        out = list(((self.stats["stages"].get(stage) or {}).get("findings") or []))
+        out += [f.to_dict() for f in self.state_findings.get(stage, [])]
+        res = self.checkpoints.get(stage)
+        if res is not None:
+            out += [f.to_dict() for f in res.findings]
+        vis = (self.visuals or {}).get("doc", {}).get("stages", {}).get(stage)
+        if vis:
+            out += vis["findings"]
+        out += [f.to_dict() for f in self.dependency_findings if f.stage == stage]
+        out += [f.to_dict() for f in self.cross["findings"] if f.stage == stage]
+        return out
+
+    @property
+    def stage_names(self) -> list[str]:
+        names = set(self.histories) | set(self.checkpoints) | set(self.bundle.stages)
+        vis = (self.visuals or {}).get("doc", {}).get("stages", {})
+        return sorted(names | set(vis), key=bundle_mod.stage_order)
+
+
+class _Guard:
+    """Time a step; turn an exception into an `errors` entry, not a stop."""
+
+    def __init__(self, a: Analysis, name: str):
+        self.a, self.name = a, name
+
+    def __enter__(self):
+        self.t = time.perf_counter()
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.a.timings[f"{self.name}_s"] = round(time.perf_counter() - self.t, 3)
+        if exc_type is None or not issubclass(exc_type, Exception):
+            return False
+        frame = traceback.extract_tb(tb)[-1] if tb else None
+        self.a.errors.append({"step": self.name, "error": f"{exc_type.__name__}: {exc}"[:500],
+                              "where": f"{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno}" if frame else None})
+        outputs.log(f"error in {self.name}: {exc_type.__name__}: {exc}")
+        return True
+
+
+def run(b: bundle_mod.Bundle, thresholds: dict, parts: tuple[str, ...] = PARTS, deep: str = "auto",
+        now: float | None = None, count: int | None = None, read_outside: bool = False,
+        progress=outputs.log, workers: int | None = None) -> Analysis:
+    a = Analysis(b, thresholds, time.time() if now is None else float(now), deep)
+    started = time.perf_counter()
+    with _Guard(a, "decode"):
+        if b.wandb_files or b.tables:
+            progress("decoding W&B logs")
+            a.histories = logs.load(b, workers=workers, progress=progress)
+    if "stats" in parts or "checkpoints" in parts:
+        with _Guard(a, "stats"):
+            a.stats = stats.analyse(a.histories, thresholds)
+    with _Guard(a, "runstate"):
+        a.copy, a.states, a.state_findings = runstate.judge(a.histories, a.now, thresholds)
+    if "visuals" in parts:
+        with _Guard(a, "visuals"):
+            from . import visuals
+            progress("visuals: image grids and contact sheet")
+            a.visuals = visuals.analyse(b, thresholds, count, progress=progress)
+    if "checkpoints" in parts:
+        with _Guard(a, "checkpoints"):
+            progress("checkpoints: structure and allowlist, then deep scans where they decide")
+            a.checkpoints = checkpoints.check_all(b, thresholds, progress)
+        _fallbacks(a)
+        with _Guard(a, "dependencies"):
+            a.dependencies, a.dependency_findings = checkpoints.dependency_findings(
+                a.checkpoints, b.root, thresholds, read_outside)
+    with _Guard(a, "crossstage"):
+        a.cross = crossstage.analyse(a)
+    a.timings["total_s"] = round(time.perf_counter() - started, 3)
+    return a
+
+
+def _fallbacks(a: Analysis) -> None:
+    vis_stages = (a.visuals or {}).get("doc", {}).get("stages", {})
+    for stage, res in a.checkpoints.items():
+        with _Guard(a, f"fallback_{stage}"):
+            live = (a.states.get(stage) or {}).get("state") == "live"
+            onsets = (vis_stages.get(stage) or {}).get("onsets", {})
+            a.fallbacks[stage] = fallback.decide(res, a.histories.get(stage), a.stats["stages"].get(stage),
+                                                 onsets, a.thresholds, a.deep, live)
+        with _Guard(a, f"checkpoint_findings_{stage}"):
+            res.findings = checkpoints.stage_findings(res, a.fallbacks.get(stage, {}), a.thresholds)
