@@ -52,7 +52,7 @@ use_wandb: true
 wandb_project: tinyworlds-examples
 dataset: PONG
 preload_ratio: 1.0
-patch_size: 4
+patch_size: 8
 context_length: 4
 frame_size: 64
 latent_dim: 5
@@ -87,9 +87,9 @@ STAGES = ("video_tokenizer", "latent_actions", "dynamics")
 # the seed, and post-hoc damage. `{vt}` / `{lam}` become the newest upstream
 # checkpoint of the same run root, as TinyWorlds' full_train.py passes them.
 SANE = {
-    "video_tokenizer": ["n_updates=601", "batch_size_per_gpu=8", "log_interval=300", "learning_rate=0.002"],
+    "video_tokenizer": ["n_updates=601", "batch_size_per_gpu=8", "log_interval=300", "learning_rate=0.003"],
     "latent_actions": ["n_updates=601", "batch_size_per_gpu=8", "log_interval=300", "learning_rate=0.001"],
-    "dynamics": ["n_updates=601", "batch_size_per_gpu=8", "log_interval=300", "learning_rate=0.005",
+    "dynamics": ["n_updates=301", "batch_size_per_gpu=8", "log_interval=150", "learning_rate=0.005",
                  "video_tokenizer_path={vt}", "latent_actions_path={lam}"],
 }
 BUNDLES = {
@@ -103,26 +103,26 @@ BUNDLES = {
         "seed": 12,
         "story": ("the action model is trained at a learning rate 1,000x too low and never leaves its "
                   "collapsed initial state (one action for everything); dynamics trains on it at a "
-                  "learning rate 60x too high with 2 gradient-accumulation steps and blows up far above "
-                  "chance; then the newest two dynamics checkpoints are overwritten with {} (the "
-                  "multi-rank save bug)"),
+                  "learning rate 600x too high (3.0) with 2 gradient-accumulation steps and blows up far "
+                  "above chance, then partly comes back as the cosine schedule decays; then the newest two "
+                  "dynamics checkpoints are overwritten with {} (the multi-rank save bug)"),
         "stages": {
             "video_tokenizer": SANE["video_tokenizer"],
             "latent_actions": ["n_updates=601", "batch_size_per_gpu=8", "log_interval=300",
                                "learning_rate=0.000001"],
-            "dynamics": ["n_updates=601", "batch_size_per_gpu=8", "gradient_accumulation_steps=2",
-                         "log_interval=150", "learning_rate=0.3",
+            "dynamics": ["n_updates=400", "batch_size_per_gpu=8", "gradient_accumulation_steps=2",
+                         "log_interval=100", "learning_rate=3.0",
                          "video_tokenizer_path={vt}", "latent_actions_path={lam}"],
         },
         "damage": [("dynamics", "empty_newest", 2)],
     },
     "bundle-weak-tokenizer": {
         "seed": 13,
-        "story": ("the tokenizer is too small (embed_dim 4, hidden_dim 8) and too short (150 updates) to "
+        "story": ("the tokenizer is too small (embed_dim 4, hidden_dim 8) and too short (100 updates) to "
                   "reconstruct the frames; the action model and dynamics are trained sanely on top of it"),
         "stages": {
-            "video_tokenizer": ["n_updates=151", "batch_size_per_gpu=8", "log_interval=75",
-                                "learning_rate=0.002", "embed_dim=4", "hidden_dim=8"],
+            "video_tokenizer": ["n_updates=101", "batch_size_per_gpu=8", "log_interval=50",
+                                "learning_rate=0.003", "embed_dim=4", "hidden_dim=8"],
             "latent_actions": SANE["latent_actions"],
             "dynamics": SANE["dynamics"],
         },

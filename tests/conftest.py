@@ -1,9 +1,16 @@
 """Shared fixtures. Real artifacts are built once per session: every
-`wandb.init` costs about a second."""
+`wandb.init` costs about a second. `diagnose()` runs the CLI in-process
+(same code path as the script, minus ~2 s of interpreter and import start-up).
+"""
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
+import json
+import math
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -18,16 +25,44 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 SHARED = ROOT.parent / "shared"
 CORPUS = SHARED / "wandb-corpus"
 SAMPLE = SHARED / "tinyworlds-sample" / "bundle"
+EXAMPLES = ROOT / "examples"
+SCRIPTS = ROOT / "scripts"
 
 
 def tree_fingerprint(root: Path) -> dict:
     """Bytes and mtimes of every file under root (bundle-safety checks)."""
     out = {}
     for p in sorted(Path(root).rglob("*")):
-        if p.is_file():
+        if p.is_file() and not p.is_symlink():
             st = p.stat()
             out[str(p.relative_to(root))] = (hashlib.sha256(p.read_bytes()).hexdigest(), st.st_mtime_ns)
     return out
+
+
+def cli(*args) -> tuple[int, dict, str]:
+    """Run `twdiag <args>` in-process: (exit code, stdout JSON, stderr)."""
+    from twdiag import cli as cli_mod
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli_mod.main([str(a) for a in args])
+    text = out.getvalue()
+    return code, (json.loads(text) if text.strip() else {}), err.getvalue()
+
+
+def diagnose(*args) -> tuple[int, dict, str]:
+    return cli("diagnose", *args)
+
+
+def copy_fresh(src: Path, dst: Path) -> Path:
+    """A copy the way backups and `cp` without -p make them: fresh mtimes."""
+    shutil.copytree(src, dst, copy_function=shutil.copyfile)
+    return dst
+
+
+def now_after(wandb_file: Path, seconds: float) -> str:
+    """A `--now` this many seconds after the newest record of a log."""
+    from twdiag import history, runstate
+    return str(runstate.record_times(history.decode(wandb_file))["newest"] + seconds)
 
 
 @pytest.fixture(scope="session")
@@ -83,13 +118,64 @@ def runs(tmp_path_factory) -> dict:
                                  console=lambda s: f"Step {s} Loss: {1.0 / (s + 1):.4f}\r" * 3)
     out["empty"] = synth.wandb_run(root / "empty", "dynamics_2026_11_28_07_05_00", cfg, [])
     # A resumed stage: the second file re-logs steps 150.. after a restart.
-    out["resume_a"] = synth.wandb_run(root / "resume" , "latent_actions_2026_11_28_07_06_00", lam_cfg,
+    out["resume_a"] = synth.wandb_run(root / "resume", "latent_actions_2026_11_28_07_06_00", lam_cfg,
                                       synth.curve_rows("latent_actions", 200, seed=5, log_interval=10,
                                                        actions=synth.healthy_actions()))
     out["resume_b"] = synth.wandb_run(root / "resume", "latent_actions_2026_11_28_07_07_00", lam_cfg,
                                       [dict(r, _step=r["_step"] + 150) for r in
                                        synth.curve_rows("latent_actions", 100, seed=6, start=0.2,
                                                         log_interval=10, actions=synth.healthy_actions())])
+    out["root"] = root
+    return out
+
+
+@pytest.fixture(scope="session")
+def shapes(tmp_path_factory) -> dict:
+    """Real offline wandb runs in the failure shapes of genuine TinyWorlds runs."""
+    from twdiag import synth
+    root = tmp_path_factory.mktemp("shapes")
+    out = {}
+    n = 1200
+    chance = math.log(1024)
+
+    def blowup_back(step):  # learns, blows up ~3x chance, comes back as the cosine lr decays
+        if step < 300:
+            return 6.9 * math.exp(-step / 120) + 2.0
+        if step < 700:
+            return 2.2 + 19.0 * math.sin(math.pi * (step - 300) / 400) ** 0.5
+        return 2.2 + 3.0 * math.exp(-(step - 700) / 150)
+    cfg = synth.stage_config("dynamics", n_updates=n, gradient_accumulation_steps=4)
+    out["dyn_blowup_back"] = synth.wandb_run(
+        root / "a", "dynamics_2026_11_29_01_00_00", cfg,
+        synth.curve_rows("dynamics", n, seed=7, loss_fn=blowup_back, noise=0.03, n_updates=n, base_lr=0.01,
+                         gas=4, actions=synth.healthy_actions()))
+    # dynamics near 3x chance on the real scale, logged / 4: "0.79 of chance" if read as logged
+    out["dyn_3x_chance"] = synth.wandb_run(
+        root / "b", "dynamics_2026_11_29_01_01_00", cfg,
+        synth.curve_rows("dynamics", 600, seed=8, loss_fn=lambda s: chance * (1.2 + 1.8 * min(1, s / 200)),
+                         noise=0.03, n_updates=n, base_lr=0.01, gas=4, actions=synth.healthy_actions()))
+    lam_cfg = synth.stage_config("latent_actions", n_updates=n, log_interval=10, n_actions=8,
+                                 learning_rate=1e-4)
+    out["lam_never_learned"] = synth.wandb_run(
+        root / "c", "latent_actions_2026_11_29_01_02_00", lam_cfg,
+        synth.curve_rows("latent_actions", 600, seed=9, loss_fn=lambda s: 1.4 - 0.0001 * s, noise=0.01,
+                         log_interval=10, actions=synth.collapsed_actions, base_lr=1e-4,
+                         encoder_variance=lambda s: 1.5e-7 + 1e-10 * s))
+
+    def narrowing(step, rng):  # the incident's phases, late entropy at 42% of ln 8
+        phase = min(2, step * 3 // 600)
+        e = (0.93, 1.05, 0.875)[phase] + rng.normal(0, 0.08)
+        u = int(round((4.6, 5.0, 4.3)[phase] + rng.normal(0, 0.4)))
+        return u, float(e)
+    out["lam_narrowing"] = synth.wandb_run(
+        root / "d", "latent_actions_2026_11_29_01_03_00", lam_cfg,
+        synth.curve_rows("latent_actions", 600, seed=10, start=1.4, end=0.03, log_interval=5,
+                         actions=narrowing))
+    tok_cfg = synth.stage_config("video_tokenizer", n_updates=n)
+    out["tok_exploded"] = synth.wandb_run(
+        root / "e", "video_tokenizer_2026_11_29_01_04_00", tok_cfg,
+        synth.curve_rows("video_tokenizer", 400, seed=11, loss_fn=lambda s: 0.47 if s < 8 else 4.0 + 0.001 * s,
+                         noise=0.02))
     out["root"] = root
     return out
 
@@ -107,3 +193,20 @@ def incident(tmp_path_factory) -> dict:
         files[stage] = synth.wandb_run(root, name, cfg, rows, project="tinyworlds-incident")
     files["root"] = root
     return files
+
+
+@pytest.fixture(scope="session")
+def incident_bundle(tmp_path_factory, incident) -> Path:
+    """The incident's logs plus its 28 dynamics checkpoints, 25 of them {}."""
+    import torch
+
+    from twdiag import synth
+    b = tmp_path_factory.mktemp("incident_bundle") / "bundle"
+    shutil.copytree(incident["root"] / "wandb", b / "wandb")
+    stage_dir = b / "results" / "2026_02_06_00_44_34" / "dynamics"
+    for step in range(0, 56000, 2000):
+        d = synth.write_checkpoint(stage_dir, "dynamics", step, config={})
+        if step not in (26000, 44000, 52000):
+            torch.save({}, d / "model_state_dict.pt")
+            torch.save({}, d / "optim_state_dict.pt")
+    return b

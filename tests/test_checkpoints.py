@@ -1,23 +1,31 @@
-"""check_ckpts on real torch.save output in TinyWorlds' layout, with real damage."""
+"""Checkpoints on real torch.save output in TinyWorlds' layout: every damage
+kind gets its status, the allowlist holds against an attack corpus built at
+test time (nothing ever runs, nothing is ever valid, memory stays bounded),
+and the fallback is health-aware."""
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
-import stat
+import struct
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, tree_fingerprint
+from conftest import ROOT, SAMPLE, cli, tree_fingerprint
 
 torch = pytest.importorskip("torch")
 
-from twdiag import checkpoints, rules, synth  # noqa: E402
+from twdiag import bundle, checkpoints, fallback, ptfile, rules, synth  # noqa: E402
 
 TS = synth.TS
+T = rules.load_thresholds()
+LIMITS = ptfile.Limits.from_thresholds(T)
+pytestmark = pytest.mark.fast
 
 
 class Evil:
@@ -29,6 +37,8 @@ class Evil:
     def __reduce__(self):
         if self.how == "system":
             return (os.system, (f"touch {self.marker}",))
+        if self.how == "getoutput":  # pickled at protocol 2 as commands.getoutput
+            return (subprocess.getoutput, (f"touch {self.marker}",))
         return (open, (str(self.marker), "w"))
 
 
@@ -39,7 +49,6 @@ def _flip(path: Path, offset: int) -> None:
 
 
 def _entry_offset(path: Path, suffix: str) -> int:
-    import zipfile
     with zipfile.ZipFile(path) as zf:
         info = next(i for i in zf.infolist() if i.filename.endswith(suffix))
         with zf.open(info) as fh:
@@ -47,235 +56,323 @@ def _entry_offset(path: Path, suffix: str) -> int:
         return info.header_offset + 30 + len(info.filename.encode()) + len(info.extra) + info.file_size // 2
 
 
+def torch_zip(path: Path, data_pkl: bytes, extra: dict | None = None, compress: int = zipfile.ZIP_STORED,
+              duplicate: bytes | None = None, prefix: str = "archive") -> Path:
+    """A zip in torch.save's layout around a hand-made pickle."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as zf:
+        zf.writestr(f"{prefix}/data.pkl", data_pkl, compress_type=compress)
+        zf.writestr(f"{prefix}/byteorder", "little")
+        zf.writestr(f"{prefix}/version", "3\n")
+        for name, blob in (extra or {}).items():
+            zf.writestr(f"{prefix}/{name}", blob)
+        if duplicate is not None:
+            import warnings
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                zf.writestr(f"{prefix}/data.pkl", duplicate)
+    return path
+
+
+def _check(path: Path, allow_config: bool = True) -> ptfile.FileCheck:
+    return ptfile.check_file(path, LIMITS, allow_config)
+
+
 @pytest.fixture(scope="session")
 def zoo(tmp_path_factory) -> dict:
-    """One dynamics checkpoints dir, one anomaly per step, plus healthy upstream
-    stages that the dynamics config points at from an old host path."""
+    """One dynamics checkpoints dir, one anomaly per step."""
     root = tmp_path_factory.mktemp("ckzoo") / "bundle"
     run = root / "results" / TS
     for stage in ("video_tokenizer", "latent_actions"):
         for step in (0, 60, 120, 180):
             synth.write_checkpoint(run / stage, stage, step, seed=1)
     dyn = run / "dynamics"
-    steps = {}
-    for step in range(0, 1100, 100):
-        steps[step] = synth.write_checkpoint(dyn, "dynamics", step, seed=2)
+    steps = {step: synth.write_checkpoint(dyn, "dynamics", step, seed=2) for step in range(0, 1100, 100)}
     torch.save({}, steps[100] / "model_state_dict.pt")      # multi-rank {} overwrite
     torch.save({}, steps[100] / "optim_state_dict.pt")
     m = steps[200] / "model_state_dict.pt"                     # disk full mid-save
     m.write_bytes(m.read_bytes()[: m.stat().st_size // 2])
-    _flip(steps[300] / "model_state_dict.pt",                  # bit rot in the pickle
-          _entry_offset(steps[300] / "model_state_dict.pt", "data.pkl"))
+    _flip(steps[300] / "model_state_dict.pt", _entry_offset(steps[300] / "model_state_dict.pt", "data.pkl"))
     synth.write_checkpoint(dyn, "dynamics", 400, seed=2, nan=True)
     (steps[500] / "optim_state_dict.pt").unlink()
     marker = root.parent / "pwned"
     torch.save({"step": 600, "config": Evil(marker)}, steps[600] / "state.pt")
     torch.save({"w": Evil(marker, "open")}, steps[700] / "model_state_dict.pt", pickle_protocol=4)
-    state = steps[800] / "state.pt"                            # saved step != folder step
-    shutil.copy(steps[900] / "state.pt", state)
-    _flip(steps[900] / "model_state_dict.pt",                  # bit rot in tensor data
-          _entry_offset(steps[900] / "model_state_dict.pt", "data/0"))
+    shutil.copy(steps[900] / "state.pt", steps[800] / "state.pt")  # saved step != folder step
+    _flip(steps[900] / "model_state_dict.pt", _entry_offset(steps[900] / "model_state_dict.pt", "data/0"))
     (steps[1000] / "model_state_dict.pt").write_bytes(b"")   # zero bytes
     return {"root": root, "run": run, "dyn": dyn, "steps": steps, "marker": marker}
 
 
-def _statuses(res) -> dict:
-    return {c.step: c.status for c in res.checkpoints}
+def _stage(path: Path) -> checkpoints.StageResult:
+    b = bundle.discover([path])
+    (stage, art), = [(s, a) for s, a in b.stages.items() if a.checkpoints]
+    return checkpoints.check_stage(art, LIMITS)
 
 
 def test_each_anomaly_gets_its_status_and_nothing_runs(zoo):
-    th = rules.load_thresholds()
-    sc = checkpoints.discover(zoo["dyn"] / "checkpoints")[0]
-    res = checkpoints.check_stage(sc, th, deep="all")
-    got = _statuses(res)
+    res = _stage(zoo["dyn"] / "checkpoints")
+    fb = fallback.decide(res, None, None, {}, T, deep="all")
+    got = {c.step: c.status for c in res.checkpoints}
     assert got == {0: "valid", 100: "empty", 200: "truncated", 300: "corrupt", 400: "non_finite",
                    500: "missing_files", 600: "unsafe_pickle", 700: "unsafe_pickle",
                    800: "inconsistent", 900: "corrupt", 1000: "truncated"}
     assert not zoo["marker"].exists()
     by_step = {c.step: c for c in res.checkpoints}
-    assert "system" in by_step[600].problems[0].detail  # posix.system on Linux
+    assert "system" in by_step[600].problems[0].detail and "allowlist" in by_step[600].problems[0].detail
     assert "saved step 900" in by_step[800].problems[0].detail
     assert "CRC" in " ".join(p.detail for p in by_step[900].problems)
     assert "encoder.layers.0.weight (1)" in by_step[400].problems[0].detail
     size = (zoo["steps"][100] / "model_state_dict.pt").stat().st_size
     assert f"0 items, {size} bytes" in by_step[100].problems[0].detail
+    # only step 0 is intact, and step 0 is the initialisation: restart
+    assert fb["step"] is None and fb["restart"] is True and "step 0" in fb["reason"]
 
 
-def test_default_mode_deep_scans_only_what_matters(zoo):
-    th = rules.load_thresholds()
-    sc = checkpoints.discover(zoo["dyn"] / "checkpoints")[0]
-    res = checkpoints.check_stage(sc, th, deep="auto")
-    got = _statuses(res)
-    # Newest first until one passes: 900 fails its tensor CRC, 400 holds NaN,
-    # 0 passes; 800 looked inconsistent, so it was scanned too. Nothing else.
-    assert by_deep(res) == {900: "failed", 800: "passed", 400: "failed", 0: "passed"}
-    assert got[900] == "corrupt" and got[400] == "non_finite"
-    assert res.fallback.step == 0
-    doc = checkpoints.stage_document(res)
-    assert doc["recommended_fallback"]["step"] == 0
-    assert doc["latest"]["status"] == "truncated" and doc["latest_resumable"] is False
+def test_default_mode_deep_scans_only_what_decides(zoo):
+    res = _stage(zoo["dyn"] / "checkpoints")
+    fb = fallback.decide(res, None, None, {}, T, deep="auto")
+    deep = {c.step: c.deep for c in res.checkpoints if c.deep != "no"}
+    # 800 looked inconsistent (scanned); 900 is the newest valid-looking one and
+    # fails its tensor CRC; 400 holds NaN; step 0 is the reference (weights only)
+    assert deep == {0: "passed", 400: "failed", 800: "passed", 900: "failed"}
+    assert {c.step: c.status for c in res.checkpoints}[400] == "non_finite"
+    assert fb["step"] is None and fb["restart"] is True
+    assert res.checkpoints[0].deep_files == ["model_state_dict.pt"]
 
 
-def by_deep(res) -> dict:
-    return {c.step: c.deep for c in res.checkpoints if c.deep != "no"}
+def test_sample_checkpoints_stay_valid(sample_bundle):
+    """The allowlist must not cry wolf on genuine TinyWorlds files."""
+    b = bundle.discover([sample_bundle])
+    for stage, art in b.stages.items():
+        res = checkpoints.check_stage(art, LIMITS)
+        assert [c.status for c in res.checkpoints] == ["valid"] * 4, stage
+        state = res.checkpoints[-1].files["state.pt"]
+        assert {"utils.config.DistributedConfig", "utils.config.DeviceType"} <= set(state.globals)
+        fb = fallback.decide(res, None, None, {}, T)
+        assert fb["step"] == 180 and fb["verified"]["level"] == "deep scan"
+        assert fb["verified"]["deep_scanned"] == ["model_state_dict.pt", "optim_state_dict.pt"]
 
 
-def test_old_tensor_damage_needs_deep_all(tmp_path):
-    th = rules.load_thresholds()
-    stage = tmp_path / "results" / TS / "latent_actions"
-    old = synth.write_checkpoint(stage, "latent_actions", 0)
-    synth.write_checkpoint(stage, "latent_actions", 60)
-    _flip(old / "optim_state_dict.pt", _entry_offset(old / "optim_state_dict.pt", "data/1"))
-    sc = checkpoints.discover(stage)[0]
-    auto = checkpoints.check_stage(sc, th, deep="auto")
-    assert by_deep(auto) == {60: "passed"} and _statuses(auto)[0] == "valid"
-    full = checkpoints.check_stage(sc, th, deep="all")
-    assert _statuses(full) == {0: "corrupt", 60: "valid"}
+ATTACK_GLOBALS = [  # module, name: a route to code, files or the network, none on a blocklist
+    ("commands", "getoutput"), ("__builtin__", "eval"), ("pydoc", "pipepager"), ("torch.hub", "load"),
+    ("torch.serialization", "load"), ("numpy", "load"), ("pandas.io.pickle", "read_pickle"),
+    ("builtins", "getattr"), ("timeit", "timeit"), ("torch._C", "_jit_pass_lower_all_tuples"),
+    ("utils.config", "os"), ("torch", "load"), ("collections", "UserString"), ("copyreg", "_reconstructor"),
+]
 
 
-def test_stage_findings_name_the_fallback(zoo):
-    th = rules.load_thresholds()
-    out = checkpoints.analyse([zoo["root"]], th)
-    dyn = out["doc"]["stages"]["dynamics"]
-    assert dyn["verdict"] == "critical"
-    ids = {f["rule_id"]: f for f in dyn["findings"]}
-    assert {"ckpt_unsafe_pickle", "ckpt_invalid_ratio", "ckpt_latest_unusable"} <= set(ids)
-    assert "dynamics_step_0" in ids["ckpt_latest_unusable"]["message"]
-    assert ids["ckpt_invalid_ratio"]["value"] >= th["checkpoints"]["invalid_ratio_critical"]
-    # Upstream stages are healthy, and the old host path resolves by suffix.
-    assert out["doc"]["stages"]["video_tokenizer"]["verdict"] == "normal"
-    deps = {d["key"]: d for d in out["doc"]["dependencies"]}
-    assert deps["video_tokenizer_path"]["status"] == "valid"
-    assert deps["video_tokenizer_path"]["resolved"].startswith(str(zoo["root"]))
-    assert deps["latent_actions_path"]["how"].startswith("results/")
+def _global_pickle(module: str, name: str, marker: Path) -> bytes:
+    arg = f"touch {marker}".encode()
+    return (b"\x80\x02c" + module.encode() + b"\n" + name.encode() + b"\n"
+            + b"X" + struct.pack("<I", len(arg)) + arg + b"\x85R.")
 
 
-def test_state_pt_with_unimportable_classes_reads_inertly(zoo):
-    ck = checkpoints.check_checkpoint("dynamics", 0, zoo["steps"][0], rules.load_thresholds())
-    fc = ck.files["state.pt"]
-    assert fc.foreign_globals == ["utils.config.DeviceType"]
-    assert "utils.config" not in sys.modules
-    cfg = checkpoints.config_of(ck)
-    assert cfg["device"] == "utils.config.DeviceType()" and cfg["n_actions"] == 4
-    with pytest.raises(Exception):  # the real loader refuses it, as in TinyWorlds
-        torch.load(zoo["steps"][0] / "state.pt", weights_only=True)
+@pytest.fixture(scope="session")
+def attacks(tmp_path_factory, zoo) -> dict:
+    """A hostile corpus, built with real pickles and zips."""
+    root = tmp_path_factory.mktemp("attacks")
+    marker = root / "PWNED"
+    files = {}
+    for module, name in ATTACK_GLOBALS:
+        files[f"global {module}.{name}"] = torch_zip(root / f"g_{module}_{name}" / "state.pt",
+                                                     _global_pickle(module, name, marker))
+    files["protocol-2 alias of subprocess"] = root / "alias" / "state.pt"
+    files["protocol-2 alias of subprocess"].parent.mkdir()
+    torch.save({"config": Evil(marker, "getoutput"), "step": 0}, files["protocol-2 alias of subprocess"])
+    files["bytearray(3<<30) in a model file"] = torch_zip(
+        root / "bomb_bytes" / "model_state_dict.pt",
+        b"\x80\x02c__builtin__\nbytearray\n\x8a\x05" + (3 << 30).to_bytes(5, "little", signed=True) + b"\x85R.")
+    files["list(range(10**8))"] = torch_zip(
+        root / "bomb_list" / "state.pt",
+        b"\x80\x02c__builtin__\nlist\nc__builtin__\nxrange\nJ" + struct.pack("<i", 10 ** 8) + b"\x85R\x85R.")
+    files["memo index 2**30"] = torch_zip(root / "memo" / "state.pt", b"\x80\x02]r" + struct.pack("<I", 1 << 30) + b".")
+    big = list(range(200_000))
+    opt = {"state": {0: {}}, "param_groups": [{"params": big, "lr": 0.1}] * 40_000}
+    files["40k refs to one big param group"] = root / "refs" / "optim_state_dict.pt"
+    files["40k refs to one big param group"].parent.mkdir()
+    torch.save(opt, files["40k refs to one big param group"])
+    files["duplicate data.pkl"] = torch_zip(root / "dup" / "state.pt", pickle.dumps({"step": 0}, protocol=2),
+                                            duplicate=_global_pickle("os", "system", marker))
+    files["deflate bomb"] = torch_zip(root / "deflate" / "state.pt", b"\x80\x02}." + b"\0" * (64 << 20),
+                                      compress=zipfile.ZIP_DEFLATED)
+    enc = torch_zip(root / "enc" / "state.pt", pickle.dumps({"step": 0}, protocol=2))
+    raw = bytearray(enc.read_bytes())
+    raw[6] |= 1  # the encrypted flag in the first local header
+    cd = raw.rfind(b"PK\x01\x02", 0, len(raw))
+    first_cd = raw.find(b"PK\x01\x02")
+    raw[first_cd + 8] |= 1
+    enc.write_bytes(bytes(raw))
+    files["encrypted flag"] = enc
+    files["unknown compression"] = torch_zip(root / "lzma" / "state.pt", pickle.dumps({"step": 0}, protocol=2),
+                                             compress=zipfile.ZIP_LZMA)
+    files["entry outside the layout"] = torch_zip(root / "extra" / "state.pt", pickle.dumps({"step": 0}, protocol=2),
+                                                  extra={"../../evil.py": b"import os"})
+    files["tensor shape 'ab'"] = torch_zip(
+        root / "shape" / "model_state_dict.pt",
+        b"\x80\x02}X\x01\x00\x00\x00wctorch._utils\n_rebuild_tensor_v2\n(NK\x00U\x02ab)tRs.")
+    del cd
+    return {"root": root, "files": files, "marker": marker}
 
 
-def test_empty_checkpoint_is_found_without_torch(zoo, monkeypatch):
-    monkeypatch.setattr(checkpoints, "torch_available", lambda: False)
-    out = checkpoints.analyse([zoo["dyn"] / "checkpoints" / "dynamics_step_100"], rules.load_thresholds())
-    doc = out["doc"]
-    assert doc["deep_mode"].startswith("unavailable")
-    st = doc["stages"]["dynamics"]
-    assert st["latest"]["status"] == "empty" and st["total"] == 1
-    assert (zoo["steps"][100] / "model_state_dict.pt").stat().st_size < 2000
-
-
-def test_missing_dependency_and_empty_dependency(tmp_path):
-    th = rules.load_thresholds()
-    run = tmp_path / "b" / "results" / TS
-    synth.write_checkpoint(run / "dynamics", "dynamics", 0)
-    out = checkpoints.analyse([tmp_path / "b"], th)
-    f = out["doc"]["stages"]["dynamics"]["findings"]
-    assert [(x["rule_id"], x["metric"]) for x in f] == [
-        ("ckpt_dependency_missing", "video_tokenizer_path"),
-        ("ckpt_dependency_missing", "latent_actions_path")]
-    d = synth.write_checkpoint(run / "video_tokenizer", "video_tokenizer", 180)
-    torch.save({}, d / "model_state_dict.pt")
-    out = checkpoints.analyse([tmp_path / "b"], th)
-    ids = {x["rule_id"]: x for x in out["doc"]["stages"]["dynamics"]["findings"]}
-    assert ids["ckpt_dependency_invalid"]["severity"] == "critical"
-    assert ids["ckpt_dependency_invalid"]["value"] == "empty"
-
-
-def test_cli_read_only_bundle_unchanged(tmp_path, zoo):
-    ro = tmp_path / "ro"
-    shutil.copytree(zoo["root"], ro)
-    before = tree_fingerprint(ro)
-    for p in [ro, *ro.rglob("*")]:
-        p.chmod(p.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
-    try:
-        r = subprocess.run([sys.executable, str(ROOT / "scripts" / "check_ckpts.py"), str(ro),
-                            "--out-dir", str(tmp_path / "out")], capture_output=True, text=True)
-    finally:
-        for p in [ro, *ro.rglob("*")]:
-            p.chmod(p.stat().st_mode | stat.S_IWUSR)
-    assert r.returncode == 0, r.stderr
+def test_attack_corpus_never_valid_never_runs_and_stays_small(attacks):
+    """Checked in a fresh process so peak RSS is the check's own."""
+    code = """
+import json, resource, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from twdiag import ptfile, rules
+limits = ptfile.Limits.from_thresholds(rules.load_thresholds())
+out = {}
+for label, path in json.loads(sys.argv[2]).items():
+    fc = ptfile.check_file(Path(path), limits, Path(path).name == "state.pt")
+    out[label] = [[p.status, p.detail] for p in fc.problems]
+print(json.dumps({"files": out, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+    files = {k: str(v) for k, v in attacks["files"].items()}
+    r = subprocess.run([sys.executable, "-c", code, str(ROOT), json.dumps(files)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
     doc = json.loads(r.stdout)
-    assert doc["overall"] == "critical"
-    assert doc["stages"]["dynamics"]["recommended_fallback"]["step"] == 0
-    assert tree_fingerprint(ro) == before
-    details = json.loads((tmp_path / "out" / "checkpoints.json").read_text())
-    assert len(details["checkpoints"]["dynamics"]) == 11
-    assert "Traceback" not in r.stderr
+    assert not attacks["marker"].exists()
+    assert doc["rss_mb"] < 1024, doc["rss_mb"]
+    for label, problems in doc["files"].items():
+        if label == "40k refs to one big param group":
+            continue  # a legal pickle: it must just be bounded (and it is not a valid checkpoint alone)
+        assert problems, f"{label} was not flagged"
+        assert problems[0][0] in ("unsafe_pickle", "corrupt", "inconsistent"), (label, problems)
+    for module, name in ATTACK_GLOBALS:
+        detail = doc["files"][f"global {module}.{name}"][0]
+        assert detail[0] == "unsafe_pickle" and f"{module}.{name}" in detail[1], detail
+    alias = doc["files"]["protocol-2 alias of subprocess"][0]
+    assert alias[0] == "unsafe_pickle" and "resolves to subprocess.getoutput" in alias[1]
+    assert "budget" in doc["files"]["bytearray(3<<30) in a model file"][0][1]
+    assert "budget" in doc["files"]["memo index 2**30"][0][1] or "MiB" in doc["files"]["memo index 2**30"][0][1]
+    assert "duplicate" in doc["files"]["duplicate data.pkl"][0][1]
+    assert "not inflated" in doc["files"]["deflate bomb"][0][1]
+    assert "encrypted" in doc["files"]["encrypted flag"][0][1]
+    assert "outside the torch.save layout" in doc["files"]["entry outside the layout"][0][1]
+    assert "not a tuple of non-negative ints" in doc["files"]["tensor shape 'ab'"][0][1]
 
 
-def test_cli_errors_and_help(tmp_path):
-    script = str(ROOT / "scripts" / "check_ckpts.py")
-    r = subprocess.run([sys.executable, script, str(tmp_path / "nope")], capture_output=True, text=True)
-    assert r.returncode == 3 and json.loads(r.stdout)["error"].startswith("input does not exist")
-    (tmp_path / "empty").mkdir()
-    r = subprocess.run([sys.executable, script, str(tmp_path / "empty")], capture_output=True, text=True)
-    assert r.returncode == 3 and json.loads(r.stdout)["stages"] == {}
-    h = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True)
-    assert h.returncode == 0 and "examples:" in h.stdout and "--deep" in h.stdout
+def test_a_malicious_state_pt_is_never_the_fallback(tmp_path):
+    """A checkpoint whose state.pt reaches a command runner through an alias
+    is unsafe_pickle (never valid, never the fallback), whatever the model
+    and optimizer files look like; the deep scan does not certify state.pt."""
+    d = tmp_path / "results" / TS / "dynamics"
+    for step in (0, 100, 200):
+        synth.write_checkpoint(d, "dynamics", step)
+    newest = d / "checkpoints" / "dynamics_step_200" / "state.pt"
+    torch.save({"config": Evil(tmp_path / "x", "getoutput"), "step": 200}, newest)
+    code, doc, _ = cli("ckpts", tmp_path)
+    st = doc["stages"]["dynamics"]
+    assert code == 0 and st["fallback"]["step"] == 100
+    assert st["latest"]["status"] == "unsafe_pickle" and not (tmp_path / "x").exists()
+    assert "ckpt_unsafe_pickle" in {f["rule_id"] for f in st["findings"]} and st["verdict"] == "critical"
+    assert st["fallback"]["verified"]["allowlist_checked"] == ["model_state_dict.pt", "optim_state_dict.pt",
+                                                              "state.pt"]
 
 
-def test_sample_bundle_checkpoints(sample_bundle):
-    out = checkpoints.analyse([sample_bundle], rules.load_thresholds())
-    st = out["doc"]["stages"]
-    assert {s: v["verdict"] for s, v in st.items()} == dict.fromkeys(
-        ("video_tokenizer", "latent_actions", "dynamics"), "normal")
-    assert st["video_tokenizer"]["model"] == {"tensors": 61, "parameters": 8398}
-    assert st["dynamics"]["model"] == {"tensors": 33, "parameters": 21039}
-    assert st["latent_actions"]["state"]["scheduler"] is None
-    assert all(d["status"] == "valid" for d in out["doc"]["dependencies"])
+@pytest.mark.parametrize("what", ["params 5", "params [[1]]", "mixed keys"])
+def test_odd_but_legal_structures_are_reasons_not_crashes(tmp_path, what):
+    d = synth.write_checkpoint(tmp_path / "results" / TS / "dynamics", "dynamics", 100)
+    if what == "params 5":
+        torch.save({"state": {0: {}}, "param_groups": [{"params": 5, "lr": 1.0}]}, d / "optim_state_dict.pt")
+    elif what == "params [[1]]":
+        torch.save({"state": {0: {}}, "param_groups": [{"params": [[1]], "lr": 1.0}]}, d / "optim_state_dict.pt")
+    else:
+        torch.save({"a": torch.zeros(2), 3: torch.zeros(2)}, d / "model_state_dict.pt")
+    code, doc, _ = cli("ckpts", tmp_path)
+    assert code == 0, doc
+    assert doc["stages"]["dynamics"]["latest"]["status"] == "inconsistent"
 
 
-def test_fresh_truncated_latest_is_in_progress_not_broken(tmp_path):
-    th = rules.load_thresholds()
-    stage = tmp_path / "results" / TS / "latent_actions"
-    synth.write_checkpoint(stage, "latent_actions", 0)
-    new = synth.write_checkpoint(stage, "latent_actions", 60)
-    m = new / "model_state_dict.pt"
-    m.write_bytes(m.read_bytes()[:1000])  # mid-save
-    written = max(p.stat().st_mtime for p in new.iterdir())
-    fresh = checkpoints.analyse([tmp_path], th, now=written + 5)["doc"]["stages"]["latent_actions"]
-    assert fresh["verdict"] == "normal"
-    assert [f["rule_id"] for f in fresh["findings"]] == ["ckpt_latest_in_progress"]
-    assert fresh["recommended_fallback"]["step"] == 0
-    old = checkpoints.analyse([tmp_path], th, now=written + 3600)["doc"]["stages"]["latent_actions"]
-    assert old["verdict"] == "critical"
-    assert "ckpt_latest_unusable" in {f["rule_id"] for f in old["findings"]}
+def test_special_files_are_skipped_with_a_reason(tmp_path):
+    cdir = tmp_path / "results" / TS / "dynamics" / "checkpoints"
+    synth.write_checkpoint(cdir.parent, "dynamics", 100)
+    os.symlink("/dev/zero", cdir / "dynamics_checkpoint_300.pt")
+    os.symlink(tmp_path / "nowhere", cdir / "dynamics_checkpoint_400.pt")
+    loop = cdir / "dynamics_checkpoint_500.pt"
+    os.symlink(loop, loop)
+    os.mkfifo(cdir / "dynamics_checkpoint_600.pt")
+    code, doc, _ = cli("ckpts", tmp_path)
+    reasons = {Path(s["path"]).name: s["reason"] for s in doc["skipped"]}
+    assert code == 0 and doc["stages"]["dynamics"]["total"] == 1
+    assert "character device" in reasons["dynamics_checkpoint_300.pt"]
+    assert "dangling symlink" in reasons["dynamics_checkpoint_400.pt"]
+    assert "symlink loop" in reasons["dynamics_checkpoint_500.pt"]
+    assert "FIFO" in reasons["dynamics_checkpoint_600.pt"]
 
 
-def test_shared_reference_bomb_is_walked_once(tmp_path):
-    """A pickle can nest one list under itself many times: 2**40 paths in a
-    few hundred bytes. The checker must not walk every path (if it did, this
-    test would never finish)."""
-    th = rules.load_thresholds()
-    d = synth.write_checkpoint(tmp_path / "results" / TS / "latent_actions", "latent_actions", 0)
-    bomb: list = []
-    for _ in range(40):
-        bomb = [bomb, bomb]
-    model = torch.load(d / "model_state_dict.pt", weights_only=True)
-    torch.save({**model, "bomb": bomb}, d / "model_state_dict.pt")
-    sc = checkpoints.discover(d)[0]
-    res = checkpoints.check_stage(sc, th, deep="all")
-    assert res.checkpoints[0].status == "valid"
-    assert res.checkpoints[0].fact("model_state_dict.pt", "tensors") == 6
+def _weights_story(root: Path, stage: str = "dynamics", blown_from: int | None = None) -> Path:
+    d = root / "results" / TS / stage
+    for step in range(0, 1000, 100):
+        scale = 100.0 if blown_from is not None and step >= blown_from else 1.0 + step / 1000
+        synth.write_checkpoint(d, stage, step, seed=3, scale=scale)
+    return d
 
 
-def test_single_file_checkpoints_by_alias(tmp_path):
-    """Forks save one `<name>_checkpoint_<N>.pt` holding the model under a key,
-    and name the latent-action stage `lam`."""
-    ckdir = tmp_path / "results" / TS / "lam" / "checkpoints"
-    ckdir.mkdir(parents=True)
-    weights = {"enc.weight": torch.randn(8, 8), "enc.bias": torch.zeros(8)}
-    torch.save({"model_state_dict": weights, "step": 100}, ckdir / "lam_checkpoint_100.pt")
-    torch.save({"model_state_dict": {}, "step": 200}, ckdir / "lam_checkpoint_200.pt")
-    out = checkpoints.analyse([tmp_path], rules.load_thresholds())["doc"]["stages"]
-    st = out["latent_actions"]
-    assert st["total"] == 2 and st["steps_by_status"] == {"valid": [100], "empty": [200]}
-    assert st["recommended_fallback"]["step"] == 100 and st["recommended_fallback"]["verified"] == "deep scan"
-    assert st["model"] == {"tensors": 2, "parameters": 72}
+def test_weights_blown_up_is_evidence(tmp_path):
+    _weights_story(tmp_path, blown_from=600)
+    res = _stage(tmp_path / "results" / TS / "dynamics" / "checkpoints")
+    fb = fallback.decide(res, None, None, {}, T)
+    assert fb["step"] == 500 and fb["onset"] == {"step": 600, "rule_id": "weights_blowup"}
+    assert fb["newest_intact"]["step"] == 900 and "x the earliest" in fb["newest_intact"]["why_not_fallback"]
+    row = {r["step"]: r for r in fb["checkpoints"]}
+    assert row[900]["weights_vs_earliest"] > 50 and row[500]["weights_vs_earliest"] < 2
+
+
+def test_history_onset_moves_the_fallback_and_step0_is_never_one(tmp_path):
+    _weights_story(tmp_path)
+    res = _stage(tmp_path / "results" / TS / "dynamics" / "checkpoints")
+    fb = fallback.decide(res, None, {"metrics": {"onsets": {"loss_blowup": 350}}}, {}, T)
+    assert fb["step"] == 300 and fb["newest_intact"]["step"] == 900
+    assert "after the onset of loss_blowup at step 350" in fb["newest_intact"]["why_not_fallback"]
+    res = _stage(tmp_path / "results" / TS / "dynamics" / "checkpoints")
+    fb = fallback.decide(res, None, {"metrics": {"onsets": {"action_collapse": 0}}}, {}, T)
+    assert fb["step"] is None and fb["restart"] is True
+    assert "step 0" in fb["reason"] and "untrained initialisation" in fb["reason"]
+
+
+def test_bundle_unchanged_and_read_only_works(zoo):
+    before = tree_fingerprint(zoo["root"])
+    paths = [zoo["root"], *zoo["root"].rglob("*")]
+    for p in paths:
+        p.chmod(p.stat().st_mode & ~0o222)
+    try:
+        code, doc, err = cli("ckpts", zoo["root"], "--deep", "all")
+    finally:
+        for p in paths:
+            p.chmod(p.stat().st_mode | 0o200)
+    assert code == 0 and "Traceback" not in err
+    assert tree_fingerprint(zoo["root"]) == before
+
+
+def test_dynamics_dependencies_resolve_by_suffix_and_stay_inside(tmp_path):
+    run = tmp_path / "bundle" / "results" / TS
+    for stage in ("video_tokenizer", "latent_actions"):
+        synth.write_checkpoint(run / stage, stage, 180)
+    cfg = synth.stage_config("dynamics", video_tokenizer_path="/etc", latent_actions_path=(
+        f"/old/host/results/{TS}/latent_actions/checkpoints/latent_actions_step_180"))
+    synth.write_checkpoint(run / "dynamics", "dynamics", 100, config=cfg)
+    code, doc, _ = cli("ckpts", tmp_path / "bundle")
+    deps = {d["key"]: d for d in doc["dependencies"]}
+    assert deps["latent_actions_path"]["status"] == "valid"
+    assert deps["video_tokenizer_path"]["resolved"] is None
+    assert "outside it and was not read" in deps["video_tokenizer_path"]["how"]
+
+
+def test_a_damaged_upstream_file_makes_healthy_dynamics_watch_not_critical(tmp_path):
+    run = tmp_path / "results" / TS
+    synth.write_checkpoint(run / "video_tokenizer", "video_tokenizer", 180)
+    lam = synth.write_checkpoint(run / "latent_actions", "latent_actions", 180)
+    torch.save({}, lam / "model_state_dict.pt")
+    for step in (0, 100, 200):
+        synth.write_checkpoint(run / "dynamics", "dynamics", step, config=synth.stage_config(
+            "dynamics", video_tokenizer_path=str(run / "video_tokenizer/checkpoints/video_tokenizer_step_180"),
+            latent_actions_path=str(lam)))
+    code, doc, _ = cli("ckpts", tmp_path)
+    dyn = doc["stages"]["dynamics"]
+    assert dyn["verdict"] == "watch" and dyn["fallback"]["step"] == 200
+    f = next(f for f in dyn["findings"] if f["rule_id"] == "ckpt_dependency_invalid")
+    assert f["severity"] == "watch" and "Restore" not in f["message"] and "restore" in f["message"]

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, tree_fingerprint
+from conftest import EXAMPLES, ROOT, diagnose, tree_fingerprint
 from twdiag import compare, rules, synth
+
+pytestmark = pytest.mark.fast
 
 N = 600
 CHANGE = 300  # the step where the lr is raised / actions collapse
@@ -69,6 +71,7 @@ TH = rules.load_thresholds()
 
 
 def _cmp(cur: Path, base: Path | None) -> dict:
+    """compare.compare()'s per-stage bodies."""
     return compare.compare(cur, [base] if base else [], TH)["doc"]["stages"]
 
 
@@ -133,19 +136,32 @@ def test_cli_outputs_and_bundles_unchanged(tmp_path, cmp_runs):
 
 
 def test_examples_side_by_side_and_diagnose_baseline(tmp_path):
-    ex = ROOT / "examples"
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "diagnose.py"), str(ex / "bundle-unhealthy"),
-                        "--baseline", str(ex / "bundle-healthy"), "--out-dir", str(tmp_path),
-                        "--now", "1795856400"], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    doc = json.loads(r.stdout)
-    ids = {f["rule_id"] for f in doc["stages"]["dynamics"]["findings"]}
-    assert "drift_from_baseline" in ids
-    assert "action_diversity_drop" in {f["rule_id"] for f in doc["stages"]["latent_actions"]["findings"]}
+    """The genuine unhealthy bundle against the genuine healthy one: same
+    model and data settings, so the comparison means something."""
+    code, doc, err = diagnose(EXAMPLES / "bundle-unhealthy", "--baseline", EXAMPLES / "bundle-healthy",
+                              "--out-dir", tmp_path, "--now", "1796169600")
+    assert code == 0, err
+    full = json.loads((tmp_path / "diagnosis.json").read_text())
+    cmp = full["comparison"]["stages"]
+    assert cmp["dynamics"]["comparable"] is True and cmp["video_tokenizer"]["comparable"] is True
+    assert cmp["dynamics"]["config_diff"][0]["key"] == "learning_rate"
+    assert "drift_from_baseline" in {f["rule_id"] for f in cmp["dynamics"]["findings"]}
     from PIL import Image
     with Image.open(doc["outputs"]["compare_sheet"]) as im:
         assert max(im.size) <= 2000
     assert "## Comparison with the baseline" in (tmp_path / "diagnosis.md").read_text()
+
+
+def test_a_baseline_with_other_model_dims_gives_the_config_diff_only(tmp_path, cmp_runs):
+    other = tmp_path / "other"
+    cfg = synth.stage_config("dynamics", n_updates=N, learning_rate=1e-3, embed_dim=64, batch_size_per_gpu=64)
+    synth.wandb_run(other, "dynamics_2026_11_28_08_00_00", cfg, _rows("dynamics", 9, dt=0.001))
+    st = _cmp(cmp_runs["base"], other)["dynamics"]
+    assert st["comparable"] is False
+    assert "embed_dim 64 -> 16" in st["incomparable"] and "batch_size_per_gpu 64 -> 8" in st["incomparable"]
+    assert "drift" not in st and "throughput" not in st
+    assert {f["rule_id"] for f in st["findings"]} == {"baseline_not_comparable"}
+    assert st["verdict"] == "normal" and st["config_diff"]
 
 
 def test_checkpoints_a_thousand_times_smaller(tmp_path, cmp_runs):

@@ -10,12 +10,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, tree_fingerprint
-from twdiag import rules, synth, visuals
+from conftest import ROOT, cli, tree_fingerprint
+from twdiag import bundle, pipeline, rules, synth, visuals
 
 TS = synth.TS
-T = rules.load_thresholds()["visuals"]
+TH = rules.load_thresholds()
+T = TH["visuals"]
 LAM_TITLE = "Reconstructed Sequences (4 sequences × 4 frames)"
+pytestmark = pytest.mark.fast
+
+
+def analyse_dir(path, count=None):
+    return visuals.analyse(bundle.discover([path]), TH, count)
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +55,7 @@ def grids(tmp_path_factory) -> dict:
 
 
 def _analyse(path: Path, stage: str = "video_tokenizer") -> visuals.ImageResult:
-    return visuals.analyse_image(visuals.ImageFile(stage, 0, path), T)
+    return visuals.analyse_image(bundle.ImageFile(stage, 0, path), T)
 
 
 def test_figure_matches_tinyworlds_layout(grids):
@@ -82,15 +88,17 @@ def test_good_beats_blurry_on_fidelity(grids):
 
 
 def test_sequences_trend_and_findings(grids):
-    res = visuals.analyse([grids["bundle"]], rules.load_thresholds(), count=3)
+    res = analyse_dir(grids["bundle"], count=3)
     st = res["doc"]["stages"]
     tok, dyn, lam = st["video_tokenizer"], st["dynamics"], st["latent_actions"]
     assert tok["trend"]["trend"] == "improving" and tok["trend"]["psnr_delta_db"] > 3
+    assert len(tok["trend"]["psnr_db"]) == 6  # every image, not just first and last
     assert dyn["trend"]["trend"] == "degrading"
     ids = {f["rule_id"]: f for f in dyn["findings"]}
     assert ids["input_independent_output"]["severity"] == "critical"
     assert ids["input_independent_output"]["steps"] == [300, 400, 500]
     assert ids["input_independent_output"]["evidence_path"].endswith("dynamics_prediction_step_500.png")
+    assert dyn["onsets"] == {"input_independent_output": 300}
     assert dyn["verdict"] == "critical" and tok["verdict"] == "normal"
     # dynamics input has grey masked patches: PSNR skips them, good steps are high
     assert dyn["latest"]["metrics"]["fidelity"]["psnr_db"] < 10
@@ -106,7 +114,7 @@ def test_bad_images_are_reported_and_the_run_goes_on(tmp_path, grids):
     (vis / "dynamics_prediction_step_2.png").write_bytes(b"this is not an image")
     (vis / "dynamics_prediction_step_3.png").write_bytes(b"")
     Image.new("L", (8000, 8000)).save(vis / "dynamics_prediction_step_4.png")
-    res = visuals.analyse([tmp_path], rules.load_thresholds())
+    res = analyse_dir(tmp_path)
     st = res["doc"]["stages"]["dynamics"]
     assert st["images"] == 5 and st["analysed"] == 1 and st["errors"] == 4
     reasons = {Path(s["path"]).name: s["reason"] for s in res["doc"]["skipped"]}
@@ -141,6 +149,44 @@ def test_cli_contact_sheet_read_only_bundle(tmp_path, grids):
     assert inside.returncode == 5 and "refusing" in json.loads(inside.stdout)["error"]
 
 
+def test_contact_sheet_rows_show_severity_and_psnr(grids):
+    res = analyse_dir(grids["bundle"], count=3)
+    sheet = res["sheet"].convert("RGB")
+    arr = np.asarray(sheet)
+    crit = np.array(visuals.SEVERITY_COLOURS["critical"])
+    ok = np.array(visuals.SEVERITY_COLOURS[None])
+    rows_crit = np.flatnonzero((np.abs(arr - crit).sum(axis=2) < 30).mean(axis=1) > 0.5)
+    rows_ok = np.flatnonzero((np.abs(arr - ok).sum(axis=2) < 30).mean(axis=1) > 0.5)
+    assert len(rows_crit) and len(rows_ok)  # one header band in each colour
+    assert rows_ok.min() < rows_crit.min()  # tokenizer (fine) above dynamics (critical)
+
+
+def test_trend_reads_every_image_not_first_and_last(tmp_path):
+    """PSNR rises at the second image, then stays flat: a plateau since that
+    step, not 'improving'."""
+    vis = tmp_path / "results" / TS / "video_tokenizer" / "visualizations"
+    for i, step in enumerate([0, 100, 200, 300, 400]):
+        o = synth.pong_frames(16, seed=40 + i)
+        amount = 0.45 if i == 0 else 0.12
+        synth.write_grid_png(vis / f"video_tokenizer_recon_step_{step}.png", o,
+                             synth.predictions("good", o, seed=i, amount=amount))
+    tr = analyse_dir(tmp_path)["doc"]["stages"]["video_tokenizer"]["trend"]
+    assert tr["trend"] == "plateau" and tr["plateau_since_step"] == 100, tr
+    assert tr["psnr_db"][1] - tr["psnr_db"][0] > 3
+
+
+def test_input_independence_message_says_which_test_fired(grids):
+    r = _analyse(grids["kinds"]["texture"], "dynamics")
+    assert "near-identical" in r.why["input_independent_output"]
+    o = synth.pong_frames(16, seed=3)
+    shuffled = synth.write_grid_png(grids["bundle"].parent / "shuffled_step_0.png", o,
+                                    np.roll(synth.predictions("good", o, seed=1), 5, axis=0))
+    r = _analyse(shuffled, "dynamics")
+    assert "input_independent_output" in r.flags
+    assert "no better than the others" in r.why["input_independent_output"]
+    assert "near-identical" not in r.why["input_independent_output"]
+
+
 def test_sheet_steps_always_first_middle_latest():
     assert visuals.sheet_steps(200, 3) == [0, 100, 199]
     assert visuals.sheet_steps(2, 4) == [0, 1]
@@ -148,7 +194,7 @@ def test_sheet_steps_always_first_middle_latest():
 
 
 def test_sample_bundle_images(sample_bundle, tmp_path):
-    res = visuals.analyse([sample_bundle], rules.load_thresholds())
+    res = analyse_dir(sample_bundle)
     st = res["doc"]["stages"]
     assert set(st) == {"video_tokenizer", "latent_actions", "dynamics"}
     for stage, v in st.items():

@@ -9,6 +9,7 @@ fallback policy's call (`fallback`), because it needs the history too.
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -211,9 +212,15 @@ def _check_dir(ck: Checkpoint, limits: ptfile.Limits) -> None:
             ck.problems += fc.problems
 
 
+_KEY_SET = "key set differs from the stage's other checkpoints"
+
+
 def check_key_sets(cks: list[Checkpoint]) -> None:
     """A model whose key set differs from the stage's usual one is inconsistent
-    (a different architecture or a partial save)."""
+    (a different architecture or a partial save). Idempotent: a checkpoint
+    checked again (--follow keeps them) carries the problem once."""
+    for c in cks:
+        c.problems = [p for p in c.problems if not p.detail.startswith(_KEY_SET)]
     sigs = Counter(c.key_signature for c in cks if c.key_signature and c.usable)
     if len(sigs) < 2:
         return
@@ -222,8 +229,7 @@ def check_key_sets(cks: list[Checkpoint]) -> None:
         if c.key_signature and c.usable and c.key_signature != usual:
             missing, extra = len(usual - c.key_signature), len(c.key_signature - usual)
             c.problems.append(Problem("inconsistent", c.model_file,
-                                      f"key set differs from the stage's other checkpoints: "
-                                      f"{missing} keys missing, {extra} extra"))
+                                      f"{_KEY_SET}: {missing} keys missing, {extra} extra"))
 
 
 # --- deep scan ----------------------------------------------------------------------
@@ -281,11 +287,35 @@ class StageResult:
         return [c for c in self.checkpoints if c is not self.in_progress]
 
 
-def check_stage(a: bundle_mod.StageArtifacts, limits: ptfile.Limits, progress=None) -> StageResult:
-    """Structural checks for all, then consistency across the stage."""
+def signature(path: Path) -> tuple:
+    """What changes when a checkpoint is rewritten (a change detector for
+    --follow, never evidence of when or whether a run is alive)."""
+    files = [path] if not safefs.is_dir(path) else safefs.entries(path, 100)[0]
+    out = []
+    for f in files:
+        try:
+            st = os.stat(f)
+            out.append((f.name, st.st_size, st.st_mtime_ns, st.st_ino))
+        except OSError:
+            out.append((f.name, None))
+    return tuple(out)
+
+
+def check_stage(a: bundle_mod.StageArtifacts, limits: ptfile.Limits, progress=None,
+                cache: dict | None = None) -> StageResult:
+    """Structural checks for all, then consistency across the stage. With a
+    `cache`, an unchanged checkpoint keeps its earlier check (and deep scan)."""
     cks = []
     for i, ref in enumerate(a.checkpoints):
-        cks.append(check_checkpoint(a.stage, ref.step, ref.path, limits))
+        sig = signature(ref.path) if cache is not None else None
+        hit = cache.get(str(ref.path)) if cache is not None else None
+        if hit is not None and hit[0] == sig:
+            cks.append(hit[1])
+            continue
+        ck = check_checkpoint(a.stage, ref.step, ref.path, limits)
+        if cache is not None:
+            cache[str(ref.path)] = (sig, ck)
+        cks.append(ck)
         if progress and (i + 1) % 25 == 0:
             progress(f"{a.stage}: {i + 1}/{len(a.checkpoints)} checkpoints checked")
     check_key_sets(cks)
@@ -314,13 +344,14 @@ def throughput(cks: list[Checkpoint]) -> dict | None:
             "seconds": t1 - t0, "source": "state.pt timestamp"}
 
 
-def check_all(b: bundle_mod.Bundle, thresholds: dict, progress=None) -> dict[str, StageResult]:
+def check_all(b: bundle_mod.Bundle, thresholds: dict, progress=None,
+              cache: dict | None = None) -> dict[str, StageResult]:
     limits = ptfile.Limits.from_thresholds(thresholds)
     out = {}
     for stage in b.ordered_stages():
         a = b.stages[stage]
         if a.checkpoints or a.checkpoints_dir is not None:
-            out[stage] = check_stage(a, limits, progress)
+            out[stage] = check_stage(a, limits, progress, cache)
     return out
 
 

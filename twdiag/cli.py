@@ -457,7 +457,7 @@ def _run_diagnose(args) -> tuple[dict, int]:
     out = _out_dir(args, root)
     if args.follow:
         from . import follow
-        return follow.run(root, explicit, results, t, args, out), EXIT_OK
+        return None, follow.run(root, explicit, results, t, args, out)
     b = _discover([root], explicit, t, results=results, root=root)
     b.notes[:0] = notes
     for note in notes:

@@ -417,7 +417,7 @@ def _checkpoints_part(ctx: _Ctx) -> None:
                 ctx.t["ckpt_size_ratio"], [],
                 f"current model checkpoints are {_r(r, 6)}x the baseline's size "
                 f"({cc['model_bytes_median']} vs {cb['model_bytes_median']} bytes)",
-                evidence=str(pair.current.root))
+                evidence=str(pair.current.bundle.stages[pair.stage].checkpoints_dir))
 
 
 def _span(frame: pd.DataFrame) -> tuple[int, int]:

@@ -9,6 +9,12 @@
   broken inputs and must be retrained once the upstream stage is fixed. It
   never moves their fallback.
 - A stage with checkpoints or images but an unreadable log cannot be normal.
+- Images are read by what their stage can show (`reconcile_visuals`): the
+  tokenizer's reconstruction fidelity is a finding of its own; dynamics'
+  predictions are decoded by that tokenizer, so when its fidelity is low their
+  image findings are `info` ("limited by the tokenizer"); and when the dynamics
+  loss says the model predicts masked tokens well, input-independent-looking
+  images alone cannot make it critical (at most `watch`, both numbers stated).
 - Facts worth stating: the divergence tracks the learning rate, not the
   action model; recorded upstream paths found by suffix.
 """
@@ -78,6 +84,106 @@ def upstream_findings(a, extra: list[Finding]) -> list[Finding]:
                                f"whatever {stage} learned, it learned from broken inputs; retrain it once "
                                f"{up} is fixed"))
     return out
+
+
+# --- images, read by what each stage can show -------------------------------------
+
+IMAGE_RULES = ("flat_color", "striping", "input_independent_output", "low_fidelity", "visual_degrading")
+
+
+def tokenizer_fidelity(a) -> dict | None:
+    """Late reconstruction quality of the tokenizer's own grids, against its
+    first image and against the fidelity floor."""
+    v = ((a.visuals or {}).get("doc", {}).get("stages", {}) or {}).get("video_tokenizer")
+    if not v or not v.get("trend") or not v["trend"].get("psnr_db"):
+        return None
+    tr, t = v["trend"], a.thresholds["visuals"]
+    psnr = tr["psnr_db"]
+    late = tr["psnr_late_db"]
+    fid = ((v.get("latest") or {}).get("metrics") or {}).get("fidelity") or {}
+    dep = fid.get("input_dependence")
+    reasons = []
+    if len(psnr) >= 2 and late - psnr[0] < t["recon_min_gain_db"]:
+        reasons.append(f"late PSNR {late:.1f} dB never rose meaningfully above the first image's "
+                       f"{psnr[0]:.1f} dB (< {t['recon_min_gain_db']} dB gain)")
+    if late < t["recon_floor_db"]:
+        reasons.append(f"late PSNR {late:.1f} dB is under the {t['recon_floor_db']} dB floor (a flat grey "
+                       "frame scores about 6.5 dB on these frames)")
+    if dep is not None and dep < t["recon_min_input_dependence"]:
+        reasons.append(f"the latest reconstructions barely follow their inputs (input dependence "
+                       f"{dep:.3f} < {t['recon_min_input_dependence']})")
+    return {"late_psnr_db": late, "first_psnr_db": psnr[0], "input_dependence": dep,
+            "low": bool(reasons), "reasons": reasons, "evidence": (v.get("latest") or {}).get("path"),
+            "steps": tr.get("steps", [])}
+
+
+def _loss_plateau(a, stage: str) -> str | None:
+    """'the loss flattened by step N' when it reached its final level early."""
+    m = (a.stats["stages"].get(stage) or {}).get("metrics") or {}
+    w = [x["mean"] for x in (m.get("loss") or {}).get("windows", []) if x.get("mean")]
+    frac = a.thresholds["visuals"]["recon_plateau_fraction"]
+    if len(w) >= 3 and w[1] <= w[-1] * (1 + frac):
+        return (f"and its loss flattened early (window means {', '.join(str(x) for x in w)}: the second "
+                f"window is already within {frac:.0%} of the last)")
+    return None
+
+
+def _dynamics_learns(a) -> tuple[bool, str]:
+    """Does the dynamics loss say the model predicts masked tokens well?"""
+    st = a.stats["stages"].get("dynamics") or {}
+    m = st.get("metrics") or {}
+    frac = (m.get("scale") or {}).get("late_fraction_of_chance")
+    failing = {f["rule_id"] for f in st.get("findings", []) if f["severity"] == "critical"}
+    trend = ((m.get("loss") or {}).get("late_trend") or {}).get("direction")
+    learns = frac is not None and frac < a.thresholds["stages"]["dynamics"]["chance_watch"] \
+        and not failing and trend != "rising"
+    return learns, (f"late loss {frac} of chance on the real scale, late trend {trend}" if frac is not None
+                    else "no dynamics loss")
+
+
+def reconcile_visuals(a) -> list[str]:
+    """Adjust image findings by what their stage can show; returns facts."""
+    vis = (a.visuals or {}).get("doc", {}).get("stages", {})
+    facts: list[str] = []
+    tok = tokenizer_fidelity(a)
+    if tok and tok["low"]:
+        plateau = _loss_plateau(a, "video_tokenizer")
+        f = Finding("recon_fidelity_low", "watch", "video_tokenizer", "fidelity.psnr_db", tok["late_psnr_db"],
+                    a.thresholds["visuals"]["recon_floor_db"], tok["steps"], tok["evidence"],
+                    "the tokenizer's reconstructions are poor: " + "; ".join(tok["reasons"])
+                    + (f", {plateau}" if plateau else ""))
+        for g in vis["video_tokenizer"]["findings"]:  # the same weakness, seen pixel by pixel
+            if g["rule_id"] in IMAGE_RULES and g["severity"] != "info":
+                g["severity"] = "info"
+                g["message"] += " [part of recon_fidelity_low]"
+        vis["video_tokenizer"]["onsets"].clear()
+        vis["video_tokenizer"]["findings"].append(f.to_dict())
+    dyn = vis.get("dynamics")
+    if not dyn:
+        return facts
+    bound = tok is not None and tok["low"]
+    if tok is None:
+        facts.append("dynamics images are decoded by the tokenizer, whose fidelity is unknown here (no "
+                     "tokenizer grids in this bundle): they are judged on their own")
+    elif bound:
+        facts.append(f"dynamics images are limited by the tokenizer (recon PSNR {tok['late_psnr_db']:.1f} dB, "
+                     f"input dependence {tok['input_dependence']}): they cannot look better than its "
+                     "reconstructions, so their findings do not set the dynamics verdict")
+    learns, loss_text = _dynamics_learns(a)
+    for f in dyn["findings"]:
+        if f["rule_id"] not in IMAGE_RULES or f["severity"] == "info":
+            continue
+        if bound:
+            f["severity"] = "info"
+            f["message"] += (f" [limited by the tokenizer: its reconstructions reach "
+                             f"{tok['late_psnr_db']:.1f} dB]")
+            dyn["onsets"].pop(f["rule_id"], None)
+        elif learns and f["severity"] == "critical":
+            f["severity"] = "watch"
+            f["message"] += (f" [but the loss says the model predicts masked tokens well ({loss_text}): "
+                             "the images alone cannot make the stage critical]")
+            dyn["onsets"].pop(f["rule_id"], None)
+    return facts
 
 
 def facts(a) -> list[str]:

@@ -403,13 +403,11 @@ def _ts(t) -> float | None:
     return secs or None
 
 
-def _decode_range(path: str, first_block: int, stop_block: int | None,
-                  console_path: str | None) -> tuple[_Decoder, wandb_log.ScanReport]:
+def _feed(dec: "_Decoder", report: wandb_log.ScanReport, payloads) -> int:
+    """Parse each payload once and feed it; returns how many records."""
     from wandb.proto import wandb_internal_pb2 as pb  # 1 s import: keep it lazy
-
-    report, payloads = wandb_log.scan(path, first_block, stop_block)
-    dec = _Decoder(console_path)
     from_string = pb.Record.FromString
+    n = 0
     for payload in payloads:
         try:
             rec = from_string(payload)
@@ -417,6 +415,15 @@ def _decode_range(path: str, first_block: int, stop_block: int | None,
             report.decode_errors += 1
             continue
         dec.feed(rec)
+        n += 1
+    return n
+
+
+def _decode_range(path: str, first_block: int, stop_block: int | None,
+                  console_path: str | None) -> tuple[_Decoder, wandb_log.ScanReport]:
+    report, payloads = wandb_log.scan(path, first_block, stop_block)
+    dec = _Decoder(console_path)
+    _feed(dec, report, payloads)
     for col in dec.cols.values():
         col.flush()
     if dec.console is not None:
@@ -433,22 +440,16 @@ def _workers(size: int, requested: int | None) -> int:
     return min(2, os.cpu_count() or 1)
 
 
-def decode(path: str | Path, console_path: str | Path | None = None,
-           workers: int | None = None) -> RunLog:
-    """Decode one `.wandb` file. Never raises on bad content; see `.error`.
-
-    Large files are split into block ranges decoded in parallel (blocks are
-    independently resyncable); the result is identical to a serial decode.
-    `console_path`, when given, receives every console line (TSV: time,
-    stream, JSON-quoted text).
-    """
+def decode_state(path: str | Path, console_path: str | Path | None = None,
+                 workers: int | None = None) -> tuple[_Decoder, wandb_log.ScanReport]:
+    """The decoder state and scan report of one file (see `decode`)."""
     path = str(path)
     try:
         probe, fh, _ = wandb_log.open_log(path)
     except wandb_log.WandbLogError as exc:
         probe, fh = wandb_log.ScanReport(path=path, header_error=str(exc)), None
     if fh is None:
-        return _build(path, [(_Decoder(), probe)])
+        return _Decoder(), probe
     fh.close()
     n = min(_workers(probe.file_size, workers), wandb_log.block_count(probe))
     blocks = wandb_log.block_count(probe)
@@ -463,7 +464,77 @@ def decode(path: str | Path, console_path: str | Path | None = None,
             parts = pool.starmap(_decode_range, jobs)
         if console_path is not None:
             _concat(consoles, str(console_path))
-    return _build(path, parts)
+    dec = parts[0][0]
+    for later, _ in parts[1:]:
+        dec.then(later)
+    return dec, wandb_log.merge_reports([r for _, r in parts])
+
+
+def decode(path: str | Path, console_path: str | Path | None = None,
+           workers: int | None = None) -> RunLog:
+    """Decode one `.wandb` file. Never raises on bad content; see `.error`.
+
+    Large files are split into block ranges decoded in parallel (blocks are
+    independently resyncable); the result is identical to a serial decode.
+    `console_path`, when given, receives every console line (TSV: time,
+    stream, JSON-quoted text).
+    """
+    dec, report = decode_state(path, console_path, workers)
+    return build(str(path), dec, report)
+
+
+class LiveLog:
+    """A `.wandb` file that is still being written, read at the cost of its
+    new bytes: the decoder state is kept between polls and each poll resumes
+    just after the last complete record (a half-written record at the tail
+    is read again, whole, next time). A file that shrinks or is replaced is
+    read again from the start, and `resets` says so."""
+
+    def __init__(self, path: str | Path, workers: int | None = None):
+        self.path, self.workers = str(path), workers
+        self.resets: list[str] = []
+        self._start()
+
+    def _start(self) -> None:
+        self.dec, self.report = decode_state(self.path, workers=self.workers)
+        self.offset = self.report.resume_offset if self.report.truncated_tail else self.report.scan_end_offset
+        self.ident = self._ident()
+        self.new_records = self.report.records_total
+
+    def _ident(self):
+        try:
+            st = os.stat(self.path)
+            return st.st_dev, st.st_ino, st.st_size
+        except OSError:
+            return None
+
+    def poll(self) -> int:
+        """Read what is new; returns the number of new records."""
+        ident = self._ident()
+        if ident is None or not self.report.header_ok:
+            if ident is not None and ident != self.ident:
+                self.resets.append("the file appeared or changed: read from the start")
+                self._start()
+                return self.new_records
+            return 0
+        if ident[:2] != self.ident[:2] or ident[2] < self.offset:
+            self.resets.append("replaced" if ident[:2] != self.ident[:2] else
+                               f"shrank to {ident[2]} bytes: read again from the start")
+            self._start()
+            return self.new_records
+        self.ident = ident
+        if ident[2] == self.offset:
+            return 0
+        rep, payloads = wandb_log.scan(self.path, start_offset=self.offset)
+        n = _feed(self.dec, rep, payloads)
+        self.report = wandb_log.merge_reports([self.report, rep])
+        for name in ("file_size", "truncated_tail", "truncation", "scan_end_offset", "resume_offset"):
+            setattr(self.report, name, getattr(rep, name))  # the tail is this poll's
+        self.offset = rep.resume_offset if rep.truncated_tail else rep.scan_end_offset
+        return n
+
+    def runlog(self) -> RunLog:
+        return build(self.path, self.dec, self.report)
 
 
 def _concat(parts: list[str], target: str) -> None:
@@ -475,11 +546,8 @@ def _concat(parts: list[str], target: str) -> None:
             os.unlink(part)
 
 
-def _build(path: str, parts: list) -> RunLog:
-    dec = parts[0][0]
-    for later, _ in parts[1:]:
-        dec.then(later)
-    report = wandb_log.merge_reports([r for _, r in parts])
+def build(path: str, dec: _Decoder, report: wandb_log.ScanReport) -> RunLog:
+    """The RunLog of a decoder's current state (repeatable: it consumes nothing)."""
     history, non_finite = dec.history_frame()
     summary, s_err = dec.summary.build()
     config, c_err = dec.config.build()

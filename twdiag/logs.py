@@ -94,9 +94,10 @@ def classify(log: history.RunLog, explicit: str | None) -> tuple[str | None, str
 
 
 def decode_stages(b: bundle_mod.Bundle, console_dir: Path | None = None,
-                  workers: int | None = None, progress=outputs.log) -> dict[str, StageRuns]:
+                  workers: int | None = None, progress=outputs.log, decoder=None) -> dict[str, StageRuns]:
     """Decode every .wandb file of the bundle once and group the logs by stage.
-    An explicit --run for a stage replaces the files found for it."""
+    An explicit --run for a stage replaces the files found for it.
+    `decoder(path) -> RunLog` replaces decoding (a follower's live logs)."""
     stages: dict[str, StageRuns] = {}
     for wf in b.wandb_files:
         f = wf.path
@@ -104,8 +105,11 @@ def decode_stages(b: bundle_mod.Bundle, console_dir: Path | None = None,
         if console_dir is not None:
             console = console_dir / f".console-{f.stem}.tmp"
             console.unlink(missing_ok=True)
-        progress(f"decoding {f}")
-        log = history.decode(f, console_path=console, workers=workers)
+        if decoder is None:
+            progress(f"decoding {f}")
+            log = history.decode(f, console_path=console, workers=workers)
+        else:
+            log = decoder(f)
         log.meta["console_tmp"] = str(console) if console else None
         explicit = b.explicit.get(safefs.resolve(f))
         if not log.scan.header_ok or log.error:
@@ -264,10 +268,10 @@ def _table_log(path: Path, skipped: list) -> tuple[str, history.RunLog] | None:
 
 
 def load(b: bundle_mod.Bundle, console_dir: Path | None = None, workers: int | None = None,
-         progress=outputs.log) -> dict[str, StageHistory]:
+         progress=outputs.log, decoder=None) -> dict[str, StageHistory]:
     """Decode the bundle's logs and tables; fill `b.stages[s].logs`; return
     the merged history per stage."""
-    stages = decode_stages(b, console_dir, workers, progress) if b.wandb_files else {}
+    stages = decode_stages(b, console_dir, workers, progress, decoder) if b.wandb_files else {}
     for path in b.tables:
         found = _table_log(path, b.skipped)
         if found:

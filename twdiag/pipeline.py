@@ -83,13 +83,16 @@ class _Guard:
 
 def run(b: bundle_mod.Bundle, thresholds: dict, parts: tuple[str, ...] = PARTS, deep: str = "auto",
         now: float | None = None, count: int | None = None, read_outside: bool = False,
-        progress=outputs.log, workers: int | None = None) -> Analysis:
+        progress=outputs.log, workers: int | None = None, decoder=None, cache: dict | None = None) -> Analysis:
+    """`decoder(path) -> RunLog` replaces decoding (--follow keeps its logs
+    live); `cache` keeps checked checkpoints and analysed images between
+    calls (keyed by path and file signature)."""
     a = Analysis(b, thresholds, time.time() if now is None else float(now), deep)
     started = time.perf_counter()
     with _Guard(a, "decode"):
         if b.wandb_files or b.tables:
             progress("decoding W&B logs")
-            a.histories = logs.load(b, workers=workers, progress=progress)
+            a.histories = logs.load(b, workers=workers, progress=progress, decoder=decoder)
     if "stats" in parts or "checkpoints" in parts:
         with _Guard(a, "stats"):
             a.stats = stats.analyse(a.histories, thresholds)
@@ -99,17 +102,23 @@ def run(b: bundle_mod.Bundle, thresholds: dict, parts: tuple[str, ...] = PARTS, 
         with _Guard(a, "visuals"):
             from . import visuals
             progress("visuals: image grids and contact sheet")
-            a.visuals = visuals.analyse(b, thresholds, count, progress=progress)
+            a.visuals = visuals.analyse(b, thresholds, count, progress=progress,
+                                        cache=None if cache is None else cache.setdefault("images", {}))
     if "checkpoints" in parts:
         with _Guard(a, "checkpoints"):
             progress("checkpoints: structure and allowlist, then deep scans where they decide")
-            a.checkpoints = checkpoints.check_all(b, thresholds, progress)
-        _fallbacks(a)
+            a.checkpoints = checkpoints.check_all(b, thresholds, progress,
+                                                  cache=None if cache is None else cache.setdefault("ckpts", {}))
         with _Guard(a, "dependencies"):
             a.dependencies, a.dependency_findings = checkpoints.dependency_findings(
                 a.checkpoints, b.root, thresholds, read_outside)
+    with _Guard(a, "reconcile_visuals"):  # before the fallbacks: it moves visual onsets
+        a.cross["facts"] = crossstage.reconcile_visuals(a)
+    if "checkpoints" in parts:
+        _fallbacks(a)
     with _Guard(a, "crossstage"):
-        a.cross = crossstage.analyse(a)
+        found = crossstage.analyse(a)
+        a.cross = {"findings": found["findings"], "facts": a.cross["facts"] + found["facts"]}
     a.timings["total_s"] = round(time.perf_counter() - started, 3)
     return a
 

@@ -247,7 +247,10 @@ class StageAnalysis:
     def _spikes(self, steps: np.ndarray, loss: np.ndarray) -> dict:
         sp = self.t["spikes"]
         logl = pd.Series(np.log(np.clip(loss, 1e-12, None)))
-        med = logl.rolling(sp["window"], center=True, min_periods=5).median()
+        # The level a spike stands out from: the median of the rows *before*
+        # it. A centred median would count the future, lower rows of a steep
+        # initial descent and call every early row a spike.
+        med = logl.rolling(sp["window"], min_periods=5).median().shift(1)
         # Noise scale: MAD of the residuals per block of 20 windows (a rolling
         # MAD would cost a second rolling median for nearly the same number).
         resid = (logl - med).to_numpy()
@@ -257,9 +260,6 @@ class StageAnalysis:
         # A spike must also be big in absolute terms: on a very smooth curve the
         # MAD is tiny and a 2% bump would otherwise score z > 8.
         big = np.nan_to_num(resid) > np.log(sp["min_ratio"])
-        # The first half window has only later (lower) rows in its centred
-        # median: during the initial descent every row would look like a spike.
-        big[:sp["window"] // 2] = False
         idx = np.flatnonzero((np.nan_to_num(z) > sp["z"]) & big)
         events: list[list[int]] = []  # consecutive rows make one spike event
         for i in idx:
@@ -376,7 +376,7 @@ class StageAnalysis:
 
     def _stage_scale(self, steps: np.ndarray, real: np.ndarray, enough: bool) -> None:
         m = self.metrics
-        late = float(np.array_split(real, 3)[-1].mean())
+        late = float(_phases(real)[-1].mean())
         st = self.t["stages"].get(self.stage, {})
         if self.stage == "dynamics":
             codes = self._codes()

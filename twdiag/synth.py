@@ -72,10 +72,17 @@ def curve_rows(stage: str, n: int, seed: int = 0, start: float = 1.0, end: float
                noise: float = 0.05, n_updates: int | None = None, base_lr: float = 1e-3,
                stride: int = 1, loss_fn: Callable[[int], float] | None = None,
                actions: Callable[[int, np.random.Generator], tuple[int, float]] | None = None,
-               log_interval: int = 60, spike_at: int | None = None, nan_from: int | None = None) -> list[dict]:
-    """History rows shaped like the stage's real logging."""
+               log_interval: int = 60, spike_at: int | None = None, nan_from: int | None = None,
+               encoder_variance: Callable[[int], float] | None = None, gas: int = 1,
+               t0: float | None = None, steps_per_s: float = 5.0) -> list[dict]:
+    """History rows shaped like the stage's real logging. `loss_fn` gives the
+    real loss; what is logged is divided by `gas` (gradient accumulation), as
+    TinyWorlds does. `_timestamp` advances at `steps_per_s`, ending now
+    unless `t0` (the time of step 0) is given."""
+    import time
     rng = np.random.default_rng(seed)
     n_updates = n_updates or n
+    t0 = time.time() - n / steps_per_s if t0 is None else t0
     rows = []
     for step in range(0, n, stride):
         frac = step / max(1, n - 1)
@@ -86,8 +93,8 @@ def curve_rows(stage: str, n: int, seed: int = 0, start: float = 1.0, end: float
         if nan_from is not None and step >= nan_from:
             loss = float("nan")
         lr = cosine_lr(step, n_updates, base_lr)
-        row = {"_step": step, "train/loss": loss, "learning_rate/group_0": lr,
-               "learning_rate/group_1": lr}
+        row = {"_step": step, "train/loss": loss / gas, "learning_rate/group_0": lr,
+               "learning_rate/group_1": lr, "_timestamp": t0 + step / steps_per_s}
         if stage == "video_tokenizer":
             row["train/learning_rate"] = lr
             if step % log_interval == 0:
@@ -96,7 +103,8 @@ def curve_rows(stage: str, n: int, seed: int = 0, start: float = 1.0, end: float
             u, e = actions(step, rng)
             row.update({"unique_actions": u, "action_entropy": e,
                         "latent_actions/codebook_usage": u / 8,
-                        "latent_actions/encoder_variance": 0.03 + rng.normal(0, 0.002),
+                        "latent_actions/encoder_variance": encoder_variance(step) if encoder_variance
+                        else 0.03 + rng.normal(0, 0.002),
                         "latent_actions/decoder_variance": 0.002})
         if stage == "dynamics" and actions:
             u, e = actions(step, rng)
@@ -162,7 +170,7 @@ def incident_rows(stage: str, stride: int, seed: int = 0) -> tuple[dict, list[di
         u = int(r.integers(2, 6))
         return u, float(np.clip(r.normal(1.0, 0.15), 0.3, 1.6))
     rows = curve_rows(stage, n, seed, noise=0.04, n_updates=300000, base_lr=0.01,
-                      stride=stride, loss_fn=loss, actions=acts)
+                      stride=stride, loss_fn=loss, actions=acts, steps_per_s=0.37)
     for r in rows:  # the reported minimum is 1.4388, reached near step 600
         r["train/loss"] = max(r["train/loss"], 1.4388)
     rows[600 // stride]["train/loss"] = 1.4388
@@ -213,7 +221,7 @@ def _custom_config_class(module: str, name: str):
 
 
 def write_checkpoint(stage_dir: Path, stage: str, step: int, seed: int = 0, width: int = 16,
-                     config: dict | None = None, nan: bool = False) -> Path:
+                     config: dict | None = None, nan: bool = False, scale: float = 1.0) -> Path:
     """A checkpoint dir in TinyWorlds' layout, written with torch.save.
 
     state.pt pickles a class from `utils.config`, as TinyWorlds does; the
@@ -223,7 +231,7 @@ def write_checkpoint(stage_dir: Path, stage: str, step: int, seed: int = 0, widt
 
     import torch
     g = torch.Generator().manual_seed(seed + step)
-    model = {f"encoder.layers.{i}.weight": torch.randn(width, width, generator=g) * 0.1
+    model = {f"encoder.layers.{i}.weight": torch.randn(width, width, generator=g) * 0.1 * scale
              for i in range(3)}
     model.update({f"encoder.layers.{i}.bias": torch.zeros(width) for i in range(3)})
     if nan:

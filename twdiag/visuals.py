@@ -411,7 +411,9 @@ def trend(results: list[ImageResult], t: dict) -> dict:
     not flat over the last `plateau_min_images` images;
     plateau: better than the start, but flat since `plateau_since_step` for at
     least `plateau_min_images` images (one flat interval is not a plateau);
-    degrading: worse late, or collapse flags grew; flat: no real change."""
+    degrading: the last third `degrade_db` worse than the first or middle
+    one, or collapse flags grew (each grid shows a different random batch, so
+    a small drop is sampling noise); flat: no real change."""
     ok = [r for r in results if r.error is None and r.layout.startswith("two_panel")]
     if len(ok) < t["trend_min_images"]:
         return {"trend": "unknown", "reason": f"{len(ok)} analysable images"}
@@ -433,8 +435,8 @@ def trend(results: list[ImageResult], t: dict) -> dict:
         out.update(psnr_early_db=round(means[0], 3), psnr_mid_db=round(means[1], 3),
                    psnr_late_db=round(means[-1], 3), psnr_delta_db=round(overall, 3),
                    psnr_recent_delta_db=round(recent, 3), plateau_since_step=ok[since].image.step)
-    if bad_late > bad_early or (recent is not None and recent <= -t["trend_db"]) or \
-            (overall is not None and overall <= -t["trend_db"]):
+    if bad_late > bad_early or (recent is not None and recent <= -t["degrade_db"]) or \
+            (overall is not None and overall <= -t["degrade_db"]):
         out["trend"] = "degrading"
     elif overall is not None and overall >= t["trend_db"] and \
             len(ok) - ok.index(next(r for r in ok if r.image.step == out["plateau_since_step"])) \
@@ -595,7 +597,35 @@ def _font(size: int):
 
 # --- whole bundle ------------------------------------------------------------------------------
 
-def analyse(b: bundle_mod.Bundle, thresholds: dict, count: int | None = None, progress=None) -> dict:
+def _cached(img: ImageFile, t: dict, keep_thumb: bool, cache: dict | None) -> ImageResult:
+    """analyse_image, reusing an earlier result for an unchanged file. Only
+    the contact sheet's picks keep a thumbnail (memory stays flat)."""
+    if cache is None:
+        return analyse_image(img, t, keep_thumb)
+    try:
+        st = safefs.check_regular(img.path)
+        sig = (st.st_size, st.st_mtime_ns, st.st_ino)
+    except safefs.Unreadable:
+        sig = None
+    hit = cache.get(str(img.path))
+    if hit is None or hit[0] != sig:
+        res = analyse_image(img, t, keep_thumb)
+        cache[str(img.path)] = (sig, res)
+        return res
+    res = hit[1]
+    if keep_thumb and res.thumb is None and res.error is None:
+        try:
+            with load(img.path, t) as im:
+                res.thumb = _thumbnail(im, t)
+        except ImageError:
+            pass
+    elif not keep_thumb:
+        res.thumb = None
+    return res
+
+
+def analyse(b: bundle_mod.Bundle, thresholds: dict, count: int | None = None, progress=None,
+            cache: dict | None = None) -> dict:
     """Analyse every stage's images; returns the compact document, per-image
     details and the contact sheet (a PIL image, not yet written)."""
     t = thresholds["visuals"]
@@ -610,7 +640,7 @@ def analyse(b: bundle_mod.Bundle, thresholds: dict, count: int | None = None, pr
         results = []
         for i, img in enumerate(imgs):
             try:
-                results.append(analyse_image(img, t, keep_thumb=i in picks))
+                results.append(_cached(img, t, i in picks, cache))
             except Exception as exc:  # one odd image never stops the report
                 results.append(ImageResult(img, error=f"analysis failed: {type(exc).__name__}: {exc}"[:300]))
             if progress and (i + 1) % 50 == 0:

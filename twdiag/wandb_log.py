@@ -54,6 +54,9 @@ class ScanReport:
     truncated_tail: bool = False
     truncation: str | None = None
     scan_end_offset: int = 0
+    # Where the next read of a growing file resumes: just after the last
+    # complete record (a half-written one at the tail is read again whole).
+    resume_offset: int = 0
 
     @property
     def damaged(self) -> bool:
@@ -127,7 +130,8 @@ def detect_layout(head: bytes) -> str:
 
 
 def iter_payloads(fh: BinaryIO, report: ScanReport, base: int,
-                  first_block: int = 0, stop_block: int | None = None) -> Iterator[bytes]:
+                  first_block: int = 0, stop_block: int | None = None,
+                  start_offset: int | None = None) -> Iterator[bytes]:
     """Yield complete record payloads; count every skip in `report`.
 
     `base` is where block 0 starts (0 standard, 7 shifted). Resync rule, as in
@@ -138,11 +142,17 @@ def iter_payloads(fh: BinaryIO, report: ScanReport, base: int,
     that block range, so ranges can be decoded independently: a range start
     skips the tail of a record begun earlier (not damage), and a range end
     reads on until the record begun inside it is complete.
+
+    `start_offset` resumes a growing file exactly where an earlier read left
+    off (its `resume_offset`: a chunk boundary after a complete record).
     """
     size = report.file_size
-    state = _Assembly(quiet_orphans=first_block > 0)
+    state = _Assembly(quiet_orphans=first_block > 0 and start_offset is None)
+    if start_offset is not None:
+        first_block = max(0, (start_offset - base) // BLOCK)
     block_start = base + first_block * BLOCK
-    pos = max(block_start, HEADER.size)
+    pos = max(block_start, HEADER.size) if start_offset is None else max(start_offset, HEADER.size)
+    report.resume_offset = pos
     stop_at = size if stop_block is None else base + stop_block * BLOCK
     slab_at, slab = 0, b""
     while pos < size and (pos < stop_at or state.parts is not None):
@@ -225,6 +235,7 @@ def _read_block(slab: bytes, rel: int, pos: int, block_end: int,
             if ctype == FULL:
                 st.parts = None
                 report.records_total += 1
+                report.resume_offset = pos
                 yield payload
             else:
                 st.parts = [payload]
@@ -235,6 +246,7 @@ def _read_block(slab: bytes, rel: int, pos: int, block_end: int,
         else:
             record, st.parts = b"".join(st.parts + [payload]), None
             report.records_total += 1
+            report.resume_offset = pos
             yield record
     tail = slab[pos - rel:min(block_end, size) - rel]
     if tail.strip(b"\0"):
@@ -243,16 +255,20 @@ def _read_block(slab: bytes, rel: int, pos: int, block_end: int,
 
 
 def open_log(path: str | Path) -> tuple[ScanReport, BinaryIO | None, int]:
-    """Open read-only, check the header and pick the layout.
+    """Open read-only (a regular file only: a FIFO would hang), check the
+    header and pick the layout.
 
     Returns (report, file handle or None when unreadable, block base offset).
     Header problems go into the report; only an OSError raises WandbLogError.
     """
+    from . import safefs
     path = Path(path)
     report = ScanReport(path=str(path))
     try:
-        fh = open(path, "rb")  # read-only: works on read-only mounts
+        fh = safefs.open_regular(path)  # read-only: works on read-only mounts
         report.file_size = os.fstat(fh.fileno()).st_size
+    except safefs.Unreadable as exc:
+        raise WandbLogError(f"cannot open {path}: {exc}") from exc
     except OSError as exc:
         raise WandbLogError(f"cannot open {path}: {exc.strerror or exc}") from exc
     head = fh.read(BLOCK + HEADER.size + 1)
@@ -272,9 +288,10 @@ def block_count(report: ScanReport) -> int:
     return max(1, -(-(report.file_size - base) // BLOCK))
 
 
-def scan(path: str | Path, first_block: int = 0,
-         stop_block: int | None = None) -> tuple[ScanReport, Iterator[bytes]]:
-    """Return (report, payload iterator) for the records of a block range.
+def scan(path: str | Path, first_block: int = 0, stop_block: int | None = None,
+         start_offset: int | None = None) -> tuple[ScanReport, Iterator[bytes]]:
+    """Return (report, payload iterator) for the records of a block range,
+    or from `start_offset` to the end (a growing file, read again).
 
     The report is filled in as the iterator is consumed; a bad header gives
     an empty iterator and `report.header_error`, never an exception.
@@ -285,7 +302,7 @@ def scan(path: str | Path, first_block: int = 0,
 
     def _gen() -> Iterator[bytes]:
         with fh:
-            yield from iter_payloads(fh, report, base, first_block, stop_block)
+            yield from iter_payloads(fh, report, base, first_block, stop_block, start_offset)
 
     return report, _gen()
 

@@ -19,8 +19,8 @@ import argparse
 import numpy as np
 
 SIZE = 64
-MOVES = np.array([(-2, 0), (2, 0), (0, -2), (0, 2)])  # (dy, dx) per action
-AGENT, BALL, PADDLE = 6, 3, (12, 3)
+MOVES = np.array([(-4, 0), (4, 0), (0, -4), (0, 4)])  # (dy, dx) per action
+AGENT, BALL, PADDLE = 14, 5, (18, 4)
 
 
 def render(frames: int, seed: int, hold: int) -> tuple[np.ndarray, np.ndarray]:
@@ -32,7 +32,7 @@ def render(frames: int, seed: int, hold: int) -> tuple[np.ndarray, np.ndarray]:
     vel = rng.choice([-1.5, 1.5], 2)
     for i in range(frames):
         f = out[i]
-        f[:] = (12, 12, 20)
+        f[:] = (16, 40, 24)
         f[::8, SIZE // 2 - 1:SIZE // 2 + 1] = (150, 150, 150)
         agent = np.clip(agent + MOVES[actions[i]], 0, SIZE - AGENT)
         ball += vel
