@@ -518,6 +518,8 @@ def write_report(a, cmp, out: Path, plots, report) -> dict:
             doc["outputs"] = files
             outset.write_text("diagnosis.md", report.markdown(doc))
             outset.write_text("diagnosis.html", html_report.render(doc, outset))
+        except outputs.OutputError:
+            raise  # the disk, not the analysis: nothing more can be written
         except Exception as exc:  # still leave a diagnosis.json saying what was done
             if os.environ.get("TWDIAG_DEBUG"):
                 raise

@@ -170,9 +170,10 @@ class OutputSet:
         else:
             self.abort()
 
-    # --- writers ------------------------------------------------------------------
+    # --- writers (a full disk is an OutputError, exit 5, not a crash) ------------------
     def write_text(self, name: str, text: str) -> Path:
-        self.path(name).write_text(text, encoding="utf-8")
+        with self._writing(name):
+            self.path(name).write_text(text, encoding="utf-8")
         return self.final(name)
 
     def write_json(self, name: str, obj) -> Path:
@@ -180,12 +181,20 @@ class OutputSet:
 
     def write_image(self, name: str, image) -> Path:
         """A PIL image or a matplotlib figure, as PNG."""
-        tmp = self.path(name)
-        if hasattr(image, "savefig"):
-            image.savefig(tmp, format="png")
-        else:
-            image.save(tmp, format="PNG", optimize=False)
+        with self._writing(name):
+            tmp = self.path(name)
+            if hasattr(image, "savefig"):
+                image.savefig(tmp, format="png")
+            else:
+                image.save(tmp, format="PNG", optimize=False)
         return self.final(name)
+
+    @contextmanager
+    def _writing(self, name: str):
+        try:
+            yield
+        except OSError as exc:
+            raise OutputError(f"cannot write {self.final(name)}: {exc.strerror or exc}") from exc
 
 
 def to_jsonable(obj):
