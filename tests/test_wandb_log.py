@@ -9,6 +9,8 @@ import pytest
 
 from twdiag import history, wandb_log
 
+pytestmark = pytest.mark.fast
+
 SCAN_KEYS = ["header_ok", "header_error", "layout", "records_total", "chunks", "corrupt_chunks",
              "corrupt_detail", "zeroed_blocks_skipped", "orphan_chunks_skipped",
              "partial_records_dropped", "nonzero_padding", "truncated_tail", "truncation",
@@ -22,7 +24,7 @@ def _entries(corpus):
 
 def _norm(v):
     if isinstance(v, float) and not math.isfinite(v):
-        return history._nf_text(v)
+        return history.nf_text(v)
     return v
 
 

@@ -135,9 +135,10 @@ class _Replay:
         self.removed: list[tuple] = []  # kept so a later range can be merged
 
     def update(self, items: Iterable) -> None:
+        values = self.values
         for it in items:
-            path = tuple(it.nested_key) if it.nested_key else (it.key,)
-            self.values[path] = it.value_json
+            nk = it.nested_key
+            values[tuple(nk) if nk else (it.key,)] = it.value_json
 
     def remove(self, items: Iterable) -> None:
         for it in items:
@@ -195,15 +196,30 @@ class _Decoder:
         self.console_lines = Counter()
         self.console = open(console_path, "a", encoding="utf-8") if console_path else None
         self.environment: dict = {}
+        self._handlers: dict = {}
 
     def feed(self, rec) -> None:
         kind = rec.WhichOneof("record_type")
         self.types[kind] += 1
-        handler = getattr(self, "_on_" + kind, None) if kind else None
-        if kind in _OUTPUT_KINDS:
-            self._on_output(kind, getattr(rec, kind))
-        elif handler is not None:
+        handler = self._handlers.get(kind)
+        if handler is None:
+            if kind is None:
+                return
+            handler = self._handlers[kind] = self._handler_for(kind)
+        if handler is not False:
             handler(getattr(rec, kind))
+
+    def __getstate__(self) -> dict:  # block ranges come back from worker processes
+        return {k: v for k, v in self.__dict__.items() if k != "_handlers"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _handlers={})
+
+    def _handler_for(self, kind: str):
+        """The method a record kind goes to (looked up once per kind)."""
+        if kind in _OUTPUT_KINDS:
+            return lambda o: self._on_output(kind, o)
+        return getattr(self, "_on_" + kind, False)
 
     def _on_history(self, h) -> None:
         row = self.n_rows

@@ -319,4 +319,5 @@ def merge_reports(parts: list[ScanReport]) -> ScanReport:
     cut = next((r for r in parts if r.truncated_tail), parts[-1])
     out.truncated_tail, out.truncation = cut.truncated_tail, cut.truncation
     out.scan_end_offset = cut.scan_end_offset
+    out.resume_offset = max(r.resume_offset for r in parts)
     return out
