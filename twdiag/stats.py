@@ -278,7 +278,10 @@ class StageAnalysis:
                         "baseline": _r(before), "recovered": recovered})
             if not recovered:
                 unrecovered.append(int(steps[i0]))
-        per_10k = len(events) / max(1, len(loss)) * 10000
+        # One-row spikes are one bad batch (train/loss is the last micro-batch's
+        # loss); only spikes that last count towards "unstable".
+        wide = [ev for ev in events if len(ev) >= sp["frequent_min_rows"]]
+        per_10k = len(wide) / max(1, len(loss)) * 10000
         if unrecovered:
             self.add("loss_spike_unrecovered", "watch", "train/loss", len(unrecovered), sp["z"],
                      unrecovered, f"{len(unrecovered)} loss spike(s) did not come back within "
@@ -286,12 +289,13 @@ class StageAnalysis:
         elif events:
             self.add("loss_spike_recovered", "info", "train/loss", len(events), sp["z"],
                      [e["step"] for e in out], f"{len(events)} loss spike(s), all recovered")
-        if per_10k > sp["many_per_10k_rows"] and len(events) >= sp["many_min_count"]:
+        if per_10k > sp["many_per_10k_rows"] and len(wide) >= sp["many_min_count"]:
             self.add("loss_spikes_frequent", "watch", "train/loss", _r(per_10k, 3),
                      sp["many_per_10k_rows"], [e["step"] for e in out],
-                     f"{_r(per_10k, 3)} spikes per 10k rows: unstable optimisation")
-        return {"count": len(events), "unrecovered": len(unrecovered), "per_10k_rows": _r(per_10k, 3),
-                "events": out[:20]}
+                     f"{_r(per_10k, 3)} spikes of {sp['frequent_min_rows']}+ rows per 10k rows: "
+                     "unstable optimisation")
+        return {"count": len(events), "lasting": len(wide), "unrecovered": len(unrecovered),
+                "per_10k_rows": _r(per_10k, 3), "events": out[:20]}
 
     def _smooth(self, loss: np.ndarray) -> np.ndarray:
         rows = max(self.t["loss"]["onset_min_rows"], int(len(loss) * self.t["loss"]["smooth_fraction"]))

@@ -263,19 +263,28 @@ def _block_ssim(a: np.ndarray, b: np.ndarray, block: int = 8) -> np.ndarray:
     return s.mean(axis=(1, 2))
 
 
-def input_dependence(orig: np.ndarray, pred: np.ndarray) -> float:
+def input_dependence(orig: np.ndarray, pred: np.ndarray, keep: np.ndarray | None = None) -> float:
     """How much better each output cell matches its own input than the other
     inputs: mean diagonal minus mean off-diagonal of the output x input
     correlation matrix. ~0 when outputs ignore their inputs (one texture for
-    all, noise), 0.3-0.7 for faithful reconstructions."""
-    def unit(c: np.ndarray) -> np.ndarray:
-        g = _gray(c).reshape(len(c), -1)
-        g = g - g.mean(axis=1, keepdims=True)
-        return g / np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-6)
-    corr = unit(pred) @ unit(orig).T
-    n = len(corr)
+    all, noise), 0.3-0.7 for faithful reconstructions. With `keep` (dynamics:
+    the input's unmasked pixels), each input is compared only where it shows
+    the frame, never its grey mask pattern."""
+    n = len(orig)
     if n < 2:
         return float("nan")
+    o = _gray(orig).reshape(n, -1).astype(np.float64)
+    p = _gray(pred).reshape(n, -1).astype(np.float64)
+    k = np.ones_like(o) if keep is None else keep.reshape(n, -1).astype(np.float64)
+    cnt = np.maximum(k.sum(axis=1), 1.0)                       # pixels kept per input j
+    o_mean = (o * k).sum(axis=1) / cnt
+    o_var = (o * o * k).sum(axis=1) - cnt * o_mean ** 2        # per j
+    s1 = p @ k.T                                                # sum_k p_i k_j
+    s2 = (p * p) @ k.T
+    cross = p @ (k * o).T                                       # sum_k p_i k_j o_j
+    cov = cross - s1 * o_mean[None, :]
+    p_var = s2 - s1 ** 2 / cnt[None, :]
+    corr = cov / np.sqrt(np.maximum(p_var * o_var[None, :], 1e-12))
     diag = float(np.trace(corr)) / n
     off = float(corr.sum() - np.trace(corr)) / (n * n - n)
     return diag - off
@@ -299,7 +308,7 @@ def fidelity(orig: np.ndarray, pred: np.ndarray, mask_grey: bool) -> dict:
     psnr = np.where(mse < 1e-10, 99.0, 10 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-10)))
     ssim = _block_ssim(_gray(orig[use]), _gray(pred[use]))
     return {"psnr_db": round(float(np.median(psnr)), 3), "ssim": round(float(np.nanmean(ssim)), 4),
-            "input_dependence": round(input_dependence(orig, pred), 4),
+            "input_dependence": round(input_dependence(orig, pred, keep if mask_grey else None), 4),
             "cells_compared": int(use.sum())}
 
 
