@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from . import bundle as bundle_mod, stats
+from .rules import IMAGE_RULES
 
 ACTIONS_FILE = Path(__file__).with_name("actions.yaml")
 MAX_ACTIONS = 12
@@ -130,6 +131,10 @@ def next_actions(stages: dict, stats_doc: dict, thresholds: dict, histories: dic
             seen.add(f["rule_id"])
             spec = table.get(f["rule_id"], {"priority": 50, "action": "Investigate: {message}"})
             group = spec.get("group")
+            if stage == "latent_actions" and ctx["_never_learned"] and f["rule_id"] in IMAGE_RULES:
+                # Its images ignore their inputs because it never learned: the
+                # cure is the "train it harder" action, not a lower learning rate.
+                group = "lam"
             if group and group in groups:
                 groups[group]["_also"].append(f["rule_id"])
                 continue
@@ -144,8 +149,12 @@ def next_actions(stages: dict, stats_doc: dict, thresholds: dict, histories: dic
             variant = _variant(f["rule_id"], spec, ctx, f)
             template = spec["variants"][variant] if variant else spec["action"]
             also = f" (Also seen: {', '.join(item['_also'])}.)" if item["_also"] else ""
+            # The step this rule's own problem began ("blew up at step 8"), not
+            # the stage's earliest onset, which may belong to another rule.
+            own_onset = ((entry.get("fallback") or {}).get("onsets") or {}).get(f["rule_id"], ctx["onset_step"])
             item["action"] = template.format_map(_Safe(
                 {k: (v if v is not None else "n/a") for k, v in ctx.items() if not k.startswith("_")},
+                onset_step=own_onset if own_onset is not None else "n/a",
                 value=_fmt(f["value"]), evidence=f["evidence_path"], message=f["message"], also=also,
                 fallback=ctx["fallback"] or "no checkpoint (none qualifies)"))
             if variant:

@@ -98,7 +98,7 @@ def _model_facts(fc: ptfile.FileCheck) -> None:
     obj = _state_dict_of(fc.content)
     tensors = {str(k): t for k, t in obj.items() if isinstance(t, safe_pickle.TensorInfo)} \
         if isinstance(obj, dict) else {}
-    fc.facts.update(tensors=len(tensors), parameters=sum(t.numel for t in tensors.values()),
+    fc.facts.update(tensors=len(tensors), elements=sum(t.numel for t in tensors.values()),
                     keys=sorted(tensors))
     if isinstance(obj, dict) and any(not isinstance(k, str) for k in obj):
         fc.problem("inconsistent", "state dict keys are not all strings")
@@ -441,17 +441,19 @@ def resolve_recorded_path(recorded: str, bundle_root: Path, run_root: Path | Non
     p = Path(recorded)
     root = safefs.resolve(bundle_root)
     parts = p.parts
+    # Found paths are spelled from bundle_root as the user gave it, like every
+    # other evidence path (not as this machine's absolute path).
     if p.is_absolute() and _within(p, root) and safefs.is_dir(p):
-        return p, "as recorded"
+        return Path(bundle_root, safefs.resolve(p).relative_to(root)), "as recorded"
     if "results" in parts:
         i = len(parts) - 1 - parts[::-1].index("results")
-        cand = Path(root, *parts[i:])
-        if ".." not in parts[i:] and safefs.is_dir(cand):
+        cand = Path(bundle_root, *parts[i:])
+        if ".." not in parts[i:] and safefs.is_dir(cand) and _within(cand, root):
             return cand, "results/ suffix under the bundle root"
     if run_root is not None and len(parts) >= 4 and ".." not in parts[-4:]:
         for cand, how in ((Path(run_root.parent, *parts[-4:]), "run-root suffix"),
                           (Path(run_root, *parts[-3:]), "stage/checkpoints suffix in this run root")):
-            if safefs.is_dir(cand):
+            if safefs.is_dir(cand) and _within(cand, root):  # a symlink out of the bundle is not in it
                 return cand, how
     if read_outside and p.is_absolute() and safefs.is_dir(p):
         return p, "as recorded (outside the bundle; --read-outside-bundle)"

@@ -21,7 +21,7 @@
 from __future__ import annotations
 
 from . import stats
-from .rules import Finding
+from .rules import IMAGE_RULES, Finding
 
 UPSTREAM = {"latent_actions": ("video_tokenizer",), "dynamics": ("video_tokenizer", "latent_actions")}
 
@@ -44,6 +44,10 @@ def frozen_action_findings(a) -> list[Finding]:
         lam_cfg = a.histories["latent_actions"].config if "latent_actions" in a.histories else {}
         frozen["n_actions"] = lam_cfg.get("n_actions")
     evidence = a.stats["stages"]["dynamics"]["evidence_path"]
+    for f in (a.stats["stages"].get("latent_actions") or {}).get("findings", []):
+        if f["rule_id"] == "action_stats_sparse":  # too few here, but judged below from dynamics' log
+            f["message"] += (f"; judged instead from dynamics' log of the frozen action model "
+                             f"({frozen['points']} points)")
     source = (f"the frozen action model as logged by dynamics, {frozen['points']} points; "
               f"the action model's own log has {own.get('points', 0)}")
     return stats.action_findings(frozen, a.thresholds, "latent_actions", evidence, source, frozen=True)
@@ -87,9 +91,6 @@ def upstream_findings(a, extra: list[Finding]) -> list[Finding]:
 
 
 # --- images, read by what each stage can show -------------------------------------
-
-IMAGE_RULES = ("flat_color", "striping", "input_independent_output", "low_fidelity", "visual_degrading")
-
 
 def tokenizer_fidelity(a) -> dict | None:
     """Late reconstruction quality of the tokenizer's own grids, against its

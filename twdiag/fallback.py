@@ -102,8 +102,14 @@ def decide(res: StageResult, hist, stage_stats: dict | None, visual_onsets: dict
         if ok and (onset is None or c.step < onset):
             fallback = c
             break
-    return _document(res, hist, stage_stats, fallback, newest_intact, onset, onset_rule, blown, ref,
-                     thresholds)
+    doc = _document(res, hist, stage_stats, fallback, newest_intact, onset, onset_rule, blown, ref,
+                    thresholds)
+    # Every critical problem's onset, not only the earliest: "images never
+    # followed their inputs" and "the loss blew up at step 8" both matter.
+    if blown:
+        own.setdefault("weights_blowup", min(blown))
+    doc["onsets"] = {r: s for r, s in sorted(own.items(), key=lambda kv: kv[1])}
+    return doc
 
 
 def _verified(c: Checkpoint) -> dict:
@@ -149,6 +155,9 @@ def _restart_reason(cks: list[Checkpoint], onset, rule, blown) -> str:
         return f"none of the {len(cks)} checkpoints is intact"
     early = [c for c in valid if c.step > 0 and (onset is None or c.step < onset)]
     if onset is not None and not early:
+        if onset <= 0:  # present from the first record or image: nothing predates it
+            return (f"{rule} is present from step 0, so no trained checkpoint predates it "
+                    f"({RESTART_REASON_INIT})")
         zero = any(c.step <= 0 for c in valid)
         return (f"every intact checkpoint was saved at or after the onset of {rule} at step {onset}"
                 + (f"; the only earlier one is step 0 ({RESTART_REASON_INIT})" if zero else ""))

@@ -12,6 +12,9 @@ VERDICTS = ("normal", "insufficient_data", "watch", "critical", "missing")
 _RANK = {"normal": 0, "insufficient_data": 1, "missing": 2, "watch": 2, "critical": 3}
 MAX_STEPS_LISTED = 20
 SEVERITY_ORDER = {"critical": 0, "watch": 1, "info": 2}
+# Findings read off the image grids (visuals), which show a symptom whose
+# cause the loss and the upstream stages usually name better.
+IMAGE_RULES = ("flat_color", "striping", "input_independent_output", "low_fidelity", "visual_degrading")
 
 
 class ThresholdError(Exception):

@@ -363,7 +363,7 @@ class StageAnalysis:
         self.metrics["loss"]["blowup"] = {k: _r(v) if isinstance(v, float) else v for k, v in ex.items()}
         scale = "real-scale " if factor > 1 else ""
         came_back = (f"; it came back down to {_r(float(smooth[-1]))} by step {int(steps[-1])}"
-                     + (f" as the learning rate decayed" if self._lr_decayed() else "")
+                     + (" as the learning rate decayed" if self._lr_decayed() else "")
                      if ex["recovered"] else "; it has not come back down")
         self.add("loss_blowup", "critical", "train/loss", ex["peak_over_reference"],
                  lt["blowup_over_chance"] if self.stage == "dynamics" else lt["blowup_over_start"],
@@ -455,7 +455,7 @@ class StageAnalysis:
                "early_mean": _r(thirds[0].mean()), "late_mean": _r(thirds[-1].mean()),
                "note": "batch-level usage: biased low by batch size"}
         st = self.t["stages"].get(self.stage, {})
-        if self.stage != "video_tokenizer" or len(v) < self.t["data"]["min_action_points"]:
+        if self.stage != "video_tokenizer" or len(v) < self.t["data"]["min_codebook_points"]:
             return out
         codes = self._codes()
         late_codes = thirds[-1].mean() * codes
@@ -472,7 +472,8 @@ class StageAnalysis:
         elif thirds[-1].mean() < st["codebook_drop_watch"] * v.max():
             self.add("codebook_usage_drop", "watch", key, _r(thirds[-1].mean()),
                      _r(st["codebook_drop_watch"] * v.max()), [int(steps[int(v.argmax())]), int(steps[-1])],
-                     f"codebook usage fell from {_r(v.max())} to a late mean of {_r(thirds[-1].mean())}")
+                     f"codebook usage fell from {_r(v.max())} to a late mean of {_r(thirds[-1].mean())} "
+                     f"(about {_r(late_codes, 3)} of {codes} codes per batch)")
         return out
 
     # --- actions ----------------------------------------------------------------
@@ -518,8 +519,9 @@ class StageAnalysis:
         lr_c = out.get("loss_vs_lr")
         act = [abs(v) for k, v in out.items() if k.startswith("loss_vs_") and k != "loss_vs_lr" and v is not None]
         if lr_c is not None and lr_c >= strong and (not act or max(act) < strong):
-            out["reading"] = (f"loss tracks the learning rate (corr {lr_c}), not the action model "
-                              f"(|corr| <= {_r(max(act), 3) if act else 'n/a'})")
+            why_not = (f"|corr| <= {_r(max(act), 3)}" if act else
+                       "its statistics are constant here, so they cannot explain it")
+            out["reading"] = f"loss tracks the learning rate (corr {lr_c}), not the action model ({why_not})"
         return out
 
     def _throughput(self) -> dict | None:
