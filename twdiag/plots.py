@@ -50,7 +50,7 @@ def _numeric(frame: pd.DataFrame, key: str) -> tuple[np.ndarray, np.ndarray]:
     return steps[ok], vals[ok]
 
 
-def _loss_axes(ax, stage: str, frame: pd.DataFrame, metrics: dict) -> None:
+def _loss_axes(ax, stage: str, frame: pd.DataFrame, metrics: dict, thresholds: dict) -> None:
     key = metrics.get("loss_key")
     factor = (metrics.get("loss_scale") or {}).get("factor", 1) if stage == "dynamics" else 1
     steps = pd.to_numeric(frame["_step"], errors="coerce").to_numpy(dtype=float)
@@ -61,7 +61,7 @@ def _loss_axes(ax, stage: str, frame: pd.DataFrame, metrics: dict) -> None:
     ax.fill_between(s, lo, hi, color="tab:blue", alpha=0.25, linewidth=0, label=f"{label}: min-max")
     ax.plot(s, (lo + hi) / 2 if len(s) < finite.sum() else lo, color="tab:blue", lw=0.6)
     if finite.sum() > 50:
-        med = pd.Series(loss[finite]).rolling(51, center=True, min_periods=10).median().to_numpy()
+        med = pd.Series(loss[finite]).rolling(51, center=True, min_periods=51).median().to_numpy()
         ss, ml, _ = _envelope(steps[finite], med)
         ax.plot(ss, ml, color="black", lw=1.2, label="rolling median (51 rows)")
     for w in (metrics.get("loss") or {}).get("windows", []):
@@ -84,7 +84,11 @@ def _loss_axes(ax, stage: str, frame: pd.DataFrame, metrics: dict) -> None:
     if blow:
         ax.axvspan(blow["onset_step"], blow["end_step"], color="tab:red", alpha=0.08,
                    label=f"blow-up {blow['onset_step']}–{blow['end_step']}")
-    ax.set_yscale("log")
+    # Log scale only when the loss spans enough to need it (a flat 1.409 -> 1.405
+    # on a log axis looks like a fall and prints unreadable ticks).
+    pos = loss[finite]
+    if len(pos) and pos.max() / pos.min() >= thresholds["plots"]["log_scale_min_ratio"]:
+        ax.set_yscale("log")
     ax.set_ylabel(label)
 
 
@@ -175,7 +179,7 @@ def stage_figure(stage: str, frame: pd.DataFrame, metrics: dict, entry: dict | N
     if not key or key not in frame.columns:
         ax.text(0.5, 0.5, f"{stage}: no loss metric", ha="center", va="center", transform=ax.transAxes)
     else:
-        _loss_axes(ax, stage, frame, metrics)
+        _loss_axes(ax, stage, frame, metrics, thresholds)
         ax2 = _lr_axes(ax, frame, metrics)
         _checkpoint_marks(ax, entry)
         if ax2 is not None:
@@ -190,7 +194,11 @@ def stage_figure(stage: str, frame: pd.DataFrame, metrics: dict, entry: dict | N
         _action_axes(panel_ax, *spec, thresholds)
         panel_ax.legend(loc="upper left", bbox_to_anchor=(1.09, 1.0), fontsize=8, frameon=False)
     axes[-1].set_xlabel("step")
-    fig.tight_layout()
+    # Fixed margins (the figure size is fixed, the legends sit in the right
+    # margin): tight_layout measured every tick label and took most of the time.
+    height = fig.get_figheight()
+    fig.subplots_adjust(left=0.075, right=0.70, top=1 - 0.4 / height, bottom=0.55 / height,
+                        hspace=0.9 / (height / len(panels)))
     return fig
 
 

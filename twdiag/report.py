@@ -96,7 +96,7 @@ def stage_checkpoints(res: checkpoints.StageResult, fb: dict | None) -> dict:
         "in_progress": res.in_progress.step if res.in_progress else None,
         "deep_scanned": [c.step for c in res.checkpoints if c.deep in ("passed", "failed")],
         "problems": [c.summary() for c in res.checkpoints if c.status != "valid"][:20],
-        "model": None if ref is None else {k: ref.fact(ref.model_file, k) for k in ("tensors", "parameters")},
+        "model": None if ref is None else {k: ref.fact(ref.model_file, k) for k in ("tensors", "elements")},
         "optimizer": None if ref is None else {k: ref.fact("optim_state_dict.pt", k) for k in
                                                ("state_entries", "param_groups", "learning_rates")},
         "state": None if ref is None else {k: ref.fact("state.pt", k) for k in ("step", "timestamp", "scheduler")},
@@ -359,7 +359,8 @@ def _md_checkpoints(doc: dict) -> list[str]:
         if rows:
             out.append("  - per checkpoint (step: status, loss near it, lr, weights vs earliest): " + "; ".join(
                 f"{r['step']}: {r['status']}, {_v(r.get('loss'))}, {_v(r.get('learning_rate'))}, "
-                f"{_v(r.get('weights_vs_earliest'))}x" for r in rows[:12]))
+                + (f"{_v(r['weights_vs_earliest'])}x" if r.get("weights_vs_earliest") is not None else "n/a")
+                for r in rows[:12]))
     for dep in doc.get("checkpoint_dependencies", []):
         out.append(f"\n- dynamics `{dep['key']}` → `{dep['resolved'] or dep['recorded']}` "
                    f"({dep['how']}; {dep['status'] or 'not found'})")

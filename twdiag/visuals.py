@@ -554,7 +554,7 @@ def contact_sheet(rows: list[tuple[str, list[ImageResult], dict]], t: dict) -> I
     if not rows:
         return None
     ncols = max(len(rs) for _, rs, _ in rows)
-    gap, header_h, label_h = 10, 34, 30
+    gap, header_h, label_h = 10, 34, 48
     thumb_w = int(min(t["thumb_width"], (t["sheet_max_side"] - gap * (ncols + 1)) / ncols))
     ratio = max(r.thumb.height / r.thumb.width for _, rs, _ in rows for r in rs)
     thumb_h = int(thumb_w * ratio)
@@ -576,10 +576,13 @@ def contact_sheet(rows: list[tuple[str, list[ImageResult], dict]], t: dict) -> I
             psnr = quality(r)
             sev = min((severity.get(f) for f in r.flags if severity.get(f)), key=lambda v: order[v],
                       default=None)
-            label = f"step {r.image.step}" + (f" · PSNR {psnr:.1f} dB" if psnr is not None else "")
-            if r.flags:
-                label += " · " + ", ".join(r.flags)
-            draw.text((x, y + header_h), label, fill=SEVERITY_COLOURS[sev] if r.flags else "black", font=small)
+            # Two lines (step and PSNR, then flags), each cut to the thumbnail's
+            # width so that a long flag list never runs into the next cell.
+            lines = [f"step {r.image.step}" + (f" · PSNR {psnr:.1f} dB" if psnr is not None else ""),
+                     ", ".join(r.flags)]
+            for k, line in enumerate(lines):
+                draw.text((x, y + header_h + k * (label_h // 2)), _fit(draw, line, small, thumb_w),
+                          fill=SEVERITY_COLOURS[sev] if r.flags else "black", font=small)
             thumb = r.thumb.copy()
             thumb.thumbnail((thumb_w, thumb_h))
             ty = y + header_h + label_h
@@ -590,6 +593,14 @@ def contact_sheet(rows: list[tuple[str, list[ImageResult], dict]], t: dict) -> I
     if max(sheet.size) > t["sheet_max_side"]:
         sheet.thumbnail((t["sheet_max_side"], t["sheet_max_side"]))
     return sheet
+
+
+def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "…", font=font) > width:
+        text = text[:-1]
+    return text + "…"
 
 
 def _font(size: int):
