@@ -1,2 +1,2 @@
 """TinyWorlds training diagnostics: the library behind the skill's scripts."""
-__version__ = "0.1.0"
+__version__ = "0.2.0"
