@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, SAMPLE, cli, tree_fingerprint
+from conftest import EXAMPLES, ROOT, cli, tree_fingerprint
 
 torch = pytest.importorskip("torch")
 
-from twdiag import bundle, checkpoints, fallback, ptfile, rules, synth  # noqa: E402
+from twdiag import bundle, checkpoints, fallback, logs, ptfile, rules, synth  # noqa: E402
 
 TS = synth.TS
 T = rules.load_thresholds()
@@ -376,3 +376,36 @@ def test_a_damaged_upstream_file_makes_healthy_dynamics_watch_not_critical(tmp_p
     assert dyn["verdict"] == "watch" and dyn["fallback"]["step"] == 200
     f = next(f for f in dyn["findings"] if f["rule_id"] == "ckpt_dependency_invalid")
     assert f["severity"] == "watch" and "Restore" not in f["message"] and "restore" in f["message"]
+
+
+EXAMPLES_MODELS = json.loads((EXAMPLES / "models.json").read_text())
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES_MODELS))
+def test_examples_are_genuine_tinyworlds_output(name):
+    """The example bundles are what upstream TinyWorlds' training scripts
+    write: every state.pt pickles TinyWorlds' own utils.config classes, the
+    inert reading of each model file counts the tensors and numbers that
+    TinyWorlds' own loaders built from it (examples/models.json, recorded by
+    make_examples.py), and each stage's W&B config holds the full argument set."""
+    b = bundle.discover([EXAMPLES / name])
+    assert set(b.stages) == set(bundle.STAGES)
+    for stage, art in b.stages.items():
+        res = checkpoints.check_stage(art, LIMITS)
+        intact = [c for c in res.checkpoints if c.status == "valid"]
+        assert intact and all(c.status in ("valid", "empty") for c in res.checkpoints), stage
+        for c in intact:
+            assert {"utils.config.DistributedConfig", "utils.config.DeviceType"} <= \
+                set(c.files["state.pt"].globals), (stage, c.step)
+        facts = EXAMPLES_MODELS[name][stage]
+        ck = next(c for c in intact if c.path.name == facts["checkpoint"])
+        assert ck.fact("model_state_dict.pt", "tensors") == facts["tensors"]
+        assert ck.fact("model_state_dict.pt", "elements") == facts["elements"]
+    hist = logs.load(b)
+    common = {"n_updates", "learning_rate", "batch_size_per_gpu", "gradient_accumulation_steps",
+              "log_interval", "patch_size", "embed_dim", "hidden_dim", "distributed"}
+    own = {"video_tokenizer": {"latent_dim", "num_bins"}, "latent_actions": {"n_actions"},
+           "dynamics": {"latent_dim", "num_bins", "n_actions", "video_tokenizer_path", "latent_actions_path"}}
+    for stage, h in hist.items():  # each stage's own config dataclass, as wandb.init(config=...) logs it
+        assert common | own[stage] <= set(h.config), stage
+        assert int(h.frame["_step"].max()) == int(h.config["n_updates"]) - 1, stage

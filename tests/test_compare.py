@@ -14,7 +14,6 @@ import pytest
 from conftest import EXAMPLES, ROOT, diagnose, tree_fingerprint
 from twdiag import compare, rules, synth
 
-pytestmark = pytest.mark.fast
 
 N = 600
 CHANGE = 300  # the step where the lr is raised / actions collapse
@@ -75,6 +74,7 @@ def _cmp(cur: Path, base: Path | None) -> dict:
     return compare.compare(cur, [base] if base else [], TH)["doc"]["stages"]
 
 
+@pytest.mark.fast
 def test_seeded_twin_has_no_drift(cmp_runs):
     st = _cmp(cmp_runs["twin"], cmp_runs["base"])["dynamics"]
     assert st["drift"]["onset_step"] is None and st["verdict"] == "normal"
@@ -82,6 +82,7 @@ def test_seeded_twin_has_no_drift(cmp_runs):
     assert not [f for f in st["findings"] if f["severity"] != "info"]
 
 
+@pytest.mark.fast
 def test_lr_raised_tenfold_drifts_from_that_step(cmp_runs):
     st = _cmp(cmp_runs["lr10"], cmp_runs["base"])["dynamics"]
     onset = st["drift"]["onset_step"]
@@ -93,6 +94,7 @@ def test_lr_raised_tenfold_drifts_from_that_step(cmp_runs):
     assert f["severity"] == "critical" and f["value"] >= TH["compare"]["drift_critical_ratio"]
 
 
+@pytest.mark.fast
 def test_unique_actions_falling_to_one(cmp_runs):
     st = _cmp(cmp_runs["lam_drop"], cmp_runs["lam_base"])["latent_actions"]
     f = next(f for f in st["findings"] if f["rule_id"] == "action_diversity_drop")
@@ -102,12 +104,14 @@ def test_unique_actions_falling_to_one(cmp_runs):
     assert st["drift"]["onset_step"] is None  # the loss itself did not move
 
 
+@pytest.mark.fast
 def test_slower_run_is_a_throughput_regression(cmp_runs):
     st = _cmp(cmp_runs["slow"], cmp_runs["base"])["dynamics"]
     assert st["throughput"]["ratio"] == pytest.approx(0.5, rel=0.05)
     assert any(f["rule_id"] == "throughput_regression" for f in st["findings"])
 
 
+@pytest.mark.fast
 def test_shorter_current_run_uses_common_steps(cmp_runs):
     st = _cmp(cmp_runs["short"], cmp_runs["base"])["dynamics"]
     assert st["drift"]["common_steps"] == [0, 349]
@@ -115,6 +119,7 @@ def test_shorter_current_run_uses_common_steps(cmp_runs):
     assert st["drift"]["onset_step"] is None
 
 
+@pytest.mark.fast
 def test_folder_with_several_runs_compares_newest_with_earlier(cmp_runs):
     st = _cmp(cmp_runs["folder"] / "wandb", None)["dynamics"]
     assert any("newest dynamics run compared with the 1 before it" in n for n in st["notes"])
@@ -122,6 +127,7 @@ def test_folder_with_several_runs_compares_newest_with_earlier(cmp_runs):
     assert st["config_diff"][0]["key"] == "learning_rate"
 
 
+@pytest.mark.fast
 def test_cli_outputs_and_bundles_unchanged(tmp_path, cmp_runs):
     before = {k: tree_fingerprint(cmp_runs[k]) for k in ("lr10", "base")}
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "compare_runs.py"), str(cmp_runs["lr10"]),
@@ -152,6 +158,7 @@ def test_examples_side_by_side_and_diagnose_baseline(tmp_path):
     assert "## Comparison with the baseline" in (tmp_path / "diagnosis.md").read_text()
 
 
+@pytest.mark.fast
 def test_a_baseline_with_other_model_dims_gives_the_config_diff_only(tmp_path, cmp_runs):
     other = tmp_path / "other"
     cfg = synth.stage_config("dynamics", n_updates=N, learning_rate=1e-3, embed_dim=64, batch_size_per_gpu=64)
@@ -164,6 +171,7 @@ def test_a_baseline_with_other_model_dims_gives_the_config_diff_only(tmp_path, c
     assert st["verdict"] == "normal" and st["config_diff"]
 
 
+@pytest.mark.fast
 def test_checkpoints_a_thousand_times_smaller(tmp_path, cmp_runs):
     import torch
     cur, base = tmp_path / "cur", tmp_path / "base"

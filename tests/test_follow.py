@@ -3,16 +3,14 @@ offline run, the follower reads it while it grows, a checkpoint is emptied
 mid-run, then the child is SIGKILLed. The follower's NDJSON must say live,
 then report the emptied checkpoint, then crashed or stalled, and stop."""
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, SCRIPTS
+from conftest import SCRIPTS
 
 CHILD = """
 import math, os, sys, time

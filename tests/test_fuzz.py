@@ -9,7 +9,7 @@ import pytest
 
 from conftest import cli
 
-pytestmark = pytest.mark.fast
+# not in the fast subset: the seeded fuzz runs in the full suite (CI)
 N_LOG, N_CKPT = 150, 150
 
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, cli, tree_fingerprint
-from twdiag import bundle, pipeline, rules, synth, visuals
+from conftest import ROOT, tree_fingerprint
+from twdiag import bundle, rules, synth, visuals
 
 TS = synth.TS
 TH = rules.load_thresholds()

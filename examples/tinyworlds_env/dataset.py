@@ -4,7 +4,7 @@
 TinyWorlds' `VideoHDF5Dataset` (which then samples every 4th frame at the
 loader's default 15 fps). Each frame shows a dark court with a dashed centre
 line, a ball that bounces off the walls, an opponent paddle that follows the
-ball, and a controllable agent: a yellow block that moves 2 px per frame in
+ball, and a controllable agent: a yellow block that moves 3 px per frame in
 the direction of its action (0 up, 1 down, 2 left, 3 right), held for
 `hold` frames at a time. The actions are stored beside the frames as
 dataset `actions` (the loader ignores it), so what the latent action model
@@ -19,8 +19,8 @@ import argparse
 import numpy as np
 
 SIZE = 64
-MOVES = np.array([(-4, 0), (4, 0), (0, -4), (0, 4)])  # (dy, dx) per action
-AGENT, BALL, PADDLE = 14, 5, (18, 4)
+MOVES = np.array([(-3, 0), (3, 0), (0, -3), (0, 3)])  # (dy, dx) per action
+AGENT, BALL, PADDLE = 10, 5, (18, 4)
 
 
 def render(frames: int, seed: int, hold: int) -> tuple[np.ndarray, np.ndarray]:
