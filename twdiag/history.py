@@ -419,10 +419,14 @@ def _ts(t) -> float | None:
     return secs or None
 
 
+def _proto():
+    from wandb.proto import wandb_internal_pb2 as pb  # ~0.7 s import: keep it lazy
+    return pb
+
+
 def _feed(dec: "_Decoder", report: wandb_log.ScanReport, payloads) -> int:
     """Parse each payload once and feed it; returns how many records."""
-    from wandb.proto import wandb_internal_pb2 as pb  # 1 s import: keep it lazy
-    from_string = pb.Record.FromString
+    from_string = _proto().Record.FromString
     n = 0
     for payload in payloads:
         try:
@@ -476,6 +480,9 @@ def decode_state(path: str | Path, console_path: str | Path | None = None,
     if n == 1:
         parts = [_decode_range(*jobs[0])]
     else:
+        # Import the protobuf classes before forking: the workers inherit them,
+        # and this process (a --follow poll next) has them too.
+        _proto()
         with multiprocessing.get_context("fork").Pool(n) as pool:
             parts = pool.starmap(_decode_range, jobs)
         if console_path is not None:
