@@ -34,12 +34,13 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 OURS = """
 import sys, resource, json
 sys.path.insert(0, sys.argv[2])
-from twdiag import checkpoints, rules
-out = checkpoints.analyse([__import__('pathlib').Path(sys.argv[1])], rules.load_thresholds())
-st = out['doc']['stages']
+from pathlib import Path
+from twdiag import bundle, pipeline, rules
+a = pipeline.run(bundle.discover([Path(sys.argv[1])]), rules.load_thresholds(), parts=("checkpoints",),
+                 progress=lambda m: None)
 print(json.dumps({'rss_kb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                  'fallback': {s: v['recommended_fallback']['step'] for s, v in st.items()},
-                  'deep': {s: v['deep_scanned'] for s, v in st.items()}}))
+                  'fallback': {s: f['step'] for s, f in a.fallbacks.items()},
+                  'deep': {s: [c.step for c in r.checkpoints if c.deep != 'no'] for s, r in a.checkpoints.items()}}))
 """
 
 
@@ -85,7 +86,7 @@ def main() -> None:
           file=sys.stderr)
     import torch
 
-    from twdiag import checkpoints, rules
+    from twdiag import bundle, pipeline, rules
     th = rules.load_thresholds()
     files = sorted(ckdir.glob("*/*_state_dict.pt"))
     for f in files:  # warm the page cache for both sides
@@ -93,7 +94,7 @@ def main() -> None:
     a, b, ea, eb, rss = [], [], [], [], []
     for _ in range(repeats):
         t = time.perf_counter()
-        doc = checkpoints.analyse([ckdir], th)["doc"]
+        res = pipeline.run(bundle.discover([ckdir]), th, parts=("checkpoints",), progress=lambda m: None)
         a.append(time.perf_counter() - t)
         t = time.perf_counter()
         for f in files:
@@ -103,7 +104,6 @@ def main() -> None:
         tb, _ = timed(BASELINE, str(ckdir))
         ea.append(ta), eb.append(tb), rss.append(json.loads(out)["rss_kb"] / 1024)
     med = statistics.median
-    st = doc["stages"]["dynamics"]
     print(json.dumps({"checkpoints": n, "bytes": total,
                       "a_check_ckpts_default_s": round(med(a), 3), "b_torch_load_all_s": round(med(b), 3),
                       "ratio_a_over_b": round(med(a) / med(b), 4), "target_ratio": 0.1,
@@ -111,8 +111,10 @@ def main() -> None:
                       "end_to_end_ratio": round(med(ea) / med(eb), 4),
                       "a_peak_rss_mb": round(max(rss), 1), "target_rss_mb": 1024,
                       "runs_a": [round(x, 3) for x in a], "runs_b": [round(x, 3) for x in b],
-                      "deep_scanned": st["deep_scanned"],
-                      "fallback": st["recommended_fallback"]["step"]}, indent=2))
+                      "deep_scanned": {c.step: c.deep_files for c in res.checkpoints["dynamics"].checkpoints
+                                       if c.deep != "no"},
+                      "fallback": res.fallbacks["dynamics"]["step"],
+                      "errors": res.errors}, indent=2))
 
 
 if __name__ == "__main__":

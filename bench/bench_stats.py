@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from twdiag import export, rules, stats  # noqa: E402
+from twdiag import bundle, logs, rules, stats  # noqa: E402
 
 
 def timed(fn):
@@ -34,7 +34,7 @@ def main() -> None:
     base, ours, analysis = [], [], []
     for _ in range(args.repeat):
         base.append(timed(lambda: pd.read_csv(args.table))[0])
-        t, hist = timed(lambda: export.load_histories([Path(args.table)]))
+        t, hist = timed(lambda: logs.load(bundle.discover([Path(args.table)]), progress=lambda m: None))
         ours.append(t)
         (merged,) = hist.values()
         analysis.append(timed(lambda: stats.analyse_stage(merged, thresholds))[0])

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from PIL import Image  # noqa: E402
 
-from twdiag import rules, synth, visuals  # noqa: E402
+from twdiag import bundle, rules, synth, visuals  # noqa: E402
 
 
 def build(target: Path, n: int) -> Path:
@@ -59,7 +59,7 @@ def main() -> None:
                 im.load()
         a.append(time.perf_counter() - t)
         t = time.perf_counter()
-        res = visuals.analyse([vis.parent], th)
+        res = visuals.analyse(bundle.discover([vis.parent]), th)
         b.append(time.perf_counter() - t)
     ma, mb = statistics.median(a), statistics.median(b)
     st = res["doc"]["stages"]["dynamics"]

@@ -1,0 +1,135 @@
+#!/usr/bin/env python3
+"""Follow benchmark: one --follow poll of a 300k-step live log that grew by
+1,000 steps, against a fresh diagnose of the same bundle (same run).
+
+  python ../shared/bench/gen_big_wandb.py 300000 /tmp/big 0 --kind dynamics
+  python bench/bench_follow.py /tmp/big/wandb/offline-run-*/run-*.wandb [--repeat 3]
+
+The bundle holds that log (cut 1,000 steps before its end, block-aligned, as
+a live writer leaves it) and a few genuine-shaped checkpoints and grids.
+  (a) a fresh `scripts/diagnose.py` of the full bundle, as a process
+  (b) in one process: a Follower's first poll on the cut bundle (not timed),
+      then the file grows by the last 1,000 steps, then one poll, timed
+  (c) a --follow run of 100 polls, as a process, the file growing before
+      each poll; its peak RSS against (a)'s
+Prints medians and ratios: (b)/(a) (target <= 0.05), RSS (c)/(a) (<= 1.2).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+BLOCK = 32768
+
+POLL_ONCE = """
+import json, sys, time, types
+sys.path.insert(0, sys.argv[1])
+from pathlib import Path
+from twdiag import follow, rules
+root, log, tail = Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
+args = types.SimpleNamespace(deep="auto", now=None, count=None, read_outside_bundle=False)
+f = follow.Follower(root, {}, None, rules.load_thresholds(), args, root / "out")
+a, doc = f.poll()
+before = follow.summary(doc)
+with open(log, "ab") as fh:
+    fh.write(tail.read_bytes())
+t = time.perf_counter()
+a, doc = f.poll()
+changes = follow._changes(before, follow.summary(doc))
+print(json.dumps({"poll_s": time.perf_counter() - t, "new_records": f.new_records, "changed": changes,
+                  "rows": len(a.histories["dynamics"].frame)}))
+"""
+
+FOLLOW_100 = """
+import resource, sys, types
+sys.path.insert(0, sys.argv[1])
+from pathlib import Path
+from twdiag import follow, rules
+root, log, tail = Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]).read_bytes()
+args = types.SimpleNamespace(deep="auto", now=None, count=None, read_outside_bundle=False)
+f = follow.Follower(root, {}, None, rules.load_thresholds(), args, root / "out")
+step = len(tail) // 100 + 1
+for i in range(100):
+    f.poll()
+    with open(log, "ab") as fh:
+        fh.write(tail[i * step:(i + 1) * step])
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+
+
+def build(big: Path, target: Path) -> tuple[Path, Path, Path]:
+    """The bundle (log cut ~1,000 steps early), the log, and its missing tail."""
+    from twdiag import synth
+    shutil.rmtree(target, ignore_errors=True)
+    data = big.read_bytes()
+    per_step = len(data) / 300_000
+    cut = int(len(data) - 1000 * per_step) // BLOCK * BLOCK
+    log = target / "wandb" / big.parent.name / big.name
+    log.parent.mkdir(parents=True)
+    log.write_bytes(data[:cut])
+    tail = target / "tail.bin"
+    tail.write_bytes(data[cut:])
+    stage = target / "results" / synth.TS / "dynamics"
+    o = synth.pong_frames(16, seed=1)
+    for k, step in enumerate((0, 100000, 200000)):
+        synth.write_checkpoint(stage, "dynamics", step)
+        synth.write_grid_png(stage / "visualizations" / f"dynamics_prediction_step_{step}.png", synth.masked(o),
+                             synth.predictions("good", o, seed=k))
+    return target, log, tail
+
+
+def run(code: str, *args) -> str:
+    return subprocess.run([sys.executable, "-c", code, str(ROOT), *map(str, args)], capture_output=True,
+                          text=True, check=True).stdout
+
+
+def fresh_diagnose(bundle: Path, out: Path) -> tuple[float, float]:
+    script = ("import resource,subprocess,sys,time,json;t=time.perf_counter();"
+              "subprocess.run(sys.argv[1:],stdout=subprocess.DEVNULL,stderr=subprocess.DEVNULL,check=True);"
+              "print(json.dumps([time.perf_counter()-t,resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss/1024]))")
+    r = subprocess.run([sys.executable, "-c", script, sys.executable, str(ROOT / "scripts" / "diagnose.py"),
+                        str(bundle), "--out-dir", str(out)], capture_output=True, text=True, check=True)
+    return tuple(json.loads(r.stdout))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("wandb_file", type=Path)
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench_follow_"))
+    a, b, c, rss_a, meta = [], [], [], [], {}
+    for _ in range(args.repeat):
+        bundle, log, tail = build(args.wandb_file, work / "bundle")
+        full = work / "full"
+        shutil.copytree(bundle, full, dirs_exist_ok=True)
+        with open(full / "wandb" / log.parent.name / log.name, "ab") as fh:
+            fh.write(tail.read_bytes())
+        t, rss = fresh_diagnose(full, work / "out_a")
+        a.append(t)
+        rss_a.append(rss)
+        meta = json.loads(run(POLL_ONCE, bundle, log, tail))
+        b.append(meta["poll_s"])
+        bundle, log, tail = build(args.wandb_file, work / "bundle")
+        c.append(float(run(FOLLOW_100, bundle, log, tail)))
+        shutil.rmtree(full)
+    med = statistics.median
+    print(json.dumps({"a_fresh_diagnose_s": round(med(a), 3), "b_one_poll_s": round(med(b), 4),
+                      "ratio_b_over_a": round(med(b) / med(a), 4), "target_ratio": 0.05,
+                      "poll_new_records": meta.get("new_records"), "poll_changes": meta.get("changed"),
+                      "rows": meta.get("rows"),
+                      "a_peak_rss_mb": round(med(rss_a), 1), "c_follow_100_polls_peak_rss_mb": round(med(c), 1),
+                      "rss_ratio_c_over_a": round(med(c) / med(rss_a), 3), "target_rss_ratio": 1.2,
+                      "runs_a": [round(x, 3) for x in a], "runs_b": [round(x, 4) for x in b]}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
