@@ -17,11 +17,11 @@ from pathlib import Path
 import yaml
 
 from . import bundle as bundle_mod, stats
-from .rules import IMAGE_RULES
+from .rules import IMAGE_RULES, SEVERITY_ORDER
 
 ACTIONS_FILE = Path(__file__).with_name("actions.yaml")
 MAX_ACTIONS = 12
-_SEVERITY = {"critical": 0, "watch": 1}
+_SEVERITY = {s: r for s, r in SEVERITY_ORDER.items() if s != "info"}  # actions for watch and critical only
 
 
 def load_actions() -> dict:

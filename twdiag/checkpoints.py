@@ -462,7 +462,8 @@ def resolve_recorded_path(recorded: str, bundle_root: Path, run_root: Path | Non
 
 
 def _within(p: Path, root: Path) -> bool:
-    return safefs.resolve(p) == root or root in safefs.resolve(p).parents
+    resolved = safefs.resolve(p)  # once: it walks the filesystem
+    return resolved == root or root in resolved.parents
 
 
 def dependency_findings(results: dict[str, StageResult], bundle_root: Path, thresholds: dict,

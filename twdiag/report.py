@@ -69,7 +69,7 @@ def stage_entry(a: Analysis, stage: str, comparison: dict | None) -> dict:
     else:
         enough = (s["verdict"] != "insufficient_data") if s else (has_ckpts or has_images)
         verdict = rules.verdict_of(findings, enough)
-    findings = sorted(findings, key=lambda f: {"critical": 0, "watch": 1, "info": 2}[f["severity"]])
+    findings = sorted(findings, key=lambda f: rules.SEVERITY_ORDER[f["severity"]])
     fb = a.fallbacks.get(stage)
     return {"verdict": verdict, "status": a.states.get(stage) or {"state": "unknown",
                                                                    "reason": "no W&B log for this stage"},
