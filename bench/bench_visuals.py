@@ -60,6 +60,7 @@ def main() -> None:
         a.append(time.perf_counter() - t)
         t = time.perf_counter()
         res = visuals.analyse(bundle.discover([vis.parent]), th)
+        drawn = visuals.sheet(res, th)
         b.append(time.perf_counter() - t)
     ma, mb = statistics.median(a), statistics.median(b)
     st = res["doc"]["stages"]["dynamics"]
@@ -67,7 +68,7 @@ def main() -> None:
                       "a_plain_decode_s": round(ma, 3), "b_analyse_with_sheet_s": round(mb, 3),
                       "decode_ms_per_image": round(1000 * ma / n, 2),
                       "work_beyond_decode_ms_per_image": round(1000 * (mb - ma) / n, 2),
-                      "target_ms": 20, "sheet_built": res["sheet"] is not None,
+                      "target_ms": 20, "sheet_built": drawn is not None,
                       "runs_a": [round(x, 3) for x in a], "runs_b": [round(x, 3) for x in b]},
                      indent=2))
 

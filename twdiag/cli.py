@@ -339,18 +339,19 @@ def _add_visuals(sub) -> None:
 
 
 def _run_visuals(args) -> tuple[dict, int]:
-    from . import rules
+    from . import rules, visuals
     if args.count is not None and args.count < 1:
         raise CliError("--count must be at least 1", EXIT_USAGE)
     a, t = _analysis(args, ("visuals",))
-    res = a.visuals or {"doc": {"stages": {}}, "sheet": None, "details": {}}
+    res = a.visuals or {"doc": {"stages": {}}, "sheet_rows": [], "details": {}}
     doc = {**res["doc"], "skipped": a.bundle.skipped, "errors": a.errors}
     doc["overall"] = rules.overall_of(doc["stages"], t)
     if any(v["analysed"] for v in doc["stages"].values()):
         out = _out_dir(args, a.bundle.root)
         with outputs.OutputSet(out, order_last=()) as outset:
-            if res["sheet"] is not None:
-                doc["contact_sheet"] = str(outset.write_image("contact_sheet.png", res["sheet"]))
+            image = visuals.sheet(res, t)
+            if image is not None:
+                doc["contact_sheet"] = str(outset.write_image("contact_sheet.png", image))
             doc["details"] = str(outset.write_json("visuals.json", {**doc, "images": res["details"]}))
     if not any(v["images"] for v in doc["stages"].values()):
         return doc, EXIT_NO_INPUT
@@ -491,7 +492,7 @@ def _guarded_compare(a, compare, baselines, t, count):
 
 def write_report(a, cmp, out: Path, plots, report) -> dict:
     """Every output of a diagnosis, as one set: the old set or the new one."""
-    from . import html_report
+    from . import html_report, visuals
     doc = None
     with outputs.OutputSet(out) as outset:
         files = {"diagnosis_json": str(outset.final("diagnosis.json")),
@@ -504,8 +505,9 @@ def write_report(a, cmp, out: Path, plots, report) -> dict:
                 files.setdefault("loss_plots", {})[name.removeprefix("loss_").removesuffix(".png")] = \
                     str(outset.write_image(name, fig))
                 plots.close(fig)
-            if a.visuals and a.visuals.get("sheet") is not None:
-                files["contact_sheet"] = str(outset.write_image("contact_sheet.png", a.visuals["sheet"]))
+            image = visuals.sheet(a.visuals, a.thresholds) if a.visuals else None
+            if image is not None:  # drawn now: after crossstage has reconciled the image findings
+                files["contact_sheet"] = str(outset.write_image("contact_sheet.png", image))
             if cmp:
                 for name, fig in cmp["figures"].items():
                     files[name] = str(outset.write_image(name, fig))

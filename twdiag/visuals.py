@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
 from . import bundle as bundle_mod, safefs
 from .bundle import ImageFile
-from .rules import Finding
+from .rules import SEVERITY_ORDER, Finding
 
 FLAGS = ("flat_color", "striping", "input_independent_output", "low_fidelity")
 MAX_LISTED = 30  # per-image entries on stdout; the details file lists all
@@ -562,11 +562,9 @@ def contact_sheet(rows: list[tuple[str, list[ImageResult], dict]], t: dict) -> I
     sheet = Image.new("RGB", (gap + ncols * (thumb_w + gap), gap + len(rows) * row_h), "white")
     draw = ImageDraw.Draw(sheet)
     head, small = _font(22), _font(17)
-    order = {"critical": 0, "watch": 1, "info": 2}
     for i, (stage, rs, severity) in enumerate(rows):
         y = gap + i * row_h
-        worst = min((severity.get(f) for r in rs for f in r.flags if severity.get(f)),
-                    key=lambda v: order[v], default=None)
+        worst = _worst(severity.values())  # flags and stage-level image findings (recon_fidelity_low)
         colour = SEVERITY_COLOURS[worst]
         draw.rectangle([gap, y, sheet.width - gap, y + header_h - 4], fill=colour)
         draw.text((gap + 8, y + 4), f"{stage}: worst image finding {worst or 'none'}",
@@ -574,8 +572,7 @@ def contact_sheet(rows: list[tuple[str, list[ImageResult], dict]], t: dict) -> I
         for j, r in enumerate(rs):
             x = gap + j * (thumb_w + gap)
             psnr = quality(r)
-            sev = min((severity.get(f) for f in r.flags if severity.get(f)), key=lambda v: order[v],
-                      default=None)
+            sev = _worst(severity.get(f) for f in r.flags)
             # Two lines (step and PSNR, then flags), each cut to the thumbnail's
             # width so that a long flag list never runs into the next cell.
             lines = [f"step {r.image.step}" + (f" · PSNR {psnr:.1f} dB" if psnr is not None else ""),
@@ -593,6 +590,11 @@ def contact_sheet(rows: list[tuple[str, list[ImageResult], dict]], t: dict) -> I
     if max(sheet.size) > t["sheet_max_side"]:
         sheet.thumbnail((t["sheet_max_side"], t["sheet_max_side"]))
     return sheet
+
+
+def _worst(severities) -> str | None:
+    """The most severe of these (None entries ignored), or None."""
+    return min((s for s in severities if s), key=SEVERITY_ORDER.__getitem__, default=None)
 
 
 def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
@@ -647,7 +649,7 @@ def _cached(img: ImageFile, t: dict, keep_thumb: bool, cache: dict | None) -> Im
 def analyse(b: bundle_mod.Bundle, thresholds: dict, count: int | None = None, progress=None,
             cache: dict | None = None) -> dict:
     """Analyse every stage's images; returns the compact document, per-image
-    details and the contact sheet (a PIL image, not yet written)."""
+    details and the contact sheet's rows (drawn by `sheet`)."""
     t = thresholds["visuals"]
     count = count or t["sheet_count"]
     doc: dict = {"stages": {}, "skipped": []}
@@ -674,10 +676,20 @@ def analyse(b: bundle_mod.Bundle, thresholds: dict, count: int | None = None, pr
             doc["skipped"].append({"path": str(imgs[0].path.parent),
                                    "reason": f"{len(bad) - MAX_LISTED} more unreadable images (see visuals.json)"})
         details[stage] = [r.to_dict() for r in results]
-        severity = {f.rule_id: f.severity for f in findings}
-        sheet_rows.append((stage, [r for r in results if r.thumb is not None], severity))
+        sheet_rows.append((stage, [r for r in results if r.thumb is not None]))
     b.skipped += doc["skipped"]
-    return {"doc": doc, "details": details, "sheet": contact_sheet(sheet_rows, t)}
+    return {"doc": doc, "details": details, "sheet_rows": sheet_rows}
+
+
+def sheet(res: dict, thresholds: dict) -> Image.Image | None:
+    """The contact sheet of an `analyse` result, coloured by its stage
+    documents' findings as they stand when it is drawn: diagnose first
+    reconciles them with the other stages (crossstage), so the sheet never
+    shows red where the verdict says the images do not count."""
+    stages = res["doc"]["stages"]
+    rows = [(stage, rs, {f["rule_id"]: f["severity"] for f in stages[stage]["findings"]})
+            for stage, rs in res["sheet_rows"]]
+    return contact_sheet(rows, thresholds["visuals"])
 
 
 def stage_document(stage: str, results: list[ImageResult], tr: dict, findings: list[Finding],
