@@ -16,14 +16,14 @@ RSS of (a) <= 300 MB). --slope also exports the first 1/4, 1/2 and all of
 the file (cut at block boundaries) and reports peak RSS against size.
 """
 import argparse
-import json
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import measure  # noqa: E402
 BLOCK = 32768
 
 VARIANTS = {
@@ -33,15 +33,6 @@ VARIANTS = {
                                          str(Path(out) / "naive.csv")],
     "c_raw_read": lambda f, out: [sys.executable, "-c", f"open({f!r},'rb').read()"],
 }
-
-
-def measure(cmd) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MB) of one child process tree."""
-    script = ("import resource,subprocess,sys,time,json;t=time.perf_counter();"
-              "subprocess.run(sys.argv[1:],stdout=subprocess.DEVNULL,stderr=subprocess.DEVNULL,check=True);"
-              "print(json.dumps([time.perf_counter()-t,resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss/1024]))")
-    out = subprocess.run([sys.executable, "-c", script, *cmd], capture_output=True, text=True, check=True)
-    return tuple(json.loads(out.stdout))
 
 
 def slope(path: str) -> None:

@@ -10,8 +10,9 @@ a live writer leaves it) and a few genuine-shaped checkpoints and grids.
   (a) a fresh `scripts/diagnose.py` of the full bundle, as a process
   (b) in one process: a Follower's first poll on the cut bundle (not timed),
       then the file grows by the last 1,000 steps, then one poll, timed
-  (c) a --follow run of 100 polls, as a process, the file growing before
-      each poll; its peak RSS against (a)'s
+  (c) a Follower run of 100 polls, as a process, the file growing before
+      each poll; its peak RSS against (a)'s, both read the same way (see
+      _common.measure)
 Prints medians and ratios: (b)/(a) (target <= 0.05), RSS (c)/(a) (<= 1.2).
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from _common import measure  # noqa: E402
 BLOCK = 32768
 
 POLL_ONCE = """
@@ -49,7 +51,7 @@ print(json.dumps({"poll_s": time.perf_counter() - t, "new_records": f.new_record
 """
 
 FOLLOW_100 = """
-import resource, sys, types
+import sys, types
 sys.path.insert(0, sys.argv[1])
 from pathlib import Path
 from twdiag import follow, rules
@@ -61,7 +63,6 @@ for i in range(100):
     f.poll()
     with open(log, "ab") as fh:
         fh.write(tail[i * step:(i + 1) * step])
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 """
 
 
@@ -92,12 +93,11 @@ def run(code: str, *args) -> str:
 
 
 def fresh_diagnose(bundle: Path, out: Path) -> tuple[float, float]:
-    script = ("import resource,subprocess,sys,time,json;t=time.perf_counter();"
-              "subprocess.run(sys.argv[1:],stdout=subprocess.DEVNULL,stderr=subprocess.DEVNULL,check=True);"
-              "print(json.dumps([time.perf_counter()-t,resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss/1024]))")
-    r = subprocess.run([sys.executable, "-c", script, sys.executable, str(ROOT / "scripts" / "diagnose.py"),
-                        str(bundle), "--out-dir", str(out)], capture_output=True, text=True, check=True)
-    return tuple(json.loads(r.stdout))
+    return measure([sys.executable, str(ROOT / "scripts" / "diagnose.py"), str(bundle), "--out-dir", str(out)])
+
+
+def follow_100(bundle: Path, log: Path, tail: Path) -> float:
+    return measure([sys.executable, "-c", FOLLOW_100, str(ROOT), str(bundle), str(log), str(tail)])[1]
 
 
 def main() -> None:
@@ -119,7 +119,7 @@ def main() -> None:
         meta = json.loads(run(POLL_ONCE, bundle, log, tail))
         b.append(meta["poll_s"])
         bundle, log, tail = build(args.wandb_file, work / "bundle")
-        c.append(float(run(FOLLOW_100, bundle, log, tail)))
+        c.append(follow_100(bundle, log, tail))
         shutil.rmtree(full)
     med = statistics.median
     print(json.dumps({"a_fresh_diagnose_s": round(med(a), 3), "b_one_poll_s": round(med(b), 4),
