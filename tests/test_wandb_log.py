@@ -4,6 +4,7 @@ import math
 import os
 import shutil
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -150,3 +151,26 @@ def test_healthy_run_matches_logged_values(runs):
     assert log.history["train/loss"].tolist() == [r["train/loss"] for r in rows]
     assert log.history["unique_actions"].tolist() == [r["unique_actions"] for r in rows]
     assert log.summary["train/loss"] == rows[-1]["train/loss"]
+
+
+def test_record_classes_load_without_wandbs_package_and_leave_it_importable(runs, tmp_path):
+    """history._proto() skips wandb's heavy package init; a later
+    `import wandb` must still give the real package, sharing the classes."""
+    import subprocess
+    import sys
+    code = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
+from twdiag import history
+pb = history._proto()
+assert "wandb" not in sys.modules and "wandb.sdk" not in sys.modules, sorted(m for m in sys.modules if m.startswith("wandb"))
+log = history.decode({str(runs["healthy"])!r})
+assert len(log.history) > 0
+import wandb
+assert callable(wandb.init) and wandb.__version__
+from wandb.proto import wandb_internal_pb2
+assert wandb_internal_pb2 is pb
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]

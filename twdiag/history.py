@@ -11,8 +11,11 @@ the end, so a file with 600k summary updates costs 600k dict stores, not 600k
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
+import sys
+import types
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -198,8 +201,8 @@ class _Decoder:
         self.environment: dict = {}
         self._handlers: dict = {}
 
-    def feed(self, rec) -> None:
-        kind = rec.WhichOneof("record_type")
+    def feed(self, rec, kind: str | None = None) -> None:
+        kind = kind or rec.WhichOneof("record_type")
         self.types[kind] += 1
         handler = self._handlers.get(kind)
         if handler is None:
@@ -250,7 +253,7 @@ class _Decoder:
 
     def _on_summary(self, s) -> None:
         self.summary.update(s.update)
-        if len(s.remove):
+        if s.remove:
             self.summary.remove(s.remove)
 
     def _on_config(self, c) -> None:
@@ -420,22 +423,63 @@ def _ts(t) -> float | None:
 
 
 def _proto():
-    from wandb.proto import wandb_internal_pb2 as pb  # ~0.7 s import: keep it lazy
+    """wandb's generated `Record` classes.
+
+    `import wandb.proto...` first runs wandb's package `__init__` (its SDK,
+    settings, pydantic: about 0.45 s, most of a small bundle's diagnose). The
+    generated modules need none of it, so they are imported under a bare
+    stand-in for the `wandb` package, which is removed again: a later
+    `import wandb` loads the real package and finds these modules in
+    `sys.modules`. Any surprise falls back to the plain import."""
+    pb = sys.modules.get("wandb.proto.wandb_internal_pb2")
+    if pb is not None:
+        return pb
+    spec = None if "wandb" in sys.modules else importlib.util.find_spec("wandb")
+    if spec is not None and spec.submodule_search_locations:
+        stand_in = types.ModuleType("wandb")
+        stand_in.__path__ = list(spec.submodule_search_locations)
+        sys.modules["wandb"] = stand_in
+        try:
+            from wandb.proto import wandb_internal_pb2 as pb
+        except Exception:  # a wandb whose protos need its package: import it whole
+            pb = None
+        finally:
+            if sys.modules.get("wandb") is stand_in:
+                del sys.modules["wandb"]
+        if pb is not None:
+            return pb
+    from wandb.proto import wandb_internal_pb2 as pb
     return pb
 
 
 def _feed(dec: "_Decoder", report: wandb_log.ScanReport, payloads) -> int:
-    """Parse each payload once and feed it; returns how many records."""
-    from_string = _proto().Record.FromString
-    n = 0
+    """Parse each payload once and feed it; returns how many records.
+
+    History and summary records are nearly all of a file: they go straight
+    to their handlers, the rest through `_Decoder.feed`."""
+    record = _proto().Record
+    from_string, which = record.FromString, record.WhichOneof
+    on_history, on_summary, feed = dec._on_history, dec._on_summary, dec.feed
+    n_history = n_summary = n = 0
     for payload in payloads:
         try:
             rec = from_string(payload)
         except Exception:  # protobuf raises DecodeError or RuntimeError by backend
             report.decode_errors += 1
             continue
-        dec.feed(rec)
         n += 1
+        kind = which(rec, "record_type")
+        if kind == "history":
+            n_history += 1
+            on_history(rec.history)
+        elif kind == "summary":
+            n_summary += 1
+            on_summary(rec.summary)
+        else:
+            feed(rec, kind)
+    for kind, count in (("history", n_history), ("summary", n_summary)):
+        if count:
+            dec.types[kind] += count
     return n
 
 
