@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from conftest import EXAMPLES, ROOT, cli, copy_fresh, tree_fingerprint
-from twdiag import bundle, logs, wandb_api
+from twdiag import bundle, history, logs, wandb_api
 
 SCRIPT = ROOT / "scripts" / "export_local_wandb_history.py"
 pytestmark = pytest.mark.fast
@@ -35,6 +35,8 @@ def test_sample_bundle_export_read_only_and_unchanged(tmp_path, sample_bundle):
         assert len(csv) == 240 and "train/loss" in csv
         frame, _ = logs.read_table(s["outputs"]["json"])
         assert frame["train/loss"].tolist() == pytest.approx(csv["train/loss"].tolist())
+        logged = history.decode(run_entry["path"]).history
+        assert frame["train/loss"].tolist() == logged["train/loss"].tolist()  # exact round trip
         assert os.path.exists(run_entry["outputs"]["console"])
         meta = json.loads(open(run_entry["outputs"]["run"]).read())
         assert meta["meta"]["exit_code"] == 0 and meta["config"]["n_updates"] == 240

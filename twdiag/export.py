@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import orjson
 import pandas as pd
 
 from . import bundle as bundle_mod, history, logs, outputs
@@ -45,31 +46,33 @@ def write_csv(frame: pd.DataFrame, target: Path, non_finite: dict | None = None)
     return target
 
 
-def _json_column(s: pd.Series) -> str:
-    """One column as a JSON array, converted column-wise: missing and
-    non-finite cells become null (the logged ones are listed apart)."""
-    if s.dtype.kind == "f":
-        vals = s.to_numpy()
-        cells = vals.astype(object)
-        cells[~np.isfinite(vals)] = None
-        return json.dumps(cells.tolist(), allow_nan=False)
-    if s.dtype.kind in "iub":
-        return json.dumps(s.tolist())
+def _json_column(s: pd.Series) -> bytes:
+    """One column as a JSON array, serialised whole by orjson (numeric
+    columns straight from numpy, exact shortest round-trip floats): missing
+    and non-finite cells become null (the logged ones are listed apart)."""
+    if s.dtype.kind in "fiub":
+        try:
+            return orjson.dumps(np.ascontiguousarray(s.to_numpy()), option=orjson.OPT_SERIALIZE_NUMPY)
+        except orjson.JSONEncodeError:  # a dtype orjson does not take: as objects
+            pass
     cells = s.to_numpy(dtype=object).copy()
     cells[pd.isna(s).to_numpy()] = None
     try:
-        return json.dumps(cells.tolist(), allow_nan=False, ensure_ascii=False)
-    except (TypeError, ValueError):  # nested NaN or odd types: the slow, careful way
-        return outputs.dumps(cells.tolist(), indent=None)
+        return orjson.dumps(cells.tolist(), option=orjson.OPT_SERIALIZE_NUMPY)
+    except (TypeError, orjson.JSONEncodeError):  # non-text keys, huge ints: the careful way
+        return outputs.dumps(cells.tolist(), indent=None).encode("utf-8")
 
 
 def write_json_history(frame: pd.DataFrame, target: Path, non_finite: dict) -> Path:
     """Column-oriented JSON: {"rows", "columns": {name: [values]}, "non_finite"},
-    written column by column (no per-value Python work)."""
-    parts = [f"{json.dumps(str(col))}: {_json_column(frame[col])}" for col in frame.columns]
-    text = (f'{{"rows": {len(frame)}, "columns": {{{", ".join(parts)}}}, '
-            f'"non_finite": {outputs.dumps(non_finite, indent=None)}}}')
-    Path(target).write_text(text, encoding="utf-8")
+    written to the file column by column (no per-value Python work, and one
+    column's text in memory at a time)."""
+    with open(target, "wb") as fh:
+        fh.write(b'{"rows": %d, "columns": {' % len(frame))
+        for k, col in enumerate(frame.columns):
+            fh.write((b", " if k else b"") + orjson.dumps(str(col)) + b": ")
+            fh.write(_json_column(frame[col]))
+        fh.write(b'}, "non_finite": ' + outputs.dumps(non_finite, indent=None).encode("utf-8") + b"}")
     return target
 
 
