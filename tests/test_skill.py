@@ -195,3 +195,16 @@ def test_every_grouped_action_names_what_it_folds_in():
     for rule, spec in grouped.items():
         for text in list((spec.get("variants") or {}).values()) + ([spec["action"]] if "action" in spec else []):
             assert "{also}" in text, rule
+
+
+@pytest.mark.fast
+def test_requirements_txt_lists_the_package_dependencies():
+    """A copied skill folder installs from requirements.txt: it must name
+    what pyproject.toml does, no more and no less; and the scripts' missing
+    dependency check (entry.REQUIRED) knows each of them."""
+    from twdiag import entry
+    tomllib = pytest.importorskip("tomllib")
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    listed = [line.split("#")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
+    assert sorted(filter(None, listed)) == sorted(declared)
+    assert sorted(entry.REQUIRED.values()) == sorted(re.split(r"[<>=!~ ]", d)[0] for d in declared)

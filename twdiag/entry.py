@@ -8,7 +8,7 @@ import json
 import sys
 
 # import name -> distribution to install
-REQUIRED = {"numpy": "numpy", "pandas": "pandas", "yaml": "pyyaml", "PIL": "pillow",
+REQUIRED = {"numpy": "numpy", "pandas": "pandas", "orjson": "orjson", "yaml": "pyyaml", "PIL": "pillow",
             "matplotlib": "matplotlib", "google.protobuf": "protobuf", "wandb": "wandb"}
 EXIT_DEPENDENCY = 6
 
