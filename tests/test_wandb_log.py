@@ -60,6 +60,8 @@ def test_block_parallel_decode_equals_serial(corpus):
         b = history.decode(corpus / e["file"], workers=3)
         assert a.scan.to_dict() == b.scan.to_dict(), e["file"]
         assert a.history.equals(b.history) and a.summary == b.summary and a.meta == b.meta
+        c = history.decode(corpus / e["file"], workers=3, summary=False)  # as diagnose decodes
+        assert c.summary is None and c.history.equals(a.history) and c.record_types == a.record_types
 
 
 def test_shifted_layout_misread_without_detection(corpus):

@@ -66,7 +66,7 @@ def _merged(stage: str, stage_logs: list) -> logs.StageHistory:
 
 def _load(path: Path, skipped: list) -> tuple[bundle.Bundle, dict[str, logs.StageRuns]]:
     b = bundle.discover([path])
-    runs = logs.decode_stages(b) if b.wandb_files else {}
+    runs = logs.decode_stages(b, summary=False) if b.wandb_files else {}  # not read here
     skipped += b.skipped
     return b, runs
 

@@ -42,7 +42,7 @@ class Follower:
         key = str(path)
         log = self.live.get(key)
         if log is None:
-            log = self.live[key] = history.LiveLog(path)
+            log = self.live[key] = history.LiveLog(path, summary=False)  # as logs.load
             self.new_records += log.new_records
         else:
             self.new_records += log.poll()

@@ -45,7 +45,7 @@ class RunLog:
     scan: wandb_log.ScanReport
     meta: dict
     config: dict
-    summary: dict
+    summary: dict | None  # None when the decode was asked not to replay it
     history: pd.DataFrame
     # Logged non-finite values, {column: {"rows": [...], "values": [...]}}; kept
     # apart because NaN in `history` also means "not logged at this step".
@@ -185,7 +185,8 @@ def _set_path(out: dict, path: tuple, value) -> None:
 class _Decoder:
     """Consumes Record messages once and accumulates the tidy state."""
 
-    def __init__(self, console_path: str | None = None) -> None:
+    def __init__(self, console_path: str | None = None, summary: bool = True) -> None:
+        self.replay_summary = summary
         self.cols: dict = {}
         self.steps: list[int] = []
         self.saw_step_item = False
@@ -459,7 +460,8 @@ def _feed(dec: "_Decoder", report: wandb_log.ScanReport, payloads) -> int:
     to their handlers, the rest through `_Decoder.feed`."""
     record = _proto().Record
     from_string, which = record.FromString, record.WhichOneof
-    on_history, on_summary, feed = dec._on_history, dec._on_summary, dec.feed
+    on_history, feed = dec._on_history, dec.feed
+    on_summary = dec._on_summary if dec.replay_summary else None
     n_history = n_summary = n = 0
     for payload in payloads:
         try:
@@ -474,7 +476,8 @@ def _feed(dec: "_Decoder", report: wandb_log.ScanReport, payloads) -> int:
             on_history(rec.history)
         elif kind == "summary":
             n_summary += 1
-            on_summary(rec.summary)
+            if on_summary is not None:
+                on_summary(rec.summary)
         else:
             feed(rec, kind)
     for kind, count in (("history", n_history), ("summary", n_summary)):
@@ -484,9 +487,9 @@ def _feed(dec: "_Decoder", report: wandb_log.ScanReport, payloads) -> int:
 
 
 def _decode_range(path: str, first_block: int, stop_block: int | None,
-                  console_path: str | None) -> tuple[_Decoder, wandb_log.ScanReport]:
+                  console_path: str | None, summary: bool = True) -> tuple[_Decoder, wandb_log.ScanReport]:
     report, payloads = wandb_log.scan(path, first_block, stop_block)
-    dec = _Decoder(console_path)
+    dec = _Decoder(console_path, summary)
     _feed(dec, report, payloads)
     for col in dec.cols.values():
         col.flush()
@@ -505,7 +508,7 @@ def _workers(size: int, requested: int | None) -> int:
 
 
 def decode_state(path: str | Path, console_path: str | Path | None = None,
-                 workers: int | None = None) -> tuple[_Decoder, wandb_log.ScanReport]:
+                 workers: int | None = None, summary: bool = True) -> tuple[_Decoder, wandb_log.ScanReport]:
     """The decoder state and scan report of one file (see `decode`)."""
     path = str(path)
     try:
@@ -513,14 +516,14 @@ def decode_state(path: str | Path, console_path: str | Path | None = None,
     except wandb_log.WandbLogError as exc:
         probe, fh = wandb_log.ScanReport(path=path, header_error=str(exc)), None
     if fh is None:
-        return _Decoder(), probe
+        return _Decoder(summary=summary), probe
     fh.close()
     n = min(_workers(probe.file_size, workers), wandb_log.block_count(probe))
     blocks = wandb_log.block_count(probe)
     cuts = [blocks * k // n for k in range(n)] + [None]
     consoles = [None] * n if console_path is None else \
         [str(console_path)] if n == 1 else [f"{console_path}.part{k}" for k in range(n)]
-    jobs = [(path, cuts[k], cuts[k + 1], consoles[k]) for k in range(n)]
+    jobs = [(path, cuts[k], cuts[k + 1], consoles[k], summary) for k in range(n)]
     if n == 1:
         parts = [_decode_range(*jobs[0])]
     else:
@@ -538,15 +541,17 @@ def decode_state(path: str | Path, console_path: str | Path | None = None,
 
 
 def decode(path: str | Path, console_path: str | Path | None = None,
-           workers: int | None = None) -> RunLog:
+           workers: int | None = None, summary: bool = True) -> RunLog:
     """Decode one `.wandb` file. Never raises on bad content; see `.error`.
 
     Large files are split into block ranges decoded in parallel (blocks are
     independently resyncable); the result is identical to a serial decode.
     `console_path`, when given, receives every console line (TSV: time,
-    stream, JSON-quoted text).
+    stream, JSON-quoted text). `summary=False` skips the summary replay
+    (about a quarter of the decode: wandb writes two summary records per
+    step) for callers that never read it; `RunLog.summary` is then None.
     """
-    dec, report = decode_state(path, console_path, workers)
+    dec, report = decode_state(path, console_path, workers, summary)
     return build(str(path), dec, report)
 
 
@@ -557,13 +562,13 @@ class LiveLog:
     is read again, whole, next time). A file that shrinks or is replaced is
     read again from the start, and `resets` says so."""
 
-    def __init__(self, path: str | Path, workers: int | None = None):
-        self.path, self.workers = str(path), workers
+    def __init__(self, path: str | Path, workers: int | None = None, summary: bool = True):
+        self.path, self.workers, self.summary = str(path), workers, summary
         self.resets: list[str] = []
         self._start()
 
     def _start(self) -> None:
-        self.dec, self.report = decode_state(self.path, workers=self.workers)
+        self.dec, self.report = decode_state(self.path, workers=self.workers, summary=self.summary)
         self.offset = self.report.resume_offset if self.report.truncated_tail else self.report.scan_end_offset
         self.ident = self._ident()
         self.new_records = self.report.records_total
@@ -616,7 +621,7 @@ def _concat(parts: list[str], target: str) -> None:
 def build(path: str, dec: _Decoder, report: wandb_log.ScanReport) -> RunLog:
     """The RunLog of a decoder's current state (repeatable: it consumes nothing)."""
     history, non_finite = dec.history_frame()
-    summary, s_err = dec.summary.build()
+    summary, s_err = dec.summary.build() if dec.replay_summary else (None, 0)
     config, c_err = dec.config.build()
     meta = dec.meta
     meta["environment"] = dec.environment

@@ -94,10 +94,12 @@ def classify(log: history.RunLog, explicit: str | None) -> tuple[str | None, str
 
 
 def decode_stages(b: bundle_mod.Bundle, console_dir: Path | None = None,
-                  workers: int | None = None, progress=outputs.log, decoder=None) -> dict[str, StageRuns]:
+                  workers: int | None = None, progress=outputs.log, decoder=None,
+                  summary: bool = True) -> dict[str, StageRuns]:
     """Decode every .wandb file of the bundle once and group the logs by stage.
     An explicit --run for a stage replaces the files found for it.
-    `decoder(path) -> RunLog` replaces decoding (a follower's live logs)."""
+    `decoder(path) -> RunLog` replaces decoding (a follower's live logs);
+    `summary=False` skips the summary replay (see history.decode)."""
     stages: dict[str, StageRuns] = {}
     for wf in b.wandb_files:
         f = wf.path
@@ -107,7 +109,7 @@ def decode_stages(b: bundle_mod.Bundle, console_dir: Path | None = None,
             console.unlink(missing_ok=True)
         if decoder is None:
             progress(f"decoding {f}")
-            log = history.decode(f, console_path=console, workers=workers)
+            log = history.decode(f, console_path=console, workers=workers, summary=summary)
         else:
             log = decoder(f)
         log.meta["console_tmp"] = str(console) if console else None
@@ -270,8 +272,9 @@ def _table_log(path: Path, skipped: list) -> tuple[str, history.RunLog] | None:
 def load(b: bundle_mod.Bundle, console_dir: Path | None = None, workers: int | None = None,
          progress=outputs.log, decoder=None) -> dict[str, StageHistory]:
     """Decode the bundle's logs and tables; fill `b.stages[s].logs`; return
-    the merged history per stage."""
-    stages = decode_stages(b, console_dir, workers, progress, decoder) if b.wandb_files else {}
+    the merged history per stage. The analyses never read a run's replayed
+    summary, so it is not replayed here (the exporter does)."""
+    stages = decode_stages(b, console_dir, workers, progress, decoder, summary=False) if b.wandb_files else {}
     for path in b.tables:
         found = _table_log(path, b.skipped)
         if found:
