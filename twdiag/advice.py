@@ -12,6 +12,7 @@ rule's priority. `rank` (and `priority`) is the position, 1..n.
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import yaml
@@ -24,7 +25,10 @@ MAX_ACTIONS = 12
 _SEVERITY = {s: r for s, r in SEVERITY_ORDER.items() if s != "info"}  # actions for watch and critical only
 
 
+@functools.lru_cache(maxsize=1)
 def load_actions() -> dict:
+    """The action table, parsed once per process (a --follow run judges every
+    poll; the YAML parse was an eighth of a poll). Read-only: do not mutate."""
     with open(ACTIONS_FILE, encoding="utf-8") as fh:
         return yaml.safe_load(fh)["actions"]
 

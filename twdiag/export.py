@@ -19,18 +19,39 @@ KEYS_SHOWN = 60  # key names listed per run on stdout; the files hold all
 
 def _csv_ready(frame: pd.DataFrame, non_finite: dict) -> pd.DataFrame:
     """Dict values as JSON text; logged NaN/inf spelled out so that an empty
-    cell only ever means "not logged at this step"."""
-    out = frame.copy()
-    for col in out.columns:
-        if out[col].dtype == object:
-            out[col] = [json.dumps(v) if isinstance(v, (dict, list)) else v for v in out[col]]
-    for col, nf in non_finite.items():
-        if col in out.columns:
-            text = np.array([repr(float(v)) if v == v else None for v in out[col]],
-                            dtype=object)
-            text[nf["rows"]] = nf["values"]
-            out[col] = text
-    return out
+    cell only ever means "not logged at this step". Columns are replaced,
+    not copied, and only logged cells are touched one by one."""
+    cols = {}
+    for col in frame.columns:
+        s = frame[col]
+        if col in non_finite:
+            cols[col] = _spelled(s.to_numpy(dtype=float), non_finite[col])
+        elif s.dtype == object:
+            cells = s.to_numpy(dtype=object).copy()
+            logged = np.flatnonzero(pd.notna(s).to_numpy())
+            cells[logged] = [_json_text(v) for v in cells[logged]]
+            cols[col] = cells
+        else:
+            cols[col] = s.to_numpy()
+    return pd.DataFrame(cols, copy=False)
+
+
+def _spelled(values: np.ndarray, nf: dict) -> np.ndarray:
+    """A float column as text: repr for finite values (a C-level map), empty
+    where not logged, and the logged non-finite spelled as in the JSON."""
+    text = np.array(list(map(float.__repr__, values.tolist())), dtype=object)
+    text[np.isnan(values)] = None
+    text[nf["rows"]] = nf["values"]
+    return text
+
+
+def _json_text(v):
+    if not isinstance(v, (dict, list)):
+        return v
+    try:
+        return orjson.dumps(v).decode("utf-8")
+    except (TypeError, orjson.JSONEncodeError):  # non-text keys, huge ints
+        return outputs.dumps(v, indent=None)
 
 
 def write_csv(frame: pd.DataFrame, target: Path, non_finite: dict | None = None) -> Path:

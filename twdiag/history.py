@@ -382,8 +382,11 @@ class _Decoder:
                 nested.setdefault(key[0], []).append((key[1:], rows, vals))
                 continue
             if vals.dtype.kind == "f":
-                full = np.full(n, np.nan)
-                full[rows] = vals
+                if len(rows) == n:  # logged every row (rows ascend): the values are the column
+                    full = vals
+                else:
+                    full = np.full(n, np.nan)
+                    full[rows] = vals
                 bad = ~np.isfinite(vals)
                 if bad.any():
                     non_finite[key] = {"rows": rows[bad].tolist(),
@@ -399,7 +402,9 @@ class _Decoder:
             data[key] = full
         for key, leaves in nested.items():
             data[key] = _rebuild_nested(n, leaves)
-        frame = pd.DataFrame(data)
+        # The arrays are this call's own: no copy (and no consolidation into one
+        # block, which would copy every column once more).
+        frame = pd.DataFrame(data, copy=False)
         return frame, non_finite
 
 
