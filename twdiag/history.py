@@ -35,6 +35,9 @@ _OUTPUT_KINDS = ("output", "output_raw", "output_logger")
 
 # Files above this size are decoded in block ranges on several processes.
 PARALLEL_MIN_BYTES = 32 * 1024 * 1024
+# At most this many decode processes: each holds its range's columns, and
+# past a few the merge and the forks cost more than a range saves.
+MAX_WORKERS = 4
 
 
 @dataclass
@@ -509,7 +512,8 @@ def _workers(size: int, requested: int | None) -> int:
         return max(1, requested)
     if size < PARALLEL_MIN_BYTES or "fork" not in multiprocessing.get_all_start_methods():
         return 1
-    return min(2, os.cpu_count() or 1)
+    return min(MAX_WORKERS, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+               else os.cpu_count() or 1)
 
 
 def decode_state(path: str | Path, console_path: str | Path | None = None,
