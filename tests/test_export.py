@@ -199,3 +199,18 @@ def test_local_never_opens_a_socket(tmp_path, runs, monkeypatch):
     assert code == 0 and doc["source"] == {"requested": "local", "used": "local"}
     code, doc, _ = cli("diagnose", runs["healthy"].parent.parent, "--out-dir", tmp_path / "d")
     assert code == 0
+
+
+def test_json_history_is_the_same_without_orjson(tmp_path, monkeypatch, runs):
+    """orjson is optional: the standard-library path writes the same document."""
+    from twdiag import export
+    log = history.decode(runs["odd"])
+    frame = log.history.copy()
+    frame["nested"] = [{"a": [1, float("nan")], "b": "x"} if i % 3 == 0 else None for i in range(len(frame))]
+    fast = export.write_json_history(frame, tmp_path / "fast.json", log.non_finite).read_text()
+    monkeypatch.setattr(export, "orjson", None)
+    plain = export.write_json_history(frame, tmp_path / "plain.json", log.non_finite).read_text()
+    assert json.loads(fast) == json.loads(plain)
+    doc = json.loads(plain)  # strict JSON either way; a nested NaN spelled as everywhere
+    assert doc["columns"]["nested"][0] == {"a": [1, "NaN"], "b": "x"} and doc["columns"]["nested"][1] is None
+    assert doc["non_finite"]["train/loss"]["values"] == ["-Infinity", "NaN", "Infinity"]

@@ -201,10 +201,12 @@ def test_every_grouped_action_names_what_it_folds_in():
 def test_requirements_txt_lists_the_package_dependencies():
     """A copied skill folder installs from requirements.txt: it must name
     what pyproject.toml does, no more and no less; and the scripts' missing
-    dependency check (entry.REQUIRED) knows each of them."""
+    dependency check knows each of them (entry.REQUIRED, or OPTIONAL: used
+    when installed)."""
     from twdiag import entry
     tomllib = pytest.importorskip("tomllib")
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     listed = [line.split("#")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
     assert sorted(filter(None, listed)) == sorted(declared)
-    assert sorted(entry.REQUIRED.values()) == sorted(re.split(r"[<>=!~ ]", d)[0] for d in declared)
+    names = sorted(re.split(r"[<>=!~ ]", d)[0] for d in declared)
+    assert sorted([*entry.REQUIRED.values(), *entry.OPTIONAL.values()]) == names

@@ -8,8 +8,11 @@ import json
 import sys
 
 # import name -> distribution to install
-REQUIRED = {"numpy": "numpy", "pandas": "pandas", "orjson": "orjson", "yaml": "pyyaml", "PIL": "pillow",
+REQUIRED = {"numpy": "numpy", "pandas": "pandas", "yaml": "pyyaml", "PIL": "pillow",
             "matplotlib": "matplotlib", "google.protobuf": "protobuf", "wandb": "wandb"}
+# Declared dependencies the scripts run without (the export is slower):
+# an environment that lacks them is not stopped.
+OPTIONAL = {"orjson": "orjson"}
 EXIT_DEPENDENCY = 6
 
 

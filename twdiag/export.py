@@ -8,8 +8,12 @@ import json
 from pathlib import Path
 
 import numpy as np
-import orjson
 import pandas as pd
+
+try:  # optional, as pyarrow is: the JSON history ~10x faster (numpy columns whole)
+    import orjson
+except ImportError:
+    orjson = None
 
 from . import bundle as bundle_mod, history, logs, outputs
 
@@ -46,12 +50,7 @@ def _spelled(values: np.ndarray, nf: dict) -> np.ndarray:
 
 
 def _json_text(v):
-    if not isinstance(v, (dict, list)):
-        return v
-    try:
-        return orjson.dumps(v).decode("utf-8")
-    except (TypeError, orjson.JSONEncodeError):  # non-text keys, huge ints
-        return outputs.dumps(v, indent=None)
+    return _json_value(v).decode("utf-8") if isinstance(v, (dict, list)) else v
 
 
 def write_csv(frame: pd.DataFrame, target: Path, non_finite: dict | None = None) -> Path:
@@ -67,21 +66,39 @@ def write_csv(frame: pd.DataFrame, target: Path, non_finite: dict | None = None)
     return target
 
 
-def _json_column(s: pd.Series) -> bytes:
-    """One column as a JSON array, serialised whole by orjson (numeric
-    columns straight from numpy, exact shortest round-trip floats): missing
-    and non-finite cells become null (the logged ones are listed apart)."""
-    if s.dtype.kind in "fiub":
+def _json_array(values: np.ndarray) -> bytes:
+    """A numeric column as a strict JSON array, non-finite cells as null:
+    orjson serialises the numpy array whole (shortest round-trip floats);
+    without it, the standard library on the column as a list."""
+    if orjson is not None:
         try:
-            return orjson.dumps(np.ascontiguousarray(s.to_numpy()), option=orjson.OPT_SERIALIZE_NUMPY)
-        except orjson.JSONEncodeError:  # a dtype orjson does not take: as objects
+            return orjson.dumps(np.ascontiguousarray(values), option=orjson.OPT_SERIALIZE_NUMPY)
+        except orjson.JSONEncodeError:  # a dtype orjson does not take
             pass
+    cells = values.astype(object)
+    if values.dtype.kind == "f":
+        cells[~np.isfinite(values)] = None
+    return json.dumps(cells.tolist(), allow_nan=False).encode("utf-8")
+
+
+def _json_value(obj) -> bytes:
+    """Strict JSON of plain values (lists of cells, nested dicts) by the
+    standard library's C encoder; a nested non-finite number is spelled
+    "NaN"/"Infinity" as in every other output (outputs.to_jsonable)."""
+    try:
+        return json.dumps(obj, allow_nan=False, ensure_ascii=False).encode("utf-8")
+    except (TypeError, ValueError):  # nested NaN or odd types: the slow, careful way
+        return outputs.dumps(obj, indent=None).encode("utf-8")
+
+
+def _json_column(s: pd.Series) -> bytes:
+    """One column as a JSON array, converted column-wise: missing and
+    non-finite cells become null (the logged ones are listed apart)."""
+    if s.dtype.kind in "fiub":
+        return _json_array(s.to_numpy())
     cells = s.to_numpy(dtype=object).copy()
     cells[pd.isna(s).to_numpy()] = None
-    try:
-        return orjson.dumps(cells.tolist(), option=orjson.OPT_SERIALIZE_NUMPY)
-    except (TypeError, orjson.JSONEncodeError):  # non-text keys, huge ints: the careful way
-        return outputs.dumps(cells.tolist(), indent=None).encode("utf-8")
+    return _json_value(cells.tolist())
 
 
 def write_json_history(frame: pd.DataFrame, target: Path, non_finite: dict) -> Path:
@@ -91,7 +108,7 @@ def write_json_history(frame: pd.DataFrame, target: Path, non_finite: dict) -> P
     with open(target, "wb") as fh:
         fh.write(b'{"rows": %d, "columns": {' % len(frame))
         for k, col in enumerate(frame.columns):
-            fh.write((b", " if k else b"") + orjson.dumps(str(col)) + b": ")
+            fh.write((b", " if k else b"") + _json_value(str(col)) + b": ")
             fh.write(_json_column(frame[col]))
         fh.write(b'}, "non_finite": ' + outputs.dumps(non_finite, indent=None).encode("utf-8") + b"}")
     return target
