@@ -17,7 +17,6 @@ reaches --fail-on.
 """
 from __future__ import annotations
 
-import json
 import signal
 import sys
 import time
@@ -83,7 +82,7 @@ def _line(event: str, doc: dict, poll: int, changed: list[str], extra: dict | No
             "stages": summary(doc), "changed": changed, "copied": doc.get("copied"),
             "next_action": (doc.get("next_actions") or [{}])[0].get("action"),
             "notes": doc.get("notes", [])[-5:], **(extra or {})}
-    return json.dumps(outputs.to_jsonable(body), ensure_ascii=False, allow_nan=False)
+    return outputs.dumps(body, indent=None)
 
 
 def _changes(before: dict | None, now: dict) -> list[str]:

@@ -203,30 +203,17 @@ class _Decoder:
         self.console_lines = Counter()
         self.console = open(console_path, "a", encoding="utf-8") if console_path else None
         self.environment: dict = {}
-        self._handlers: dict = {}
 
-    def feed(self, rec, kind: str | None = None) -> None:
-        kind = kind or rec.WhichOneof("record_type")
+    def feed(self, rec, kind: str | None) -> None:
+        """Any record but history and summary, which `_feed` hands straight
+        to their handlers (they are nearly all of a file)."""
         self.types[kind] += 1
-        handler = self._handlers.get(kind)
-        if handler is None:
-            if kind is None:
-                return
-            handler = self._handlers[kind] = self._handler_for(kind)
-        if handler is not False:
-            handler(getattr(rec, kind))
-
-    def __getstate__(self) -> dict:  # block ranges come back from worker processes
-        return {k: v for k, v in self.__dict__.items() if k != "_handlers"}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state, _handlers={})
-
-    def _handler_for(self, kind: str):
-        """The method a record kind goes to (looked up once per kind)."""
         if kind in _OUTPUT_KINDS:
-            return lambda o: self._on_output(kind, o)
-        return getattr(self, "_on_" + kind, False)
+            self._on_output(kind, getattr(rec, kind))
+        elif kind is not None:
+            handler = getattr(self, "_on_" + kind, None)
+            if handler is not None:
+                handler(getattr(rec, kind))
 
     def _on_history(self, h) -> None:
         row = self.n_rows
@@ -527,8 +514,8 @@ def decode_state(path: str | Path, console_path: str | Path | None = None,
     if fh is None:
         return _Decoder(summary=summary), probe
     fh.close()
-    n = min(_workers(probe.file_size, workers), wandb_log.block_count(probe))
     blocks = wandb_log.block_count(probe)
+    n = min(_workers(probe.file_size, workers), blocks)
     cuts = [blocks * k // n for k in range(n)] + [None]
     consoles = [None] * n if console_path is None else \
         [str(console_path)] if n == 1 else [f"{console_path}.part{k}" for k in range(n)]
@@ -578,7 +565,7 @@ class LiveLog:
 
     def _start(self) -> None:
         self.dec, self.report = decode_state(self.path, workers=self.workers, summary=self.summary)
-        self.offset = self.report.resume_offset if self.report.truncated_tail else self.report.scan_end_offset
+        self.offset = self.report.next_offset
         self.ident = self._ident()
         self.new_records = self.report.records_total
 
@@ -611,7 +598,7 @@ class LiveLog:
         self.report = wandb_log.merge_reports([self.report, rep])
         for name in ("file_size", "truncated_tail", "truncation", "scan_end_offset", "resume_offset"):
             setattr(self.report, name, getattr(rep, name))  # the tail is this poll's
-        self.offset = rep.resume_offset if rep.truncated_tail else rep.scan_end_offset
+        self.offset = self.report.next_offset
         return n
 
     def runlog(self) -> RunLog:

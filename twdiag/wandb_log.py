@@ -65,6 +65,13 @@ class ScanReport:
                     or self.orphan_chunks_skipped or self.partial_records_dropped
                     or self.decode_errors)
 
+    @property
+    def next_offset(self) -> int:
+        """Where the next read of a growing file starts: after the last
+        complete record when the tail is cut mid-record, else where this
+        scan ended (damage already counted is not read again)."""
+        return self.resume_offset if self.truncated_tail else self.scan_end_offset
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["corrupt_detail"] = d["corrupt_detail"][:20]  # bounded output
