@@ -31,10 +31,7 @@ def _csv_ready(frame: pd.DataFrame, non_finite: dict) -> pd.DataFrame:
         if col in non_finite:
             cols[col] = _spelled(s.to_numpy(dtype=float), non_finite[col])
         elif s.dtype == object:
-            cells = s.to_numpy(dtype=object).copy()
-            logged = np.flatnonzero(pd.notna(s).to_numpy())
-            cells[logged] = [_json_text(v) for v in cells[logged]]
-            cols[col] = cells
+            cols[col] = _text_cells(s)
         else:
             cols[col] = s.to_numpy()
     return pd.DataFrame(cols, copy=False)
@@ -49,8 +46,14 @@ def _spelled(values: np.ndarray, nf: dict) -> np.ndarray:
     return text
 
 
-def _json_text(v):
-    return _json_value(v).decode("utf-8") if isinstance(v, (dict, list)) else v
+def _text_cells(s: pd.Series) -> np.ndarray:
+    """An object column for CSV and Parquet: dict and list values as JSON
+    text (`_json_value`), touched only where logged; missing cells stay."""
+    cells = s.to_numpy(dtype=object).copy()
+    logged = np.flatnonzero(pd.notna(s).to_numpy())
+    cells[logged] = [_json_value(v).decode("utf-8") if isinstance(v, (dict, list)) else v
+                     for v in cells[logged]]
+    return cells
 
 
 def write_csv(frame: pd.DataFrame, target: Path, non_finite: dict | None = None) -> Path:
@@ -128,8 +131,7 @@ def write_parquet(frame: pd.DataFrame, target: Path, non_finite: dict) -> Path:
                 mask[nf["rows"]] = False
             arrays.append(pa.array(values, mask=mask))
         elif s.dtype == object:
-            arrays.append(pa.array([json.dumps(v) if isinstance(v, (dict, list)) else v
-                                    for v in s], type=pa.string()))
+            arrays.append(pa.array(_text_cells(s), type=pa.string()))
         else:
             arrays.append(pa.array(s.to_numpy()))
         names.append(col)
