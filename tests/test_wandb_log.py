@@ -176,3 +176,27 @@ print("ok")
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_decode_workers_are_not_forked_beside_live_threads(corpus):
+    """Forking beside live threads (wandb's, once a run was started in the
+    process) can hang a worker: the pool spawns then, and decodes the same."""
+    import threading
+    done = threading.Event()
+    t = threading.Thread(target=done.wait, args=(60,), daemon=True)
+    t.start()
+    try:
+        assert history._pool_context().get_start_method() == "spawn"
+        e = _entries(corpus)[0]
+        a = history.decode(corpus / e["file"], workers=1)
+        b = history.decode(corpus / e["file"], workers=2)
+        assert a.history.equals(b.history) and a.meta == b.meta
+    finally:
+        done.set()
+        t.join()
+    import subprocess
+    import sys
+    alone = subprocess.run([sys.executable, "-c", "from twdiag import history; "
+                            "print(history._pool_context().get_start_method())"],
+                           capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+    assert alone.stdout.strip() == "fork", alone.stderr[-500:]  # a script's process: no other thread

@@ -15,6 +15,7 @@ import importlib.util
 import json
 import re
 import sys
+import threading
 import types
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -503,6 +504,17 @@ def _workers(size: int, requested: int | None) -> int:
                else os.cpu_count() or 1)
 
 
+def _pool_context():
+    """fork when this process runs no other thread: the workers start at
+    once, with the imported classes. Forking beside live threads can leave a
+    child stuck on a lock one of them held (wandb, once a run was started in
+    this process, keeps four: its asyncio manager and telemetry exporters, a
+    hang seen in the test session): then spawn, which starts clean."""
+    if threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("spawn")
+
+
 def decode_state(path: str | Path, console_path: str | Path | None = None,
                  workers: int | None = None, summary: bool = True) -> tuple[_Decoder, wandb_log.ScanReport]:
     """The decoder state and scan report of one file (see `decode`)."""
@@ -526,7 +538,7 @@ def decode_state(path: str | Path, console_path: str | Path | None = None,
         # Import the protobuf classes before forking: the workers inherit them,
         # and this process (a --follow poll next) has them too.
         _proto()
-        with multiprocessing.get_context("fork").Pool(n) as pool:
+        with _pool_context().Pool(n) as pool:
             parts = pool.starmap(_decode_range, jobs)
         if console_path is not None:
             _concat(consoles, str(console_path))
