@@ -1,6 +1,7 @@
 """Shared by the end-to-end benchmarks: time a script as a fresh process."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -30,5 +31,4 @@ def measure(cmd: list[str]) -> tuple[float, float]:
     """Wall seconds and peak RSS (MB) of one command run as a fresh process."""
     out = subprocess.run([sys.executable, "-c", _MEASURE, *map(str, cmd)], capture_output=True,
                          text=True, check=True)
-    import json
     return tuple(json.loads(out.stdout))

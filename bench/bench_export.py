@@ -23,8 +23,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT))
 from _common import measure  # noqa: E402
-BLOCK = 32768
+from twdiag.wandb_log import BLOCK  # noqa: E402  (cuts fall on block boundaries)
 
 VARIANTS = {
     "a_twdiag_export_default": lambda f, out: [sys.executable, str(ROOT / "scripts" / "export_local_wandb_history.py"),

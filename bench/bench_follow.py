@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from _common import measure  # noqa: E402
-BLOCK = 32768
+from twdiag.wandb_log import BLOCK  # noqa: E402  (the live cut falls on a block boundary)
 
 POLL_ONCE = """
 import json, sys, time, types
