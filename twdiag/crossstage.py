@@ -95,7 +95,7 @@ def upstream_findings(a, extra: list[Finding]) -> list[Finding]:
 def tokenizer_fidelity(a) -> dict | None:
     """Late reconstruction quality of the tokenizer's own grids, against its
     first image and against the fidelity floor."""
-    v = ((a.visuals or {}).get("doc", {}).get("stages", {}) or {}).get("video_tokenizer")
+    v = a.visual_stages.get("video_tokenizer")
     if not v or not v.get("trend") or not v["trend"].get("psnr_db"):
         return None
     tr, t = v["trend"], a.thresholds["visuals"]
@@ -144,7 +144,7 @@ def _dynamics_learns(a) -> tuple[bool, str]:
 
 def reconcile_visuals(a) -> list[str]:
     """Adjust image findings by what their stage can show; returns facts."""
-    vis = (a.visuals or {}).get("doc", {}).get("stages", {})
+    vis = a.visual_stages
     facts: list[str] = []
     tok = tokenizer_fidelity(a)
     if tok and tok["low"]:

@@ -39,6 +39,11 @@ class Analysis:
     errors: list = field(default_factory=list)
     timings: dict = field(default_factory=dict)
 
+    @property
+    def visual_stages(self) -> dict:
+        """The visuals document's per-stage entries ({} when not analysed)."""
+        return (self.visuals or {}).get("doc", {}).get("stages", {}) or {}
+
     def stage_findings(self, stage: str) -> list[dict]:
         """Every finding filed under a stage, from every part."""
         out = list(((self.stats["stages"].get(stage) or {}).get("findings") or []))
@@ -46,7 +51,7 @@ class Analysis:
         res = self.checkpoints.get(stage)
         if res is not None:
             out += [f.to_dict() for f in res.findings]
-        vis = (self.visuals or {}).get("doc", {}).get("stages", {}).get(stage)
+        vis = self.visual_stages.get(stage)
         if vis:
             out += vis["findings"]
         out += [f.to_dict() for f in self.dependency_findings if f.stage == stage]
@@ -56,8 +61,7 @@ class Analysis:
     @property
     def stage_names(self) -> list[str]:
         names = set(self.histories) | set(self.checkpoints) | set(self.bundle.stages)
-        vis = (self.visuals or {}).get("doc", {}).get("stages", {})
-        return sorted(names | set(vis), key=bundle_mod.stage_order)
+        return sorted(names | set(self.visual_stages), key=bundle_mod.stage_order)
 
 
 class _Guard:
@@ -124,7 +128,7 @@ def run(b: bundle_mod.Bundle, thresholds: dict, parts: tuple[str, ...] = PARTS, 
 
 
 def _fallbacks(a: Analysis) -> None:
-    vis_stages = (a.visuals or {}).get("doc", {}).get("stages", {})
+    vis_stages = a.visual_stages
     for stage, res in a.checkpoints.items():
         with _Guard(a, f"fallback_{stage}"):
             live = (a.states.get(stage) or {}).get("state") == "live"

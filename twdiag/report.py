@@ -56,7 +56,7 @@ def _iso(ts: float) -> str:
 def stage_entry(a: Analysis, stage: str, comparison: dict | None) -> dict:
     s = a.stats["stages"].get(stage)
     res = a.checkpoints.get(stage)
-    v = (a.visuals or {}).get("doc", {}).get("stages", {}).get(stage)
+    v = a.visual_stages.get(stage)
     findings = a.stage_findings(stage)
     findings += ((comparison or {}).get("stages", {}).get(stage) or {}).get("findings", [])
     has_ckpts = bool(res and res.checkpoints)
