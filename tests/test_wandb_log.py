@@ -178,25 +178,40 @@ print("ok")
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
 
 
-def test_decode_workers_are_not_forked_beside_live_threads(corpus):
+def test_decode_workers_are_not_forked_beside_live_threads(corpus, monkeypatch):
     """Forking beside live threads (wandb's, once a run was started in the
-    process) can hang a worker: the pool spawns then, and decodes the same."""
+    process) can hang a worker: the ranges are decoded here instead, with
+    the same result; a process without other threads forks its workers."""
+    import subprocess
+    import sys
     import threading
+    e = max(_entries(corpus), key=lambda x: (corpus / x["file"]).stat().st_size)  # several blocks
+    serial = history.decode(corpus / e["file"], workers=1)
     done = threading.Event()
     t = threading.Thread(target=done.wait, args=(60,), daemon=True)
     t.start()
     try:
-        assert history._pool_context().get_start_method() == "spawn"
-        e = _entries(corpus)[0]
-        a = history.decode(corpus / e["file"], workers=1)
-        b = history.decode(corpus / e["file"], workers=2)
-        assert a.history.equals(b.history) and a.meta == b.meta
+        def no_fork(*a, **k):
+            raise AssertionError("a worker pool was started beside a live thread")
+        monkeypatch.setattr(history.multiprocessing, "get_context", no_fork)
+        ranged = history.decode(corpus / e["file"], workers=3)
     finally:
         done.set()
         t.join()
-    import subprocess
-    import sys
-    alone = subprocess.run([sys.executable, "-c", "from twdiag import history; "
-                            "print(history._pool_context().get_start_method())"],
-                           capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
-    assert alone.stdout.strip() == "fork", alone.stderr[-500:]  # a script's process: no other thread
+    assert ranged.history.equals(serial.history) and ranged.meta == serial.meta
+    code = f"""
+import sys
+from unittest import mock
+from twdiag import history
+path = {str(corpus / e["file"])!r}
+started = []
+real = history.multiprocessing.get_context
+with mock.patch.object(history.multiprocessing, "get_context", lambda m: started.append(m) or real(m)):
+    forked = history.decode(path, workers=3)
+assert started == ["fork"], started
+assert forked.history.equals(history.decode(path, workers=1).history)
+print("ok")
+"""
+    alone = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           cwd=Path(__file__).resolve().parent.parent)
+    assert alone.stdout.strip() == "ok", alone.stderr[-1000:]  # a script's process: no other thread

@@ -504,15 +504,21 @@ def _workers(size: int, requested: int | None) -> int:
                else os.cpu_count() or 1)
 
 
-def _pool_context():
-    """fork when this process runs no other thread: the workers start at
-    once, with the imported classes. Forking beside live threads can leave a
-    child stuck on a lock one of them held (wandb, once a run was started in
-    this process, keeps four: its asyncio manager and telemetry exporters, a
-    hang seen in the test session): then spawn, which starts clean."""
-    if threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("fork")
-    return multiprocessing.get_context("spawn")
+def _run_ranges(jobs: list[tuple]) -> list[tuple["_Decoder", wandb_log.ScanReport]]:
+    """Decode block ranges in forked worker processes, or one after another
+    here when this process runs other threads: a fork beside live threads
+    can leave a worker stuck on a lock one of them held (wandb keeps four
+    alive once a run was started in the process: a hang seen in the test
+    session), and spawn would re-run the caller's main module in every
+    worker. The ranges and their merge are the same either way."""
+    if len(jobs) == 1 or threading.active_count() > 1 or \
+            "fork" not in multiprocessing.get_all_start_methods():
+        return [_decode_range(*job) for job in jobs]
+    # Import the protobuf classes before forking: the workers inherit them,
+    # and this process (a --follow poll next) has them too.
+    _proto()
+    with multiprocessing.get_context("fork").Pool(len(jobs)) as pool:
+        return pool.starmap(_decode_range, jobs)
 
 
 def decode_state(path: str | Path, console_path: str | Path | None = None,
@@ -532,16 +538,9 @@ def decode_state(path: str | Path, console_path: str | Path | None = None,
     consoles = [None] * n if console_path is None else \
         [str(console_path)] if n == 1 else [f"{console_path}.part{k}" for k in range(n)]
     jobs = [(path, cuts[k], cuts[k + 1], consoles[k], summary) for k in range(n)]
-    if n == 1:
-        parts = [_decode_range(*jobs[0])]
-    else:
-        # Import the protobuf classes before forking: the workers inherit them,
-        # and this process (a --follow poll next) has them too.
-        _proto()
-        with _pool_context().Pool(n) as pool:
-            parts = pool.starmap(_decode_range, jobs)
-        if console_path is not None:
-            _concat(consoles, str(console_path))
+    parts = _run_ranges(jobs)
+    if n > 1 and console_path is not None:
+        _concat(consoles, str(console_path))
     dec = parts[0][0]
     for later, _ in parts[1:]:
         dec.then(later)
