@@ -9,6 +9,7 @@ fallback policy's call (`fallback`), because it needs the history too.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -22,10 +23,14 @@ from .rules import Finding
 EXPECTED_FILES = ("model_state_dict.pt", "optim_state_dict.pt", "state.pt")
 MUON_FILES = ("all_optimizers.pt", "all_schedulers.pt")
 _TS_FORMAT = "%Y_%m_%d_%H_%M_%S"
+MAX_MODEL_KEYS = 100_000  # keys kept per state dict (a TinyWorlds model has a few hundred)
 
 
 def torch_available() -> bool:
-    return importlib.util.find_spec("torch") is not None
+    try:
+        return importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):  # hidden or broken: as good as absent
+        return False
 
 
 @dataclass
@@ -76,8 +81,7 @@ class Checkpoint:
 
     def details(self) -> dict:
         out = self.summary()
-        out["files"] = {n: {k: v for k, v in vars(fc).items() if k not in ("content", "problems")}
-                        for n, fc in self.files.items()}
+        out["files"] = {n: fc.public() for n, fc in self.files.items()}
         out["extra_files"] = self.extra_files
         out["weights"] = self.weights
         return out
@@ -94,12 +98,13 @@ def _state_dict_of(obj):
     return obj
 
 
-def _model_facts(fc: ptfile.FileCheck) -> None:
-    obj = _state_dict_of(fc.content)
-    tensors = {str(k): t for k, t in obj.items() if isinstance(t, safe_pickle.TensorInfo)} \
-        if isinstance(obj, dict) else {}
+def _model_facts(content, fc: ptfile.FileCheck) -> None:
+    obj = _state_dict_of(content)
+    tensors = {str(k)[:300]: t for k, t in itertools.islice(obj.items(), MAX_MODEL_KEYS)
+               if isinstance(t, safe_pickle.TensorInfo)} if isinstance(obj, dict) else {}
     fc.facts.update(tensors=len(tensors), elements=sum(t.numel for t in tensors.values()),
-                    keys=sorted(tensors))
+                    keys=sorted(tensors),
+                    shapes={k: list(t.shape) for k, t in tensors.items()})
     if isinstance(obj, dict) and any(not isinstance(k, str) for k in obj):
         fc.problem("inconsistent", "state dict keys are not all strings")
     if not tensors:
@@ -107,8 +112,14 @@ def _model_facts(fc: ptfile.FileCheck) -> None:
         fc.problem("empty", f"holds no tensors ({type(obj).__name__} with {n} items, {fc.size} bytes)")
 
 
-def _param_ids(groups: list) -> tuple[list, str | None]:
-    """The params of every group, or the reason they are malformed."""
+def _param_ids(groups: list, cap: int) -> tuple[list, str | None]:
+    """The params of every group, or the reason they are malformed. Counted
+    before anything is copied: 40,000 groups sharing one list of 40,000 ids
+    is a 382 KB pickle but 1.6 billion ids."""
+    total = sum(len(g["params"]) if isinstance(g, dict) and isinstance(g.get("params"), (list, tuple)) else 0
+                for g in groups)
+    if total > cap:
+        return [], f"param groups list {total:,} parameters in all (more than {cap:,}; not read)"
     out = []
     for g in groups:
         params = g.get("params", []) if isinstance(g, dict) else None
@@ -119,8 +130,8 @@ def _param_ids(groups: list) -> tuple[list, str | None]:
     return out, None
 
 
-def _optim_facts(fc: ptfile.FileCheck) -> None:
-    obj = fc.content
+def _optim_facts(content, fc: ptfile.FileCheck, cap: int) -> None:
+    obj = content
     if not isinstance(obj, dict) or not obj:
         fc.problem("empty", f"holds an empty {type(obj).__name__}")
         return
@@ -128,7 +139,7 @@ def _optim_facts(fc: ptfile.FileCheck) -> None:
     if not isinstance(groups, list) or not groups:
         fc.problem("inconsistent", "no param_groups")
         groups = []
-    params, bad = _param_ids(groups)
+    params, bad = _param_ids(groups, cap)
     if bad:
         fc.problem("inconsistent", bad)
     lrs = [g.get("lr") for g in groups if isinstance(g, dict)]
@@ -137,7 +148,7 @@ def _optim_facts(fc: ptfile.FileCheck) -> None:
                     learning_rates=[_num(x) for x in lrs][:16])
     if not isinstance(state, dict) or not state:
         fc.problem("empty", "optimizer state is empty: resuming restarts the moments")
-    elif params and not set(state) <= set(params):
+    elif params and not set(safe_pickle.check_keys(list(state))[:cap]) <= set(params):
         fc.problem("inconsistent", "optimizer state has entries for parameters no group lists")
 
 
@@ -145,11 +156,15 @@ def _num(x):
     return x if isinstance(x, (int, float)) and not isinstance(x, bool) else None
 
 
-def _state_facts(fc: ptfile.FileCheck, step: int) -> None:
-    obj = fc.content
+def _state_facts(content, fc: ptfile.FileCheck, step: int, max_items: int) -> None:
+    obj = content
     if not isinstance(obj, dict) or not obj:
         fc.problem("empty", f"holds an empty {type(obj).__name__}")
         return
+    n = ptfile.count_items(obj, max_items)
+    if n > max_items:
+        fc.problem("inconsistent", f"holds more than {max_items:,} items; TinyWorlds' state.pt holds a step, a "
+                                   "timestamp, a config and a scheduler state (hundreds)")
     saved = obj.get("step")
     sched = obj.get("scheduler_state_dict")
     ts = obj.get("timestamp")
@@ -159,6 +174,8 @@ def _state_facts(fc: ptfile.FileCheck, step: int) -> None:
                     {k: _num(sched.get(k)) for k in ("last_epoch", "_step_count")}
                     if isinstance(sched, dict) else type(sched).__name__,
                     has_config=isinstance(obj.get("config"), dict))
+    cfg = obj.get("config")
+    fc.config = safe_pickle.plain(cfg) if isinstance(cfg, dict) else None
     if fc.facts["step"] is None:
         fc.problem("inconsistent", "no integer `step`")
     elif saved != step:
@@ -168,18 +185,14 @@ def _state_facts(fc: ptfile.FileCheck, step: int) -> None:
 def config_of(ck: Checkpoint) -> dict:
     """The stage config saved in state.pt (inert values shown as text)."""
     fc = ck.files.get("state.pt")
-    obj = fc.content if fc else None
-    cfg = obj.get("config") if isinstance(obj, dict) else None
-    return safe_pickle.plain(cfg) if isinstance(cfg, dict) else {}
+    return (fc.config if fc else None) or {}
 
 
 def check_checkpoint(stage: str, step: int, path: Path, limits: ptfile.Limits) -> Checkpoint:
     ck = Checkpoint(stage, step, path, single_file=not safefs.is_dir(path))
     if ck.single_file:
-        fc = ptfile.check_file(path, limits, allow_config=True)
+        fc = ptfile.check_file(path, limits, allow_config=True, describe=_model_facts)
         ck.files[path.name] = fc
-        if not fc.problems:
-            _model_facts(fc)
         ck.problems += fc.problems
     else:
         _check_dir(ck, limits)
@@ -188,9 +201,13 @@ def check_checkpoint(stage: str, step: int, path: Path, limits: ptfile.Limits) -
     return ck
 
 
-_FACTS = {"model_state_dict.pt": lambda fc, step: _model_facts(fc),
-          "optim_state_dict.pt": lambda fc, step: _optim_facts(fc),
-          "state.pt": _state_facts}
+def _describer(name: str, step: int, limits: ptfile.Limits) -> ptfile.Describe:
+    """The facts each file must yield, computed while its inert object exists."""
+    if name == "model_state_dict.pt":
+        return _model_facts
+    if name == "optim_state_dict.pt":
+        return lambda obj, fc: _optim_facts(obj, fc, limits.budget.max_items)
+    return lambda obj, fc: _state_facts(obj, fc, step, limits.state_max_items)
 
 
 def _check_dir(ck: Checkpoint, limits: ptfile.Limits) -> None:
@@ -205,10 +222,9 @@ def _check_dir(ck: Checkpoint, limits: ptfile.Limits) -> None:
         ck.problems.append(Problem("missing_files", None, "missing " + ", ".join(missing) + why))
     for name in EXPECTED_FILES:
         if name in present:
-            fc = ptfile.check_file(ck.path / name, limits, allow_config=name == "state.pt")
+            fc = ptfile.check_file(ck.path / name, limits, allow_config=name == "state.pt",
+                                   describe=_describer(name, ck.step, limits))
             ck.files[name] = fc
-            if not fc.problems:
-                _FACTS[name](fc, ck.step)
             ck.problems += fc.problems
 
 
@@ -234,27 +250,30 @@ def check_key_sets(cks: list[Checkpoint]) -> None:
 
 # --- deep scan ----------------------------------------------------------------------
 
-def deep_scan(ck: Checkpoint, limits: ptfile.Limits, chunk_elems: int, model_only: bool = False) -> None:
-    """Full CRCs and torch.load(weights_only=True, mmap=True) of the weight
-    files (state.pt is read inertly: torch would refuse its config classes),
-    finiteness, and the model's weight norm and max |w|. `model_only` scans
-    just the weights file (enough for a reference point)."""
-    if not torch_available():
-        ck.deep = "unavailable"
-        return
+def deep_scan(ck: Checkpoint, limits: ptfile.Limits, chunk_elems: int, model_only: bool = False,
+              second_opinion: bool = False) -> None:
+    """Every CRC, then the tensors of the weight files viewed with numpy
+    straight from the certified archive (state.pt holds no weights): NaN/Inf,
+    the model's weight norm and max |w|. No torch. `second_opinion` also
+    loads them with torch.load(weights_only=True) (`--deep torch`), where
+    torch is installed. `model_only` scans just the weights file (enough
+    for a reference point)."""
     names = [ck.model_file] if model_only else [n for n in ck.files if n != "state.pt"]
     failed = False
     for name in names:
         if name in ck.deep_files:
             continue
+        fc = ck.files[name]
         path = ck.file_path(name)
-        problem = ptfile.verify_all_crcs(path)
+        facts, problem = ptfile.scan(path, fc, limits, chunk_elems)
         if problem is None:
-            ck.files[name].crc_checked = "all"
-            facts, problem = ptfile.load_and_scan(path, limits.max_nodes, chunk_elems)
-            ck.files[name].facts.update(facts)
-            if name == ck.model_file and facts:
-                ck.weights = {k: facts[k] for k in ("weight_norm", "max_abs_weight")}
+            fc.crc_checked = "all"
+            if second_opinion and torch_available():
+                torch_facts, problem = ptfile.load_and_scan(path, limits.max_nodes, chunk_elems)
+                fc.facts["torch"] = {k: torch_facts.get(k) for k in ("non_finite_tensors", "weight_norm")}
+        fc.facts.update(facts)
+        if name == ck.model_file and facts:
+            ck.weights = {k: facts[k] for k in ("weight_norm", "max_abs_weight")}
         if problem:
             ck.problems.append(problem)
             failed = True
@@ -518,10 +537,15 @@ def _check_one(stage: str, path: Path, limits: ptfile.Limits) -> Checkpoint:
 
 
 def torch_version() -> str | None:
+    """The installed torch's version, read from its metadata (importing torch
+    costs 1.6 s, and only --deep torch and the probe need it)."""
     if not torch_available():
         return None
-    import torch
-    return torch.__version__
+    from importlib import metadata
+    try:
+        return metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def steps_text(steps: list[int], limit: int = 30) -> list:

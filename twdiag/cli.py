@@ -262,8 +262,9 @@ def _add_ckpts(sub) -> None:
         "Check every <stage>_step_<N> checkpoint without running its pickle: torch's zip "
         "layout and CRCs, every pickle global against an allowlist of what a TinyWorlds "
         "checkpoint holds (anything else is unsafe_pickle), size budgets, an inert read of "
-        "keys, shapes, optimizer groups and saved step; then deep scans (torch.load "
-        "weights_only+mmap, NaN/Inf, weight norms) where they decide the answer. Names "
+        "keys, shapes, optimizer groups and saved step; then deep scans (every CRC, each "
+        "tensor read with numpy from the certified archive: NaN/Inf, weight norms; no torch) where they "
+        "decide the answer. Names "
         "the fallback per stage: the newest intact checkpoint saved before the onset of a "
         "critical problem in the stage's own training (read from its W&B log when the "
         "bundle has one), or restart: true with the reason; and checks the upstream "
@@ -275,8 +276,9 @@ def _add_ckpts(sub) -> None:
               %(prog)s RUN_BUNDLE_ROOT --out-dir docs/action   # + checkpoints.json (every checkpoint)
             """)
     _add_common(p, "bundle root, run root, stage dir, checkpoints dir or one checkpoint")
-    p.add_argument("--deep", choices=("auto", "all", "none"), default="auto",
-                   help="tensor scans: auto = where they decide the fallback (default), all, none")
+    p.add_argument("--deep", choices=("auto", "all", "torch", "none"), default="auto",
+                   help="tensor scans (numpy, no torch): auto = where they decide the fallback (default), "
+                        "all, none; torch = all, plus torch.load(weights_only=True) as a second opinion")
     p.add_argument("--now", type=float, help="unix time to judge the run state against (default: now)")
     p.add_argument("--read-outside-bundle", action="store_true",
                    help="also look at upstream paths recorded in configs that lie outside the bundle")
@@ -407,8 +409,9 @@ def _add_diagnose(sub) -> None:
     _add_out(p, "the report files")
     p.add_argument("--fail-on", choices=sorted(GATES),
                    help=f"exit {EXIT_GATE} when the overall verdict reaches this level (CI/cron)")
-    p.add_argument("--deep", choices=("auto", "all", "none"), default="auto",
-                   help="checkpoint tensor scans: auto = where they decide the fallback (default)")
+    p.add_argument("--deep", choices=("auto", "all", "torch", "none"), default="auto",
+                   help="checkpoint tensor scans (numpy, no torch): auto = where they decide the fallback "
+                        "(default), all, none; torch = all plus torch's own loader as a second opinion")
     p.add_argument("--count", type=int, help="images per stage on the contact sheet (default: 4)")
     p.add_argument("--thresholds", help="YAML merged over the default thresholds")
     p.add_argument("--now", type=float, help="unix time to judge the run state against (default: now)")

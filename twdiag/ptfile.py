@@ -1,35 +1,48 @@
 """One torch `.pt` file, checked without running its pickle.
 
-The structural check reads the zip's central directory, requires torch's
-own archive layout (one `<archive>/` prefix; `data.pkl`, metadata entries
-and `data/<key>` tensor storages; every entry stored uncompressed, as
-torch.save writes them), verifies the CRCs of the pickle and metadata
-entries, and reads the pickle with the allowlist unpickler (`safe_pickle`).
-Tensor data is only read by the deep scan: every CRC, then
-`torch.load(weights_only=True, mmap=True)`, finiteness and weight norms,
-streamed in chunks so memory stays flat whatever the file size.
+The structural check reads the archive with our one strict zip reader
+(`ziparchive`: an archive every reader reads alike, or a refusal), requires
+torch's own layout (one `<archive>/` prefix; `data.pkl`, metadata entries and
+`data/<key>` tensor storages; every entry stored uncompressed, as torch.save
+writes them), verifies the CRCs of the pickle and metadata entries, and reads
+the pickle with the allowlist unpickler (`safe_pickle`). A legacy (non-zip)
+file is read the way torch would read it, pickle after pickle, through the
+same allowlist; it is never `valid`.
+
+Only bounded summaries outlive the read: the caller's `describe` turns the
+unpickled object into facts while it exists, the tensors are kept as
+`TensorRecord`s (bounded by `max_nodes`), and the object graph is dropped.
+
+The deep scan (`scan`) reads every storage's bytes from a memory map of the
+file: every CRC, then each tensor viewed with numpy (`tensors`) for NaN/Inf,
+the weight norm and max |w|, in chunks, with no torch. `load_and_scan` keeps
+torch's own loader as a second opinion (`--deep torch`).
 
 Nothing here raises on a bad file: every problem is a `Problem` with a
 status and a reason.
 """
 from __future__ import annotations
 
+import io
+import itertools
+import mmap
 import pickle
-import zipfile
-from collections import Counter
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
-from . import safefs, safe_pickle
+from . import safefs, safe_pickle, tensors, ziparchive
 
 # Worst first: a checkpoint's status is its worst problem.
 STATUSES = ("unsafe_pickle", "missing_files", "truncated", "corrupt", "empty",
             "non_finite", "inconsistent", "valid")
 UNUSABLE = frozenset(STATUSES[:6])
-_CHUNK = 1 << 20
 _META_ENTRIES = ("byteorder", "version", ".format_version", ".storage_alignment",
                  ".data/version", ".data/serialization_id")
 META_MAX_BYTES = 1 << 16  # torch's metadata entries are a few bytes each
+_LEGACY_MAGIC = 0x1950a86a20f9469cfc6c
+_LEGACY_PICKLES = 5  # magic, protocol, sys_info, the object, the storage keys: what torch.load reads
 
 
 @dataclass
@@ -47,17 +60,27 @@ class Limits:
     budget: safe_pickle.Budget
     config_globals: tuple[str, ...]
     max_nodes: int
+    max_entries: int = 200_000
+    max_directory_bytes: int = 32 << 20
+    run_large_pickle_bytes: int = 32 << 20
+    large_pickle_bytes: int = 1 << 20
+    state_max_items: int = 100_000
+    spent: list = field(default_factory=lambda: [0])  # large-pickle bytes read so far this run
 
     @classmethod
     def from_thresholds(cls, t: dict) -> "Limits":
         c = t["checkpoints"]
+        a = c.get("archive", {})
         return cls(int(c["max_pickle_bytes"]), safe_pickle.Budget.from_thresholds(c),
-                   tuple(c.get("config_globals", ())), int(c["budget"]["max_nodes"]))
+                   tuple(c.get("config_globals", ())), int(c["budget"]["max_nodes"]),
+                   int(a.get("max_entries", 200_000)), int(a.get("max_directory_bytes", 32 << 20)),
+                   int(c.get("run_large_pickle_bytes", 32 << 20)), int(c.get("large_pickle_bytes", 1 << 20)),
+                   int(c.get("state_max_items", 100_000)))
 
 
 @dataclass
 class FileCheck:
-    """One .pt file: what its structure and pickle say."""
+    """One .pt file: what its structure and pickle say (bounded summaries only)."""
 
     name: str
     size: int = 0
@@ -67,17 +90,30 @@ class FileCheck:
     crc_checked: str = "none"  # none | metadata | all
     facts: dict = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
-    content: object = None  # the inert unpickled object (not serialised)
     storages_nbytes: int = 0
+    tensors: list = field(default_factory=list)   # [tensors.TensorRecord], for the deep scan
+    layout: dict = field(default_factory=dict)    # entry name -> ziparchive.Entry (certified)
+    prefix: str = ""
+    big_endian: bool = False
+    config: dict | None = None                    # state.pt's config, as plain values
 
     def problem(self, status: str, detail: str) -> None:
         self.problems.append(Problem(status, self.name, detail))
 
+    def public(self) -> dict:
+        """What checkpoints.json shows of this file."""
+        hidden = ("problems", "tensors", "layout", "config", "prefix", "big_endian")
+        return {k: v for k, v in vars(self).items() if k not in hidden}
 
-def check_file(path: Path, limits: Limits, allow_config: bool) -> FileCheck:
+
+Describe = Callable[[object, FileCheck], None]
+
+
+def check_file(path: Path, limits: Limits, allow_config: bool, describe: Describe | None = None) -> FileCheck:
     """Structure, CRCs of the pickle and metadata entries, and the pickle read
     through the allowlist. `allow_config`: TinyWorlds' config classes may
-    appear (state.pt, single-file checkpoints)."""
+    appear (state.pt, single-file checkpoints). `describe(obj, fc)` turns the
+    inert object into facts before it is dropped."""
     fc = FileCheck(path.name)
     try:
         with safefs.open_regular(path) as fh:
@@ -86,138 +122,188 @@ def check_file(path: Path, limits: Limits, allow_config: bool) -> FileCheck:
                 fc.format = "unreadable"
                 fc.problem("truncated", "zero bytes")
                 return fc
-            _check_archive(fh, fc, limits, allow_config)
+            if fh.read(4) != ziparchive.SIG_LFH:
+                _not_a_zip(fh, fc, limits, allow_config, describe)
+            else:
+                _check_archive(fh, fc, limits, allow_config, describe)
     except safefs.Unreadable as exc:
         fc.format = "unreadable"
         fc.problem("missing_files", f"not readable: {exc}")
     except OSError as exc:
         fc.format = "unreadable"
         fc.problem("corrupt", f"read error: {exc.strerror or exc}")
+    except MemoryError:
+        fc.problem("unsafe_pickle", "reading it exhausted the memory budget (refused)")
     except Exception as exc:  # a hostile or broken file must never stop the report
         fc.problem("corrupt", f"unexpected structure: {type(exc).__name__}: {exc}"[:300])
     return fc
 
 
-def _check_archive(fh, fc: FileCheck, limits: Limits, allow_config: bool) -> None:
+def _check_archive(fh, fc: FileCheck, limits: Limits, allow_config: bool, describe: Describe | None) -> None:
     try:
-        zf = zipfile.ZipFile(fh)
-    except zipfile.BadZipFile as exc:
-        _not_a_zip(fh, fc, exc)
+        entries = ziparchive.read_directory(fh, fc.size, limits.max_entries, limits.max_directory_bytes)
+    except ziparchive.ArchiveError as exc:
+        fc.format = "zip"
+        fc.problem(exc.status, exc.detail)
         return
-    with zf:
-        prefix = _check_layout(zf, fc)
-        if prefix is None:
-            return
-        data = _read_pickle(zf, prefix, fc, limits)
-        if data is None:
-            return
-        fc.crc_checked = "metadata"
-        _inspect_pickle(data, fc, zf, prefix, limits, allow_config)
+    fc.entries = len(entries)
+    prefix = _check_layout(entries, fc)
+    if prefix is None:
+        return
+    fc.layout = {e.name: e for e in entries}
+    fc.prefix = prefix
+    data = _read_pickle(fh, fc, limits)
+    if data is None:
+        return
+    fc.crc_checked = "metadata"
+    obj = _unpickle(data, fc, limits, allow_config, legacy=False)
+    if obj is _REFUSED:
+        return
+    _summarise(obj, fc, limits, describe)
+    _check_storages(fc)
 
 
-def _not_a_zip(fh, fc: FileCheck, exc: Exception) -> None:
+def _not_a_zip(fh, fc: FileCheck, limits: Limits, allow_config: bool, describe: Describe | None) -> None:
+    """torch.load treats any file that does not start with a zip local header
+    as its legacy format and unpickles it: read it the same way, inertly."""
     fh.seek(0)
-    head = fh.read(4)
-    fc.format = "unreadable"
-    if head.startswith(b"PK\x03\x04"):
-        fc.problem("truncated", f"zip without a central directory ({fc.size} bytes): "
-                                f"the write stopped early ({exc})")
-    elif head[:1] == b"\x80":
-        fc.format = "legacy"
-        fc.problem("inconsistent", "legacy (pre-1.6) torch format: no zip structure to verify")
-    else:
-        fc.problem("corrupt", f"not a torch zip archive ({exc})")
+    head = fh.read(1)
+    if fh.seek(257) == 257 and fh.read(5) == b"ustar":
+        fc.format = "unreadable"
+        fc.problem("corrupt", "a tar-format torch file (pre-0.4): not verified, never resume from it")
+        return
+    if head != b"\x80":  # a pickle protocol 2+ header
+        fc.format = "unreadable"
+        fc.problem("corrupt", "not a torch zip archive, nor a pickle")
+        return
+    fc.format = "legacy"
+    fh.seek(0)
+    data = fh.read(limits.max_pickle_bytes + 1)
+    if len(data) > limits.max_pickle_bytes:
+        data = data[:limits.max_pickle_bytes]
+    stream = io.BytesIO(data)
+    obj = None
+    for i in range(_LEGACY_PICKLES):
+        value = _unpickle(stream, fc, limits, allow_config, legacy=True)
+        if value is _REFUSED:
+            return
+        if i == 0 and value != _LEGACY_MAGIC:
+            fc.problem("corrupt", "a pickle, but not a torch file (no torch magic number)")
+            return
+        if i == 3:
+            obj = value
+    _summarise(obj, fc, limits, describe)
+    fc.tensors = []  # the storages follow the pickles unframed: not verified
+    fc.problem("inconsistent", "legacy (pre-1.6, non-zip) torch format: its pickles pass the allowlist, "
+                               "but its tensor data has no CRCs to verify; re-save it with a current torch")
 
 
-def _check_layout(zf: zipfile.ZipFile, fc: FileCheck) -> str | None:
-    """torch.save's archive layout; returns the `<archive>/` prefix or None."""
-    infos = zf.infolist()
-    fc.entries = len(infos)
-    dup = [n for n, k in Counter(i.filename for i in infos).items() if k > 1]
-    if dup:
-        fc.problem("unsafe_pickle", f"duplicate zip entry {dup[0]!r} ({len(dup)} duplicated names): "
-                                    "readers disagree on which copy they load, so a payload can hide "
-                                    "behind a clean one")
-        return None
-    pkls = [i for i in infos if i.filename.endswith("/data.pkl") or i.filename == "data.pkl"]
-    if len(pkls) != 1:
-        fc.problem("corrupt", "no data.pkl entry in the archive" if not pkls else
-                   f"{len(pkls)} data.pkl entries: not a torch.save archive")
-        return None
-    prefix = pkls[0].filename[: -len("data.pkl")]
-    for info in infos:
-        name = info.filename
-        rest = name[len(prefix):] if name.startswith(prefix) else None
-        if info.flag_bits & 0x1:
-            fc.problem("corrupt", f"entry {name!r} is encrypted: not a torch.save archive")
-            return None
-        if info.compress_type != zipfile.ZIP_STORED:
-            fc.problem("corrupt", f"entry {name!r} uses compression method {info.compress_type} "
-                                  f"({info.file_size:,} bytes declared); torch.save stores entries "
-                                  "uncompressed, so another tool rewrote this file (not inflated)")
-            return None
-        if rest is None or not (rest == "data.pkl" or rest in _META_ENTRIES or
-                                (rest.startswith("data/") and "/" not in rest[5:] and rest[5:])):
-            fc.problem("corrupt", f"entry {name!r} is outside the torch.save layout")
-            return None
-        if info.header_offset + info.compress_size > fc.size:
-            fc.problem("truncated", f"entry {name!r} runs past the end of the file")
-            return None
-    return prefix
+_REFUSED = object()
 
 
-def _read_pickle(zf: zipfile.ZipFile, prefix: str, fc: FileCheck, limits: Limits) -> bytes | None:
-    """data.pkl (size-capped) and the metadata entries, each read once; zipfile
-    checks every CRC."""
-    try:
-        for info in zf.infolist():
-            rest = info.filename[len(prefix):]
-            if rest in _META_ENTRIES and info.file_size > META_MAX_BYTES:
-                fc.problem("corrupt", f"metadata entry {info.filename!r} is {info.file_size:,} bytes")
-                return None
-            if rest in _META_ENTRIES:
-                _read_capped(zf, info, META_MAX_BYTES)
-        info = zf.getinfo(prefix + "data.pkl")
-        if info.file_size > limits.max_pickle_bytes:
-            fc.problem("inconsistent", f"data.pkl is {info.file_size:,} bytes (> {limits.max_pickle_bytes:,}, "
-                                       "far more than any state dict needs); not read, so not verified")
-            return None
-        return _read_capped(zf, info, limits.max_pickle_bytes)
-    except (zipfile.BadZipFile, ValueError, EOFError, OSError) as exc:
-        fc.problem("corrupt", f"{exc}"[:300])
-        return None
-
-
-def _read_capped(zf: zipfile.ZipFile, info: zipfile.ZipInfo, cap: int) -> bytes:
-    with zf.open(info) as fh:  # raises BadZipFile on a CRC mismatch at EOF
-        data = fh.read(cap + 1)
-        if len(data) > cap:
-            raise ValueError(f"entry {info.filename!r} is larger than its {cap:,}-byte cap")
-        if fh.read(1):
-            raise ValueError(f"entry {info.filename!r} holds more than it declares")
-        return data
-
-
-def _inspect_pickle(data: bytes, fc: FileCheck, zf: zipfile.ZipFile, prefix: str,
-                    limits: Limits, allow_config: bool) -> None:
+def _unpickle(data, fc: FileCheck, limits: Limits, allow_config: bool, legacy: bool):
     up = safe_pickle.RestrictedUnpickler(data, limits.budget, limits.config_globals, allow_config)
     try:
-        obj = safe_pickle.safe_load(up)
+        return safe_pickle.safe_load(up)
     except safe_pickle.UnsafePickle as exc:
         fc.problem("unsafe_pickle", f"pickle names {exc}, which is not on the allowlist of what a "
                                     "TinyWorlds checkpoint holds (refused before anything ran; "
                                     "torch.load(weights_only=False) would import and run it)")
-        return
     except safe_pickle.BudgetExceeded as exc:
         fc.problem("unsafe_pickle", f"pickle exceeds the read budget: {exc} (refused, not allocated)")
-        return
     except pickle.UnpicklingError as exc:
-        fc.problem("corrupt", f"pickle unreadable: {exc}")
-        return
+        fc.problem("corrupt", f"pickle unreadable: {exc}"[:300])
     finally:
-        fc.globals = up.report.all
-    fc.content = obj
-    _check_storages(obj, fc, zf, prefix, limits.max_nodes)
+        for g in up.report.all:
+            if g not in fc.globals and len(fc.globals) < 200:
+                fc.globals.append(g)
+    return _REFUSED
+
+
+def _summarise(obj, fc: FileCheck, limits: Limits, describe: Describe | None) -> None:
+    """Facts and tensor records from the inert object; nothing else is kept."""
+    fc.tensors = tensor_records(obj, limits.max_nodes)
+    if describe is not None:
+        describe(obj, fc)
+
+
+def tensor_records(obj, max_nodes: int) -> list:
+    out = []
+    for key, t in leaves(obj, safe_pickle.TensorInfo, max_nodes):
+        if t.storage is None:
+            continue
+        out.append(tensors.TensorRecord(key, t.storage.key, t.dtype, t.shape, t.stride, t.offset,
+                                        t.storage.numel, t.storage.storage_type))
+    return out
+
+
+def _check_layout(entries: list, fc: FileCheck) -> str | None:
+    """torch.save's archive layout; returns the `<archive>/` prefix or None."""
+    pkls = [e for e in entries if e.name.endswith("/data.pkl") or e.name == "data.pkl"]
+    if len(pkls) != 1:
+        fc.problem("corrupt", "no data.pkl entry in the archive" if not pkls else
+                   f"{len(pkls)} data.pkl entries: not a torch.save archive")
+        return None
+    prefix = pkls[0].name[: -len("data.pkl")]
+    names = set()
+    for e in entries:
+        rest = e.name[len(prefix):] if e.name.startswith(prefix) else None
+        if e.flags & 0x1:
+            fc.problem("corrupt", f"entry {e.name!r} is encrypted: not a torch.save archive")
+            return None
+        if e.method != 0 or e.size != e.file_size:
+            fc.problem("corrupt", f"entry {e.name!r} uses compression method {e.method} "
+                                  f"({e.file_size:,} bytes declared); torch.save stores entries "
+                                  "uncompressed, so another tool rewrote this file (not inflated)")
+            return None
+        if rest is None or not (rest == "data.pkl" or rest in _META_ENTRIES or
+                                (rest.startswith("data/") and "/" not in rest[5:] and rest[5:])):
+            fc.problem("corrupt", f"entry {e.name!r} is outside the torch.save layout")
+            return None
+        names.add(rest)
+    if "version" not in names and ".data/version" not in names:
+        fc.problem("corrupt", "no version record: torch.load refuses such an archive")
+        return None
+    return prefix
+
+
+def _read_entry(fh, e: ziparchive.Entry, cap: int) -> bytes:
+    if e.size > cap:
+        raise ValueError(f"entry {e.name!r} is {e.size:,} bytes (cap {cap:,})")
+    fh.seek(e.data_offset)
+    data = fh.read(e.size)
+    if len(data) != e.size:
+        raise EOFError(f"entry {e.name!r} runs past the end of the file")
+    if zlib.crc32(data) != e.crc:
+        raise ValueError(f"bad CRC in entry {e.name!r}")
+    return data
+
+
+def _read_pickle(fh, fc: FileCheck, limits: Limits) -> bytes | None:
+    """data.pkl (size-capped) and the metadata entries, each read once, CRCs checked."""
+    try:
+        for name, e in fc.layout.items():
+            rest = name[len(fc.prefix):]
+            if rest in _META_ENTRIES:
+                value = _read_entry(fh, e, META_MAX_BYTES)
+                if rest == "byteorder":
+                    fc.big_endian = value.strip() == b"big"
+        e = fc.layout[fc.prefix + "data.pkl"]
+        if e.size > limits.max_pickle_bytes:
+            fc.problem("inconsistent", f"data.pkl is {e.size:,} bytes (> {limits.max_pickle_bytes:,}, "
+                                       "far more than any state dict needs); not read, so not verified")
+            return None
+        if e.size > limits.large_pickle_bytes:
+            if limits.spent[0] + e.size > limits.run_large_pickle_bytes:
+                fc.problem("inconsistent", f"data.pkl is {e.size:,} bytes and this run has already read "
+                                           f"{limits.spent[0]:,} bytes of large pickles (budget "
+                                           f"{limits.run_large_pickle_bytes:,}); not read, so not verified")
+                return None
+            limits.spent[0] += e.size
+        return _read_entry(fh, e, limits.max_pickle_bytes)
+    except (ValueError, EOFError, OSError) as exc:
+        fc.problem("corrupt", f"{exc}"[:300])
+        return None
 
 
 def leaves(obj, kind: type, max_nodes: int, path: str = ""):
@@ -225,63 +311,130 @@ def leaves(obj, kind: type, max_nodes: int, path: str = ""):
 
     Each container is visited once (a pickle can share one list under many
     parents: 40 nested [x, x] pairs would otherwise mean 2**40 visits), and
-    at most `max_nodes` containers are walked."""
-    stack, seen, visited = [(path, obj)], set(), 0
+    at most `max_nodes` items are looked at in all (a tuple of 7 million
+    references to one object costs max_nodes steps, not 7 million paths)."""
+    stack, seen, steps = [(path, iter(((path, obj),)))], set(), 0
     while stack:
-        here, node = stack.pop()
+        here, items = stack[-1]
+        nxt = next(items, None)
+        if nxt is None:
+            stack.pop()
+            continue
+        steps += 1
+        if steps > max_nodes:
+            return
+        key, node = nxt
         if isinstance(node, kind):
-            yield here, node
+            yield key, node
             continue
         if not isinstance(node, (dict, list, tuple)) or id(node) in seen:
             continue
         seen.add(id(node))
-        visited += 1
-        if visited > max_nodes:
-            return
-        items = node.items() if isinstance(node, dict) else enumerate(node)
-        stack.extend((f"{here}.{k}" if here else str(k), v) for k, v in reversed(list(items)))
+        stack.append((key, _children(key, node)))
 
 
-def _check_storages(obj, fc: FileCheck, zf: zipfile.ZipFile, prefix: str, max_nodes: int) -> None:
+def count_items(obj, cap: int) -> int:
+    """Items in nested dicts/lists/tuples/sets, each container once, counted up to `cap`."""
+    stack, seen, n = [obj], set(), 0
+    while stack and n <= cap:
+        node = stack.pop()
+        if not isinstance(node, (dict, list, tuple, set, frozenset)) or id(node) in seen:
+            continue
+        seen.add(id(node))
+        n += len(node)
+        if n <= cap:
+            stack.extend(itertools.islice(node.values() if isinstance(node, dict) else node, cap))
+    return n
+
+
+def _children(parent: str, node):
+    """(dotted path, value) of a container's items, made as they are asked for."""
+    pairs = node.items() if isinstance(node, dict) else enumerate(node)
+    for k, v in pairs:
+        yield (f"{parent}.{k}" if parent else str(k)), v
+
+
+def _check_storages(fc: FileCheck) -> None:
     """Every storage the pickle references exists with the size it claims, and
     every tensor fits in its storage."""
-    sizes = {i.filename: i.file_size for i in zf.infolist()}
     seen: dict = {}
-    for key, t in leaves(obj, safe_pickle.TensorInfo, max_nodes):
-        if t.storage is None:
-            continue
-        ref = seen.setdefault(t.storage.key, t.storage)
-        if ref != t.storage:
-            fc.problem("corrupt", f"storage {t.storage.key} is described two ways")
+    for t in fc.tensors:
+        ref = seen.setdefault(t.storage_key, (t.storage_type, t.storage_numel))
+        if ref != (t.storage_type, t.storage_numel):
+            fc.problem("corrupt", f"storage {t.storage_key} is described two ways")
             return
-        if t.numel and t.offset + t.numel > ref.numel:
-            fc.problem("corrupt", f"tensor {key} {list(t.shape)} does not fit in its storage "
-                                  f"({ref.numel} elements)")
+        stride = t.stride if t.stride is not None else tensors._contiguous(t.shape)
+        numel = 1
+        for n in t.shape:
+            numel *= n
+        extent = (t.offset + sum((n - 1) * s for n, s in zip(t.shape, stride)) + 1) if numel else 0
+        itemsize = safe_pickle.STORAGE_ITEMSIZE.get(t.storage_type, 1)
+        elem = tensors.numpy_dtype(t.dtype)
+        elem_size = elem[0].itemsize if elem else itemsize
+        if extent * elem_size > t.storage_numel * itemsize:
+            fc.problem("corrupt", f"tensor {t.key} {list(t.shape)} does not fit in its storage "
+                                  f"({t.storage_numel} elements)")
             return
-    for key, ref in seen.items():
-        entry = f"{prefix}data/{key}"
-        if entry not in sizes:
+    total = 0
+    for key, (stype, numel) in seen.items():
+        entry = f"{fc.prefix}data/{key}"
+        nbytes = numel * safe_pickle.STORAGE_ITEMSIZE.get(stype, 1)
+        e = fc.layout.get(entry)
+        if e is None:
             fc.problem("corrupt", f"tensor storage {entry} is missing")
-        elif sizes[entry] != ref.nbytes:
-            fc.problem("corrupt", f"tensor storage {entry} holds {sizes[entry]} bytes, "
-                                  f"the pickle says {ref.nbytes}")
-    fc.storages_nbytes = sum(r.nbytes for r in seen.values())
+        elif e.size != nbytes:
+            fc.problem("corrupt", f"tensor storage {entry} holds {e.size} bytes, the pickle says {nbytes}")
+        total += nbytes
+    fc.storages_nbytes = total
 
 
-# --- deep scan (torch) ------------------------------------------------------------
+# --- deep scan (numpy) --------------------------------------------------------------
 
-def verify_all_crcs(path: Path) -> Problem | None:
-    """Read every entry to its end: zipfile checks each CRC (tensor data too)."""
+def scan(path: Path, fc: FileCheck, limits: Limits, chunk_elems: int) -> tuple[dict, Problem | None]:
+    """Every entry's CRC, then every tensor viewed with numpy: NaN/Inf per
+    float tensor, the L2 norm and max |w| over all of them. The archive is
+    certified again on the open file, so a file swapped since its structural
+    check is not scanned as if it were the one checked."""
+    if fc.format != "zip" or not fc.layout:
+        return {}, Problem("corrupt", path.name, "no certified archive to scan")
     try:
-        with safefs.open_regular(path) as fh, zipfile.ZipFile(fh) as zf:
-            for info in zf.infolist():
-                with zf.open(info) as entry:
-                    while entry.read(_CHUNK):
-                        pass
-    except (safefs.Unreadable, zipfile.BadZipFile, ValueError, EOFError, OSError) as exc:
-        return Problem("corrupt", path.name, f"{exc}"[:300])
-    return None
+        with safefs.open_regular(path) as fh:
+            size = safefs.check_regular(path).st_size
+            entries = ziparchive.read_directory(fh, size, limits.max_entries, limits.max_directory_bytes)
+            if {e.name: e for e in entries} != fc.layout:
+                return {}, Problem("corrupt", path.name, "the file changed since its structural check")
+            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                return _scan_mapped(mm, fc, chunk_elems)
+    except ziparchive.ArchiveError as exc:
+        return {}, Problem(exc.status, path.name, exc.detail)
+    except (safefs.Unreadable, OSError, ValueError) as exc:
+        return {}, Problem("corrupt", path.name, f"{exc}"[:300])
 
+
+def _scan_mapped(mm: mmap.mmap, fc: FileCheck, chunk_elems: int) -> tuple[dict, Problem | None]:
+    for e in fc.layout.values():
+        if not tensors.crc_ok(mm, e.data_offset, e.size, e.crc):
+            return {}, Problem("corrupt", fc.name, f"bad CRC in entry {e.name!r}")
+    measure = tensors.Measure()
+    for rec in fc.tensors:
+        e = fc.layout.get(f"{fc.prefix}data/{rec.storage_key}")
+        if e is None:
+            return {}, Problem("corrupt", fc.name, f"tensor storage data/{rec.storage_key} is missing")
+        try:
+            arr, floating, bf16 = tensors.tensor_view(mm, rec, e.data_offset, e.size, fc.big_endian)
+        except tensors.ScanError as exc:
+            return {}, Problem("corrupt", fc.name, str(exc))
+        if floating:
+            measure.add(rec.key, tensors.chunks(arr, bf16, chunk_elems))
+        del arr
+    facts = measure.facts()
+    if measure.bad:
+        shown = ", ".join(f"{k} ({c})" for k, c in measure.bad[:5])
+        return facts, Problem("non_finite", fc.name, f"{len(measure.bad)} tensors hold NaN/Inf: {shown}")
+    return facts, None
+
+
+# --- a second opinion: torch's own loader (--deep torch) --------------------------
 
 def load_and_scan(path: Path, max_nodes: int, chunk_elems: int) -> tuple[dict, Problem | None]:
     """torch.load(weights_only=True, mmap=True), then per float tensor the

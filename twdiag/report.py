@@ -33,8 +33,7 @@ def combine(a: Analysis, comparison: dict | None = None) -> dict:
         "cross_stage": a.cross["facts"],
         "checkpoint_dependencies": a.dependencies,
         "torch": checkpoints.torch_version(),
-        "deep_mode": a.deep if checkpoints.torch_available() else
-        "unavailable: torch not installed (structural checks only)",
+        "deep_mode": a.deep,
         "skipped": a.bundle.skipped, "notes": a.bundle.notes, "errors": a.errors,
         "timings": a.timings,
     }

@@ -41,6 +41,7 @@ import itertools
 import math
 import pickle
 import reprlib
+import struct
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -93,11 +94,14 @@ class StorageRef:
 
 @dataclass
 class TensorInfo:
-    """What the pickle says about a tensor: enough for counts and key sets."""
+    """What the pickle says about a tensor: enough for counts and key sets,
+    and for a numpy view of its storage (`tensors`)."""
 
     storage: StorageRef | None
     shape: tuple
     offset: int = 0
+    stride: tuple | None = None     # None: contiguous (or not said)
+    dtype_name: str | None = None   # v3 rebuilds name the dtype beside an untyped storage
 
     @property
     def numel(self) -> int:
@@ -105,8 +109,26 @@ class TensorInfo:
 
     @property
     def dtype(self) -> str:
+        if self.dtype_name:
+            return self.dtype_name
         name = self.storage.storage_type if self.storage else "unknown"
         return name.replace("Storage", "").lower() or "unknown"
+
+    @property
+    def extent(self) -> int:
+        """Storage elements the tensor reaches: offset + last index + 1 (0 when empty)."""
+        if not self.numel:
+            return 0
+        stride = self.stride if self.stride is not None else _contiguous(self.shape)
+        return self.offset + sum((n - 1) * s for n, s in zip(self.shape, stride)) + 1
+
+
+def _contiguous(shape: tuple) -> tuple:
+    out, acc = [], 1
+    for n in reversed(shape):
+        out.append(acc)
+        acc *= max(n, 1)
+    return tuple(reversed(out))
 
 
 class Inert:
@@ -156,6 +178,7 @@ class Budget:
     max_dims: int = 16               # dimensions of one tensor
     max_numel: int = 1 << 40         # elements of one tensor (a shape, not an allocation)
     max_memory: int = 512 << 20      # address space the unpickler may add
+    max_objects: int = 2_000_000     # containers one pickle may build (each costs ~100+ bytes)
 
     @classmethod
     def from_thresholds(cls, t: dict) -> "Budget":
@@ -179,16 +202,26 @@ class _Guards:
         return value
 
     def set(self, items=()):
-        return set(self._items(items, "set"))
+        return set(check_keys(self._items(items, "set")))
 
     def frozenset(self, items=()):
-        return frozenset(self._items(items, "frozenset"))
+        return frozenset(check_keys(self._items(items, "frozenset")))
 
     def ordered_dict(self, items=()):
-        return collections.OrderedDict(self._items(items, "OrderedDict"))
+        items = self._items(items, "OrderedDict")
+        if isinstance(items, dict):
+            check_keys(items)
+            return collections.OrderedDict(items)
+        pairs = list(items)
+        if not all(isinstance(p, (tuple, list)) and len(p) == 2 for p in pairs):
+            raise pickle.UnpicklingError("OrderedDict of something other than pairs")
+        check_keys(p[0] for p in pairs)
+        return collections.OrderedDict(pairs)
 
     def counter(self, items=()):
-        return collections.Counter(self._items(items, "Counter"))
+        items = self._items(items, "Counter")
+        check_keys(items)
+        return collections.Counter(items)
 
     def bytearray(self, source=b"", *rest):
         if isinstance(source, int):
@@ -224,14 +257,23 @@ class _Guards:
             raise BudgetExceeded(f"tensor shape {tuple(dims)} has more than {self.b.max_numel:,} elements")
         return tuple(dims)
 
-    def rebuild_tensor(self, storage, offset=0, size=(), stride=(), *rest):
-        if not isinstance(offset, int) or offset < 0:
+    def rebuild_tensor(self, storage, offset=0, size=(), stride=(), *rest, dtype_name=None):
+        if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
             raise pickle.UnpicklingError(f"tensor storage offset {reprlib.repr(offset)}")
-        return TensorInfo(storage if isinstance(storage, StorageRef) else None, self.shape(size), offset)
+        shape = self.shape(size)
+        strides = None
+        if stride not in ((), None) or not shape:
+            strides = tuple(stride) if isinstance(stride, (tuple, list)) else None
+            if strides is None or len(strides) != len(shape) or not all(
+                    isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in strides):
+                raise pickle.UnpicklingError(f"tensor stride {reprlib.repr(stride)} does not fit shape {shape}")
+        return TensorInfo(storage if isinstance(storage, StorageRef) else None, shape, offset, strides, dtype_name)
 
     def rebuild_tensor_v3(self, storage, offset=0, size=(), stride=(), requires_grad=False,
                           hooks=None, dtype=None, *rest):
-        return self.rebuild_tensor(storage, offset, size, stride)
+        name = getattr(dtype, "_qualname", "")
+        return self.rebuild_tensor(storage, offset, size, stride,
+                                   dtype_name=name.removeprefix("torch.") if name.startswith("torch.") else None)
 
     @staticmethod
     def rebuild_parameter(data, *rest):
@@ -288,16 +330,59 @@ class GlobalsReport:
     refused: list[str] = field(default_factory=list)
 
 
-class RestrictedUnpickler(pickle.Unpickler):
-    """Resolves only allowlisted globals, to our own inert objects."""
+# Keys whose hash an attacker cannot choose freely. Python hashes an int by
+# its value modulo 2**61 - 1, so 150k multiples of it collide in one bucket and
+# building the dict is quadratic (hours). str and bytes hashes are salted per
+# process; small ints, floats (at most ~1000 share a hash), None and bools
+# cannot be made to collide in bulk. Tuples are checked element by element.
+_SAFE_INT = 1 << 60
 
-    def __init__(self, data: bytes, budget: Budget, config_globals: tuple[str, ...] = (),
+
+def _key_ok(key, depth: int = 0) -> bool:
+    if isinstance(key, (str, bytes, float, type(None), Inert)):
+        return True
+    if isinstance(key, int):
+        return -_SAFE_INT < key < _SAFE_INT
+    if isinstance(key, (tuple, frozenset)) and depth < 4 and len(key) <= 64:
+        return all(_key_ok(k, depth + 1) for k in key)
+    return False
+
+
+def check_keys(keys):
+    """`keys` unchanged, after refusing any key whose hash could be driven to
+    collide (raises BudgetExceeded before anything is hashed)."""
+    for k in keys:
+        if not _key_ok(k):
+            raise BudgetExceeded(f"a {type(k).__name__} key {reprlib.repr(k)} outside the range whose "
+                                 "hashes cannot be made to collide (dict/set building would go quadratic)")
+    return keys
+
+
+class RestrictedUnpickler(pickle._Unpickler):
+    """Resolves only allowlisted globals, to our own inert objects.
+
+    Python's own (pure-Python) unpickler, not the C one: it keeps its memo in
+    a dict (a memo index of 2**30 costs nothing), and its opcode table can be
+    wrapped, so every container it builds is counted against the budget and
+    every dict or set key is checked before it is hashed. TinyWorlds'
+    pickles are tens of KB: this costs about a millisecond a file."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def __init__(self, data, budget: Budget, config_globals: tuple[str, ...] = (),
                  allow_config: bool = False):
-        super().__init__(io.BytesIO(data))
+        # bytes, or a binary stream positioned at a pickle (legacy files hold several)
+        super().__init__(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data)
         self.report = GlobalsReport()
         self.guards = _Guards(budget)
+        self.objects = 0
         allowed, state_only = _allowlist(self.guards, tuple(config_globals))
         self.allowed = {**allowed, **state_only} if allow_config else allowed
+
+    def _count(self) -> None:
+        self.objects += 1
+        if self.objects > self.guards.b.max_objects:
+            raise BudgetExceeded(f"more than {self.guards.b.max_objects:,} containers in one pickle")
 
     def find_class(self, module: str, name: str):
         raw = f"{module}.{name}"
@@ -311,14 +396,70 @@ class RestrictedUnpickler(pickle.Unpickler):
         return self.allowed[label]
 
     def persistent_load(self, pid):
-        # torch's zip format: ('storage', storage_type, key, location, numel)
-        if (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
+        # torch's zip format: ('storage', storage_type, key, location, numel);
+        # the legacy format adds a sixth item, view metadata (None for TinyWorlds' tensors)
+        if (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage"
                 and isinstance(pid[1], str) and isinstance(pid[2], str) and isinstance(pid[3], str)
                 and isinstance(pid[4], int) and not isinstance(pid[4], bool) and pid[4] >= 0):
             return StorageRef(pid[1], pid[2], pid[3], pid[4])
         raise pickle.UnpicklingError(f"persistent id {reprlib.repr(pid)} is not a torch storage reference")
 
 
+def _counted(opcode: bytes):
+    base = pickle._Unpickler.dispatch[opcode[0]]
+
+    def op(self):
+        self._count()
+        base(self)
+    RestrictedUnpickler.dispatch[opcode[0]] = op
+
+
+for _op in (pickle.EMPTY_DICT, pickle.EMPTY_LIST, pickle.EMPTY_SET, pickle.EMPTY_TUPLE, pickle.DICT,
+            pickle.LIST, pickle.TUPLE, pickle.TUPLE1, pickle.TUPLE2, pickle.TUPLE3, pickle.FROZENSET):
+    _counted(_op)
+
+
+def _keys_checked(opcode: bytes, keys_of):
+    """Check the keys an opcode is about to hash (`keys_of(self)` peeks at
+    them on the stack), then run it."""
+    base = RestrictedUnpickler.dispatch[opcode[0]]
+
+    def op(self):
+        check_keys(keys_of(self))
+        base(self)
+    RestrictedUnpickler.dispatch[opcode[0]] = op
+
+
+_keys_checked(pickle.SETITEM, lambda self: self.stack[-2:-1])
+_keys_checked(pickle.SETITEMS, lambda self: self.stack[0::2])
+_keys_checked(pickle.DICT, lambda self: self.stack[0::2])
+_keys_checked(pickle.ADDITEMS, lambda self: self.stack)
+_keys_checked(pickle.FROZENSET, lambda self: self.stack)
+
+
+def _build_keys(self) -> list:
+    """BUILD sets an object's attributes from a dict (or a (dict, slots) pair)."""
+    state = self.stack[-1] if self.stack else None
+    parts = state if isinstance(state, tuple) and len(state) == 2 else (state,)
+    return [k for part in parts if isinstance(part, dict) for k in part]
+
+
+_keys_checked(pickle.BUILD, _build_keys)
+
+
+def _memo_put(self, index: int) -> None:
+    """A memo index far past anything the pickle can hold is harmless here (our
+    memo is a dict) but makes the C unpickler torch.load uses zero-fill
+    index x 8 bytes: refuse it."""
+    if not 0 <= index <= self.guards.b.max_objects:
+        raise BudgetExceeded(f"memo index {index:,}: the C unpickler torch.load uses would allocate "
+                             f"{index * 8 / (1 << 30):.1f} GiB for it")
+    self.memo[index] = self.stack[-1]
+
+
+RestrictedUnpickler.dispatch[pickle.LONG_BINPUT[0]] = \
+    lambda self: _memo_put(self, struct.unpack("<I", self.read(4))[0])
+RestrictedUnpickler.dispatch[pickle.PUT[0]] = lambda self: _memo_put(self, int(self.readline()[:-1]))
 @contextmanager
 def _memory_limit(extra: int):
     """Cap the process's address space at its current size + `extra` while

@@ -1,0 +1,153 @@
+"""Tensor data read with numpy straight from a certified archive, no torch.
+
+A torch.save archive stores each storage as one uncompressed entry of raw
+little-endian elements (`byteorder` says so). The allowlist read of the
+pickle (`safe_pickle`) already knows every tensor's storage key, dtype,
+shape, stride and offset, and `ziparchive` knows where each storage's bytes
+lie in the file. So a tensor is a numpy view into a memory map of the file:
+nothing is copied but the chunk being measured, and memory stays flat
+whatever the file size. bfloat16 has no numpy dtype: its 16 bits are the top
+half of a float32, so a uint16 view shifted left by 16 is exact.
+
+What is measured matches the torch-based scan (`ptfile.load_and_scan`, kept
+as `--deep torch`): per floating tensor the count of NaN/Inf, over all float
+tensors the L2 norm and max |w| of the finite elements, in float64.
+"""
+from __future__ import annotations
+
+import mmap
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+# storage class name (or v3 dtype name) -> (numpy dtype code, floating?)
+_DTYPES = {
+    "float": ("f4", True), "float32": ("f4", True), "double": ("f8", True), "float64": ("f8", True),
+    "half": ("f2", True), "float16": ("f2", True), "bfloat16": ("u2", True),
+    "long": ("i8", False), "int64": ("i8", False), "int": ("i4", False), "int32": ("i4", False),
+    "short": ("i2", False), "int16": ("i2", False), "char": ("i1", False), "int8": ("i1", False),
+    "byte": ("u1", False), "uint8": ("u1", False), "bool": ("u1", False),
+    "cfloat": ("c8", True), "complex64": ("c8", True), "complexfloat": ("c8", True),
+    "cdouble": ("c16", True), "complex128": ("c16", True), "complexdouble": ("c16", True),
+}
+
+
+@dataclass(frozen=True)
+class TensorRecord:
+    """One tensor as the pickle describes it (bounded summary kept after the read)."""
+
+    key: str
+    storage_key: str
+    dtype: str          # torch's name: float32, bfloat16, ...
+    shape: tuple
+    stride: tuple | None
+    offset: int         # in elements
+    storage_numel: int  # elements of the storage (bytes for an untyped storage)
+    storage_type: str
+
+
+class ScanError(Exception):
+    pass
+
+
+def numpy_dtype(dtype: str, big_endian: bool = False) -> tuple[np.dtype, bool, bool] | None:
+    """(numpy dtype, floating, is_bfloat16) for a torch dtype name, or None."""
+    name = dtype.lower().replace("torch.", "")
+    if name not in _DTYPES:
+        return None
+    code, floating = _DTYPES[name]
+    return np.dtype((">" if big_endian else "<") + code), floating, name == "bfloat16"
+
+
+def as_float(chunk: np.ndarray, bf16: bool) -> np.ndarray:
+    """A chunk as a float array numpy can test (bfloat16 widened exactly)."""
+    if bf16:
+        return (chunk.astype(np.uint32) << 16).view(np.float32)
+    return chunk
+
+
+def crc_ok(mm: mmap.mmap, offset: int, size: int, crc: int, chunk: int = 1 << 22) -> bool:
+    value = 0
+    view = memoryview(mm)
+    try:
+        for i in range(offset, offset + size, chunk):
+            value = zlib.crc32(view[i:min(i + chunk, offset + size)], value)
+    finally:
+        view.release()
+    return value == crc
+
+
+class Measure:
+    """Running non-finite count, sum of squares and max |w| over float tensors."""
+
+    def __init__(self):
+        self.sumsq, self.maxabs, self.elements = 0.0, 0.0, 0
+        self.bad: list[tuple[str, int]] = []
+
+    def add(self, key: str, chunks) -> None:
+        nonfinite = 0
+        for c in chunks:
+            if np.iscomplexobj(c):
+                c = np.abs(c)
+            finite = np.isfinite(c)
+            k = int(c.size - np.count_nonzero(finite))
+            nonfinite += k
+            c = c[finite] if k else c
+            if c.size:
+                c64 = np.abs(c.astype(np.float64, copy=False).ravel())
+                self.sumsq += float(np.dot(c64, c64))
+                self.maxabs = max(self.maxabs, float(c64.max()))
+            self.elements += int(finite.size)
+        if nonfinite:
+            self.bad.append((key, nonfinite))
+
+    def facts(self) -> dict:
+        return {"non_finite_tensors": len(self.bad), "weight_norm": self.sumsq ** 0.5,
+                "max_abs_weight": self.maxabs, "float_elements": self.elements}
+
+
+def tensor_view(mm: mmap.mmap, rec: TensorRecord, data_offset: int, entry_size: int,
+                big_endian: bool = False) -> tuple[np.ndarray, bool, bool]:
+    """A read-only view of one tensor's elements; raises ScanError when the
+    record does not fit its storage entry."""
+    found = numpy_dtype(rec.dtype, big_endian)
+    if found is None:
+        raise ScanError(f"dtype {rec.dtype} has no numpy view")
+    dt, floating, bf16 = found
+    shape = tuple(int(n) for n in rec.shape)
+    stride = rec.stride if rec.stride is not None else _contiguous(shape)
+    numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    extent = (rec.offset + sum((n - 1) * s for n, s in zip(shape, stride)) + 1) if numel else 0
+    if extent * dt.itemsize > entry_size:
+        raise ScanError(f"tensor {rec.key} {list(shape)} reaches element {extent:,}, past its storage "
+                        f"({entry_size // dt.itemsize:,} elements)")
+    if not numel:
+        return np.empty(shape, dtype=dt), floating, bf16
+    arr = np.ndarray(shape, dtype=dt, buffer=mm, offset=data_offset + rec.offset * dt.itemsize,
+                     strides=tuple(s * dt.itemsize for s in stride))
+    return arr, floating, bf16
+
+
+def _contiguous(shape: tuple) -> tuple:
+    out, acc = [], 1
+    for n in reversed(shape):
+        out.append(acc)
+        acc *= max(n, 1)
+    return tuple(reversed(out))
+
+
+def chunks(arr: np.ndarray, bf16: bool, chunk_elems: int):
+    """The tensor's elements in chunks of about `chunk_elems` (a copy only for
+    a non-contiguous tensor's chunk)."""
+    if arr.flags.c_contiguous:
+        flat = arr.reshape(-1)
+        for i in range(0, flat.size, chunk_elems):
+            yield as_float(flat[i:i + chunk_elems], bf16)
+        return
+    rows = max(1, chunk_elems // max(1, arr[0].size)) if arr.ndim else 1
+    if arr.ndim == 0:
+        yield as_float(np.ascontiguousarray(arr).reshape(-1), bf16)
+        return
+    for i in range(0, arr.shape[0], rows):
+        yield as_float(np.ascontiguousarray(arr[i:i + rows]).reshape(-1), bf16)
