@@ -1,6 +1,15 @@
 #!/usr/bin/env python3
-"""Benchmark: diagnose.py vs the step scripts it combines, run alone.
+"""Benchmark: how long an answer takes.
 
+Default (the answer-in-two-seconds target): a fresh `diagnose.py` of the
+unhealthy example bundle against the yardstick `python -c "import numpy,
+pandas, PIL.Image"`, interleaved, REPEATS times each, in one run; prints
+the medians, their ratio (target <= 3) and diagnose's peak RSS (target
+<= 250 MiB):
+
+    python bench/bench_diagnose.py [--repeat N] [BUNDLE]
+
+With --big: diagnose.py vs the step scripts it combines, run alone.
 Assembles (with symlinks, nothing copied) a bundle holding a 300,000-step
 dynamics .wandb file, 100 checkpoints and 200 image grids, made by:
   python ../shared/bench/gen_big_wandb.py 300000 /tmp/big 0 --kind dynamics
@@ -12,7 +21,7 @@ then times, interleaved, REPEATS times, each as a fresh process:
       on the same bundle, one after another (their sum).
 Prints medians and a / sum(b) (target < 2).
 
-    python bench/bench_diagnose.py [BIG_WANDB_RUN_DIR] [REPEATS=3]
+    python bench/bench_diagnose.py --big [BIG_WANDB_RUN_DIR] [REPEATS=3]
 """
 from __future__ import annotations
 
@@ -24,7 +33,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import timed  # noqa: E402
+from _common import ROOT, measure, timed  # noqa: E402
 TS = "2026_11_28_06_35_02"
 
 
@@ -43,9 +52,38 @@ def assemble(big_run: Path, target: Path) -> Path:
     return target
 
 
+def yardstick(argv: list[str]) -> None:
+    repeats = 5
+    if "--repeat" in argv:
+        i = argv.index("--repeat")
+        repeats = int(argv[i + 1])
+        argv = argv[:i] + argv[i + 2:]
+    bundle = Path(argv[0]) if argv else ROOT / "examples" / "bundle-unhealthy"
+    out = Path(tempfile.mkdtemp(prefix="bench_diag_"))
+    diag, yard, rss = [], [], []
+    for _ in range(repeats):
+        t, peak = measure([sys.executable, ROOT / "scripts" / "diagnose.py", bundle, "--out-dir", out])
+        diag.append(t)
+        rss.append(peak)
+        yard.append(measure([sys.executable, "-c", "import numpy, pandas, PIL.Image"])[0])
+    med = statistics.median
+    doc = json.loads((out / "diagnosis.json").read_text())
+    print(json.dumps({"bundle": str(bundle), "repeats": repeats,
+                      "diagnose_s": round(med(diag), 3), "yardstick_import_numpy_pandas_pil_s": round(med(yard), 3),
+                      "ratio": round(med(diag) / med(yard), 3), "target_ratio": 3.0,
+                      "diagnose_peak_rss_mib": round(max(rss), 1), "target_rss_mib": 250,
+                      "diagnose_internal_timings": doc["timings"],
+                      "runs_diagnose": [round(x, 3) for x in diag], "runs_yardstick": [round(x, 3) for x in yard]},
+                     indent=2))
+
+
 def main() -> None:
-    big = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(sorted(glob.glob("/tmp/big/wandb/offline-run-*"))[-1])
-    repeats = int(sys.argv[2]) if len(sys.argv) > 2 else 3
+    argv = sys.argv[1:]
+    if "--big" not in argv:
+        return yardstick(argv)
+    argv.remove("--big")
+    big = Path(argv[0]) if argv else Path(sorted(glob.glob("/tmp/big/wandb/offline-run-*"))[-1])
+    repeats = int(argv[1]) if len(argv) > 1 else 3
     bundle = assemble(big, Path("/tmp/bench_bundle"))
     out = Path(tempfile.mkdtemp(prefix="bench_diag_"))
     a, b, parts = [], [], []

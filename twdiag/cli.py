@@ -14,17 +14,12 @@ import textwrap
 from pathlib import Path
 
 from . import __version__, outputs
-from .entry import EXIT_DEPENDENCY
 
 # Exit codes, shared by every subcommand and script (documented in --help,
-# SKILL.md and the README).
-EXIT_OK = 0           # ran; the verdict (if any) is in the JSON
-EXIT_INTERNAL = 1     # a bug: report it (the JSON says what failed)
-EXIT_USAGE = 2        # bad flags or arguments
-EXIT_NO_INPUT = 3     # the input path does not exist or holds nothing to analyse
-EXIT_UNREADABLE = 4   # input found, but none of it could be read
-EXIT_OUTPUT = 5       # the output dir cannot be used (or is inside the bundle, outside docs/action)
-EXIT_GATE = 10        # diagnose --fail-on: the verdict reached the gate level
+# SKILL.md and the README): `exits`.
+from .exits import (EXIT_DEPENDENCY, EXIT_GATE, EXIT_INTERNAL, EXIT_NO_INPUT, EXIT_OK, EXIT_OUTPUT,  # noqa: E402
+                    EXIT_UNREADABLE, EXIT_USAGE, GATES)
+
 MAX_STDOUT_BYTES = 200_000
 
 EXIT_CODES_HELP = f"""\
@@ -364,9 +359,6 @@ def _run_visuals(args) -> tuple[dict, int]:
 
 # --- diagnose -----------------------------------------------------------------------
 
-GATES = {"watch": ("watch", "critical"), "critical": ("critical",)}
-
-
 def _add_diagnose(sub) -> None:
     p = _subparser(
         sub, "diagnose", "one-shot answer: verdicts, evidence, fallback, next actions",
@@ -451,7 +443,7 @@ def resolve_diagnose_input(arg: str | None, explicit: dict) -> tuple[Path, dict,
 
 
 def _run_diagnose(args) -> tuple[dict, int]:
-    from . import compare, pipeline, plots, report
+    from . import pipeline, report, report_files
     t = _thresholds(args.thresholds)
     explicit = _explicit(args.run)
     root, explicit, auto_results, notes = resolve_diagnose_input(args.bundle, explicit)
@@ -473,8 +465,9 @@ def _run_diagnose(args) -> tuple[dict, int]:
                      read_outside=args.read_outside_bundle)
     cmp = None
     if baselines:
+        from . import compare
         cmp = _guarded_compare(a, compare, baselines, t, args.count)
-    doc = write_report(a, cmp, out, plots, report)
+    doc = report_files.write_report(a, cmp, out)
     if all(e["verdict"] == "missing" for e in doc["stages"].values()):
         return {"error": f"no TinyWorlds logs, checkpoints or images could be read under {root}",
                 "skipped": doc["skipped"], "outputs": doc.get("outputs")}, EXIT_UNREADABLE
@@ -491,50 +484,6 @@ def _guarded_compare(a, compare, baselines, t, count):
     except Exception as exc:  # the comparison is an extra: the diagnosis stands without it
         a.errors.append({"step": "compare", "error": f"{type(exc).__name__}: {exc}"[:500]})
         return None
-
-
-def write_report(a, cmp, out: Path, plots, report) -> dict:
-    """Every output of a diagnosis, as one set: the old set or the new one."""
-    from . import html_report, visuals
-    doc = None
-    with outputs.OutputSet(out) as outset:
-        files = {"diagnosis_json": str(outset.final("diagnosis.json")),
-                 "diagnosis_md": str(outset.final("diagnosis.md")),
-                 "diagnosis_html": str(outset.final("diagnosis.html"))}
-        try:
-            doc = report.combine(a, cmp["doc"] if cmp else None)
-            figures = plots.loss_figures(a, doc)
-            for name, fig in figures.items():
-                files.setdefault("loss_plots", {})[name.removeprefix("loss_").removesuffix(".png")] = \
-                    str(outset.write_image(name, fig))
-                plots.close(fig)
-            image = visuals.sheet(a.visuals, a.thresholds) if a.visuals else None
-            if image is not None:  # drawn now: after crossstage has reconciled the image findings
-                files["contact_sheet"] = str(outset.write_image("contact_sheet.png", image))
-            if cmp:
-                for name, fig in cmp["figures"].items():
-                    files[name] = str(outset.write_image(name, fig))
-                    plots.close(fig)
-                if cmp["sheet"] is not None:
-                    files["compare_sheet"] = str(outset.write_image("compare_sheet.png", cmp["sheet"]))
-            files["checkpoints"] = str(outset.write_json(
-                "checkpoints.json", {s: [c.details() for c in r.checkpoints] for s, r in a.checkpoints.items()}))
-            files["visuals"] = str(outset.write_json("visuals.json", (a.visuals or {}).get("details", {})))
-            doc["outputs"] = files
-            outset.write_text("diagnosis.md", report.markdown(doc))
-            outset.write_text("diagnosis.html", html_report.render(doc, outset))
-        except outputs.OutputError:
-            raise  # the disk, not the analysis: nothing more can be written
-        except Exception as exc:  # still leave a diagnosis.json saying what was done
-            if os.environ.get("TWDIAG_DEBUG"):
-                raise
-            a.errors.append({"step": "report", "error": f"{type(exc).__name__}: {exc}"[:500]})
-            doc = doc or {"overall": None, "bundle": str(a.bundle.root), "stages": {}, "skipped": a.bundle.skipped,
-                          "notes": a.bundle.notes, "next_actions": [], "run_status": {}, "cross_stage": []}
-            doc["errors"] = a.errors
-            doc["outputs"] = files
-        outset.write_json("diagnosis.json", doc)
-    return doc
 
 
 # --- compare -------------------------------------------------------------------------

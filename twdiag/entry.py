@@ -13,7 +13,7 @@ REQUIRED = {"numpy": "numpy", "pandas": "pandas", "yaml": "pyyaml", "PIL": "pill
 # Declared dependencies the scripts run without (the export is slower):
 # an environment that lacks them is not stopped.
 OPTIONAL = {"orjson": "orjson"}
-EXIT_DEPENDENCY = 6
+from .exits import EXIT_DEPENDENCY  # noqa: E402  (exits imports nothing third-party)
 
 
 def missing() -> list[str]:

@@ -23,7 +23,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import bundle as bundle_mod, history, outputs, pipeline, plots, report
+from . import bundle as bundle_mod, history, outputs, pipeline, report
 
 ENDED = ("finished", "crashed")
 
@@ -117,7 +117,8 @@ def _sleep(seconds: float, stop: list) -> None:
 def run(root: Path, explicit: dict, results: Path | None, thresholds: dict, args, out: Path) -> int:
     """The follow loop; prints its own NDJSON lines (the caller prints
     nothing) and returns the exit code."""
-    from .cli import EXIT_GATE, GATES, write_report
+    from .exits import EXIT_GATE, GATES
+    from .report_files import write_report
     f = Follower(root, explicit, results, thresholds, args, out)
     stop: list = []
 
@@ -132,7 +133,7 @@ def run(root: Path, explicit: dict, results: Path | None, thresholds: dict, args
             now = summary(doc)
             changed = _changes(before, now)
             if changed:
-                written = write_report(a, None, out, plots, report)
+                written = write_report(a, None, out)
                 doc["outputs"] = written.get("outputs", {})
                 print(_line("change", doc, f.polls, changed), flush=True)
             before = now

@@ -15,7 +15,6 @@ import importlib.util
 import json
 import re
 import sys
-import threading
 import types
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -27,10 +26,38 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
-from . import wandb_log
+from . import forking, wandb_log
 
 CHUNK_ROWS = 65536  # rows buffered as text before a column-wise conversion
 CONSOLE_TAIL = 200  # console lines kept in memory (the full log goes to a file)
+_LIMITS = None
+
+
+def _limits() -> dict:
+    global _LIMITS
+    if _LIMITS is None:
+        from .rules import default_limits
+        _LIMITS = default_limits()
+    return _LIMITS
+
+
+_MAX_STEP = 1 << 53  # a float holds every integer step up to here exactly
+
+
+def parse_step(text: str | None, fallback: int) -> int | None:
+    """A history row's `_step` item (or the record's own step when it has
+    none) as an int; None when it is not a finite integer in [0, 2**53)."""
+    if text is None:
+        value = fallback
+    else:
+        try:
+            number = float(text)
+        except (TypeError, ValueError):
+            return None
+        if not (0 <= number < _MAX_STEP) or number != number:
+            return None
+        value = int(number)
+    return value if 0 <= value < _MAX_STEP else None
 _INT_RE = re.compile(r"-?\d+(?:\x00-?\d+)*")
 _OUTPUT_KINDS = ("output", "output_raw", "output_logger")
 
@@ -60,6 +87,9 @@ class RunLog:
     history_keys: list = field(default_factory=list)  # leaf keys, "/"-joined
     value_json_errors: int = 0
     error: str | None = None
+    # What the decoder dropped, with why: rows with an unusable _step, items
+    # past the row/column caps, console records cut to their end.
+    dropped: dict = field(default_factory=dict)
 
     @property
     def status(self) -> str:
@@ -134,18 +164,36 @@ def _item_value_json(item) -> str:
     return json.dumps(getattr(item, kind))
 
 
+_VALUE = ("value",)  # a node's own value in the replay tree (config keys are strings: no clash)
+
+
 class _Replay:
-    """Summary/config replay on raw JSON text: path tuple -> text."""
+    """Summary/config replay on raw JSON text, as a tree keyed by path parts.
+
+    Setting a path replaces its subtree and turns any value on the way into a
+    dict (last writer wins, as wandb's own replay); removing a path drops its
+    subtree. Each costs the path's length, whatever the tree holds, so a
+    record setting 60k keys and the next removing them is linear."""
 
     def __init__(self) -> None:
-        self.values: dict[tuple, str] = {}
+        self.tree: dict = {}
         self.removed: list[tuple] = []  # kept so a later range can be merged
 
     def update(self, items: Iterable) -> None:
-        values = self.values
         for it in items:
             nk = it.nested_key
-            values[tuple(nk) if nk else (it.key,)] = it.value_json
+            path = tuple(nk) if nk else (it.key,)
+            self._set(path, it.value_json)
+
+    def _set(self, path: tuple, text: str) -> None:
+        node = self.tree
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            child.pop(_VALUE, None)  # a value on the way becomes a dict
+            node = child
+        node[path[-1]] = {_VALUE: text}
 
     def remove(self, items: Iterable) -> None:
         for it in items:
@@ -154,26 +202,48 @@ class _Replay:
             self._drop(path)
 
     def _drop(self, path: tuple) -> None:
-        n = len(path)
-        for k in [k for k in self.values if k[:n] == path]:
-            del self.values[k]
+        node = self.tree
+        for part in path[:-1]:
+            node = node.get(part)
+            if node is None:
+                return
+        node.pop(path[-1], None)
 
     def then(self, later: "_Replay") -> None:
-        """Apply a later block range's replay on top of this one."""
+        """Apply a later block range's replay on top of this one: its removals,
+        then its final values (what it removed is already gone from those)."""
         for path in later.removed:
             self._drop(path)
-        self.values.update(later.values)
         self.removed += later.removed
+        stack = [((), later.tree)]
+        while stack:
+            prefix, node = stack.pop()
+            for key, child in node.items():
+                if key == _VALUE:
+                    continue
+                if _VALUE in child:
+                    self._set(prefix + (key,), child[_VALUE])
+                else:
+                    stack.append((prefix + (key,), child))
 
     def build(self) -> tuple[dict, int]:
+        errors = [0]
+        return self._build(self.tree, errors), errors[0]
+
+    def _build(self, node: dict, errors: list) -> dict:
         out: dict = {}
-        errors = 0
-        for path, text in self.values.items():
-            value = _decode_json(text) if text else None
-            if isinstance(value, str) and text and not text.startswith('"'):
-                errors += 1
-            _set_path(out, path, value)
-        return out, errors
+        for key, child in node.items():
+            if key == _VALUE:
+                continue
+            if _VALUE in child:
+                text = child[_VALUE]
+                value = _decode_json(text) if text else None
+                if isinstance(value, str) and text and not text.startswith('"'):
+                    errors[0] += 1
+                out[key] = value
+            else:
+                out[key] = self._build(child, errors)
+        return out
 
 
 def _set_path(out: dict, path: tuple, value) -> None:
@@ -204,6 +274,11 @@ class _Decoder:
         self.console_lines = Counter()
         self.console = open(console_path, "a", encoding="utf-8") if console_path else None
         self.environment: dict = {}
+        # Rows dropped for an unusable _step: (row, the text), the first few, and the count.
+        self.bad_steps: list = []
+        self.n_bad_steps = 0
+        self.dropped_items = 0    # history items past limits.max_row_items / max_history_columns
+        self.console_cut = 0      # output records cut to limits.console_line_bytes
 
     def feed(self, rec, kind: str | None) -> None:
         """Any record but history and summary, which `_feed` hands straight
@@ -221,7 +296,12 @@ class _Decoder:
         self.n_rows += 1
         cols = self.cols
         step = None
-        for item in h.item:
+        items = h.item
+        limits = _limits()
+        if len(items) > limits["max_row_items"]:
+            self.dropped_items += len(items) - limits["max_row_items"]
+            items = items[:limits["max_row_items"]]
+        for item in items:
             nk = item.nested_key
             if nk:
                 key = nk[0] if len(nk) == 1 else tuple(nk)
@@ -233,12 +313,21 @@ class _Decoder:
                 continue
             col = cols.get(key)
             if col is None:
+                if len(cols) >= limits["max_history_columns"]:
+                    self.dropped_items += 1
+                    continue
                 col = cols[key] = _Column()
             col.rows.append(row)
             col.raw.append(text)
         if step is not None:
             self.saw_step_item = True
-        self.steps.append(int(float(step)) if step is not None else h.step.num)
+        value = parse_step(step, h.step.num)
+        if value is None:  # this row only: dropped when the frame is built
+            self.n_bad_steps += 1
+            if len(self.bad_steps) < 10:
+                self.bad_steps.append((row, str(step)[:40]))
+            value = -1
+        self.steps.append(value)
         if self.n_rows % CHUNK_ROWS == 0:
             for col in cols.values():
                 col.flush()
@@ -316,14 +405,19 @@ class _Decoder:
         except (AttributeError, ValueError):
             stream = "stdout"
         self.console_lines[kind] += 1
+        text = o.line
+        cap = _limits()["console_line_bytes"]
+        if len(text) > cap:  # the end of it: where an error is
+            self.console_cut += 1
+            text = f"[{len(text) - cap:,} characters cut] " + text[-cap:]
         # Raw terminal chunks: keep what a terminal would show of each line (the
         # last non-empty segment after carriage returns).
-        for line in o.line.replace("\r\n", "\n").split("\n"):
+        for line in text.replace("\r\n", "\n").split("\n"):
             shown = [seg for seg in line.split("\r") if seg.strip()]
             if shown:
                 self.console_tail.append(shown[-1])
         if self.console is not None:
-            self.console.write(f"{ts or ''}\t{stream}\t{json.dumps(o.line)}\n")
+            self.console.write(f"{ts or ''}\t{stream}\t{json.dumps(text)}\n")
 
     def then(self, later: "_Decoder") -> None:
         """Append the state of the next block range of the same file."""
@@ -332,6 +426,10 @@ class _Decoder:
             mine = self.cols.setdefault(key, _Column())
             mine.done_rows += [r + offset for r in col.done_rows]
             mine.done_vals += col.done_vals
+        self.bad_steps += [(r + offset, t) for r, t in later.bad_steps][:max(0, 10 - len(self.bad_steps))]
+        self.n_bad_steps += later.n_bad_steps
+        self.dropped_items += later.dropped_items
+        self.console_cut += later.console_cut
         self.n_rows += later.n_rows
         self.steps += later.steps
         self.saw_step_item |= later.saw_step_item
@@ -393,10 +491,24 @@ class _Decoder:
             data[key] = full
         for key, leaves in nested.items():
             data[key] = _rebuild_nested(n, leaves)
+        if self.n_bad_steps:
+            data, non_finite = _without_bad_rows(data, non_finite)
         # The arrays are this call's own: no copy (and no consolidation into one
         # block, which would copy every column once more).
         frame = pd.DataFrame(data, copy=False)
         return frame, non_finite
+
+
+def _without_bad_rows(data: dict, non_finite: dict) -> tuple[dict, dict]:
+    """Drop the rows whose _step was unusable (marked -1); renumber the rows
+    that non-finite values were reported at."""
+    keep = data["_step"] >= 0
+    new_index = np.cumsum(keep) - 1
+    data = {k: v[keep] for k, v in data.items()}
+    for entry in non_finite.values():
+        pairs = [(int(new_index[r]), v) for r, v in zip(entry["rows"], entry["values"]) if keep[r]]
+        entry["rows"], entry["values"] = [r for r, _ in pairs], [v for _, v in pairs]
+    return data, {k: e for k, e in non_finite.items() if e["rows"]}
 
 
 def nf_text(v: float) -> str:
@@ -500,8 +612,7 @@ def _workers(size: int, requested: int | None) -> int:
         return max(1, requested)
     if size < PARALLEL_MIN_BYTES or "fork" not in multiprocessing.get_all_start_methods():
         return 1
-    return min(MAX_WORKERS, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-               else os.cpu_count() or 1)
+    return min(MAX_WORKERS, forking.cpus())
 
 
 def _run_ranges(jobs: list[tuple]) -> list[tuple["_Decoder", wandb_log.ScanReport]]:
@@ -511,14 +622,11 @@ def _run_ranges(jobs: list[tuple]) -> list[tuple["_Decoder", wandb_log.ScanRepor
     alive once a run was started in the process: a hang seen in the test
     session), and spawn would re-run the caller's main module in every
     worker. The ranges and their merge are the same either way."""
-    if len(jobs) == 1 or threading.active_count() > 1 or \
-            "fork" not in multiprocessing.get_all_start_methods():
-        return [_decode_range(*job) for job in jobs]
-    # Import the protobuf classes before forking: the workers inherit them,
-    # and this process (a --follow poll next) has them too.
-    _proto()
-    with multiprocessing.get_context("fork").Pool(len(jobs)) as pool:
-        return pool.starmap(_decode_range, jobs)
+    if len(jobs) > 1 and forking.can_fork():
+        # Import the protobuf classes before forking: the workers inherit them,
+        # and this process (a --follow poll next) has them too.
+        _proto()
+    return forking.starmap(_decode_range, jobs, workers=len(jobs))
 
 
 def decode_state(path: str | Path, console_path: str | Path | None = None,
@@ -640,7 +748,29 @@ def build(path: str, dec: _Decoder, report: wandb_log.ScanReport) -> RunLog:
                   summary=summary, history=history, non_finite=non_finite,
                   system=pd.DataFrame(dec.system_rows), console_tail=list(dec.console_tail),
                   record_types=dict(dec.types), history_keys=keys,
-                  value_json_errors=s_err + c_err, error=report.header_error)
+                  value_json_errors=s_err + c_err, error=report.header_error, dropped=_dropped(dec, report))
+
+
+def _dropped(dec: _Decoder, report: wandb_log.ScanReport) -> dict:
+    out = {}
+    if dec.n_bad_steps:
+        shown = ", ".join(f"row {r}: {t!r}" for r, t in dec.bad_steps[:3])
+        out["bad_step_rows"] = {"count": dec.n_bad_steps, "examples": dec.bad_steps[:10],
+                                "reason": f"{dec.n_bad_steps} history row(s) with a _step that is not a finite "
+                                          f"integer in [0, 2**53) dropped ({shown})"}
+    if dec.dropped_items:
+        out["history_items"] = {"count": dec.dropped_items,
+                                "reason": f"{dec.dropped_items:,} history items past the caps "
+                                          f"(limits.max_row_items, limits.max_history_columns) dropped"}
+    if dec.console_cut:
+        out["console_records_cut"] = {"count": dec.console_cut,
+                                      "reason": f"{dec.console_cut} console record(s) longer than "
+                                                "limits.console_line_bytes: only their end kept"}
+    if report.oversized_records:
+        out["oversized_records"] = {"count": report.oversized_records,
+                                    "reason": f"{report.oversized_records} record(s) above limits.max_record_bytes "
+                                              "skipped unparsed"}
+    return out
 
 
 def _status(report: wandb_log.ScanReport, meta: dict) -> str:

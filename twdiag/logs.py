@@ -107,12 +107,19 @@ def decode_stages(b: bundle_mod.Bundle, console_dir: Path | None = None,
         if console_dir is not None:
             console = console_dir / f".console-{f.stem}.tmp"
             console.unlink(missing_ok=True)
-        if decoder is None:
-            progress(f"decoding {f}")
-            log = history.decode(f, console_path=console, workers=workers, summary=summary)
-        else:
-            log = decoder(f)
+        try:
+            if decoder is None:
+                progress(f"decoding {f}")
+                log = history.decode(f, console_path=console, workers=workers, summary=summary)
+            else:
+                log = decoder(f)
+        except (MemoryError, Exception) as exc:  # one file's failure is that file's, never the bundle's
+            b.skipped.append({"path": str(f), "kind": "wandb_log",
+                              "reason": f"decode failed: {type(exc).__name__}: {exc}"[:300]})
+            continue
         log.meta["console_tmp"] = str(console) if console else None
+        for what, entry in log.dropped.items():
+            b.skipped.append({"path": str(f), "kind": f"wandb_log:{what}", "reason": entry["reason"]})
         explicit = b.explicit.get(safefs.resolve(f))
         if not log.scan.header_ok or log.error:
             b.skipped.append({"path": str(f), "reason": log.error or "unreadable", "kind": "wandb_log",

@@ -22,15 +22,46 @@ STATUS_COLOURS = {"valid": "tab:green", "empty": "tab:red", "truncated": "tab:re
                   "inconsistent": "tab:orange"}
 
 
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+def prepare() -> None:
+    """Import what drawing needs (once, e.g. before forking drawers)."""
+    import matplotlib.backends.backend_agg  # noqa: F401
+    import matplotlib.figure  # noqa: F401
+
+
+def new_figure(**kw):
+    """A Figure on the Agg canvas, without pyplot: no global figure registry to
+    leak into, and pyplot's import is a fifth of matplotlib's."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(**kw)
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def close(fig) -> None:
-    _plt().close(fig)
+    """Release a figure (pyplot's, if it came from there)."""
+    import sys
+    plt = sys.modules.get("matplotlib.pyplot")
+    if plt is not None:
+        plt.close(fig)
+
+
+def png_bytes(fig) -> bytes:
+    import io
+
+    from .outputs import PNG_COMPRESS_LEVEL
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", pil_kwargs={"compress_level": PNG_COMPRESS_LEVEL})
+    close(fig)
+    return buf.getvalue()
+
+
+def _plain_log_ticks(axis) -> None:
+    """Log-axis tick labels as plain numbers ("100", "0.001"), not mathtext
+    ("$10^{2}$"): parsing mathtext was a third of drawing a figure."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+    axis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
 
 
 def _envelope(steps: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -89,6 +120,7 @@ def _loss_axes(ax, stage: str, frame: pd.DataFrame, metrics: dict, thresholds: d
     pos = loss[finite]
     if len(pos) and pos.max() / pos.min() >= thresholds["plots"]["log_scale_min_ratio"]:
         ax.set_yscale("log")
+        _plain_log_ticks(ax.yaxis)
     ax.set_ylabel(label)
 
 
@@ -106,6 +138,7 @@ def _lr_axes(ax, frame: pd.DataFrame, metrics: dict):
     ax2.set_ylabel("learning rate", color="tab:purple")
     ax2.tick_params(axis="y", colors="tab:purple")
     ax2.set_yscale("log")
+    _plain_log_ticks(ax2.yaxis)
     return ax2
 
 
@@ -161,7 +194,6 @@ def _action_axes(ax, frame: pd.DataFrame, acts: dict, title: str, thresholds: di
 def stage_figure(stage: str, frame: pd.DataFrame, metrics: dict, entry: dict | None, thresholds: dict,
                  frozen: tuple[pd.DataFrame, dict] | None = None):
     """One figure for a stage; the caller saves and closes it."""
-    plt = _plt()
     acts = metrics.get("actions") or {}
     panels = [("loss", None)]
     if stage == "latent_actions" and acts:
@@ -170,8 +202,8 @@ def stage_figure(stage: str, frame: pd.DataFrame, metrics: dict, entry: dict | N
         panels.append(("actions", (frozen[0], frozen[1], "the frozen action model, as logged during dynamics "
                                                          "(x axis: dynamics steps)")))
     heights = [3] + [1.6] * (len(panels) - 1)
-    fig, axes = plt.subplots(len(panels), 1, figsize=(12, 4.2 + 2.2 * (len(panels) - 1)), dpi=100,
-                             gridspec_kw={"height_ratios": heights}, squeeze=False)
+    fig = new_figure(figsize=(12, 4.2 + 2.2 * (len(panels) - 1)), dpi=100)
+    axes = fig.subplots(len(panels), 1, gridspec_kw={"height_ratios": heights}, squeeze=False)
     axes = axes[:, 0]
     key = metrics.get("loss_key")
     ax = axes[0]
@@ -202,20 +234,28 @@ def stage_figure(stage: str, frame: pd.DataFrame, metrics: dict, entry: dict | N
     return fig
 
 
-def loss_figures(a, doc: dict) -> dict:
-    """{"loss_<stage>.png": figure} for every stage with a history."""
-    out = {}
+def loss_figure_names(a) -> list[str]:
+    """loss_<stage>.png for every stage with a history."""
+    return [f"loss_{stage}.png" for stage in a.histories]
+
+
+def loss_figure(a, doc: dict, name: str):
+    """The figure of one stage (`name` from loss_figure_names)."""
+    stage = name.removeprefix("loss_").removesuffix(".png")
+    hist = a.histories[stage]
     dyn = a.histories.get("dynamics")
     dyn_acts = ((a.stats["stages"].get("dynamics") or {}).get("metrics") or {}).get("actions")
-    for stage, hist in a.histories.items():
-        metrics = (a.stats["stages"].get(stage) or {}).get("metrics") or {}
-        frozen = None
-        if stage == "latent_actions" and dyn is not None and dyn_acts:
-            n = dyn_acts.get("n_actions") or (metrics.get("actions") or {}).get("n_actions") \
-                or hist.config.get("n_actions")
-            frozen = (dyn.frame, {**dyn_acts, "n_actions": n})
-        if stage == "latent_actions" and metrics.get("actions") and not metrics["actions"].get("n_actions"):
-            metrics = {**metrics, "actions": {**metrics["actions"], "n_actions": hist.config.get("n_actions")}}
-        out[f"loss_{stage}.png"] = stage_figure(stage, hist.frame, metrics, doc["stages"].get(stage),
-                                                a.thresholds, frozen)
-    return out
+    metrics = (a.stats["stages"].get(stage) or {}).get("metrics") or {}
+    frozen = None
+    if stage == "latent_actions" and dyn is not None and dyn_acts:
+        n = dyn_acts.get("n_actions") or (metrics.get("actions") or {}).get("n_actions") \
+            or hist.config.get("n_actions")
+        frozen = (dyn.frame, {**dyn_acts, "n_actions": n})
+    if stage == "latent_actions" and metrics.get("actions") and not metrics["actions"].get("n_actions"):
+        metrics = {**metrics, "actions": {**metrics["actions"], "n_actions": hist.config.get("n_actions")}}
+    return stage_figure(stage, hist.frame, metrics, doc["stages"].get(stage), a.thresholds, frozen)
+
+
+def loss_figures(a, doc: dict) -> dict:
+    """{"loss_<stage>.png": figure} for every stage with a history."""
+    return {name: loss_figure(a, doc, name) for name in loss_figure_names(a)}

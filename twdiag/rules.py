@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+import functools
 from pathlib import Path
 
 import yaml
@@ -35,6 +36,13 @@ def load_thresholds(path: str | Path | None = None) -> dict:
             raise ThresholdError(f"thresholds {path}: expected a mapping")
         _deep_merge(base, override)
     return base
+
+
+@functools.lru_cache(maxsize=1)
+def default_limits() -> dict:
+    """The `limits` section of the default thresholds, for layers that take no
+    thresholds argument (the log framing and decoder)."""
+    return dict(load_thresholds()["limits"])
 
 
 def _deep_merge(base: dict, override: dict) -> None:

@@ -62,6 +62,10 @@ def load(path, t: dict) -> Image.Image:
             im.close()
             raise ImageError(f"decompression bomb guard: {w}x{h} pixels > {t['max_pixels']}; "
                              "not decoded")
+        if min(w, h) < 1 or max(w, h) > t["max_aspect"] * min(w, h):
+            im.close()  # a 1x100000 PNG is 470 bytes, but its thumbnail would be 640x64,000,000
+            raise ImageError(f"declared {w}x{h} pixels: an aspect beyond {t['max_aspect']}:1 is no image grid; "
+                             "not decoded")
         im.load()
     except ImageError:
         raise
@@ -646,6 +650,32 @@ def _cached(img: ImageFile, t: dict, keep_thumb: bool, cache: dict | None) -> Im
     return res
 
 
+def _guarded(img: ImageFile, t: dict, keep_thumb: bool, cache: dict | None) -> ImageResult:
+    try:
+        return _cached(img, t, keep_thumb, cache)
+    except Exception as exc:  # one odd image never stops the report
+        return ImageResult(img, error=f"analysis failed: {type(exc).__name__}: {exc}"[:300])
+
+
+def _analysed(b: bundle_mod.Bundle, t: dict, count: int, progress, cache: dict | None) -> dict:
+    """stage -> [ImageResult], in image order. (Forked decoding was tried:
+    no faster on the examples, up to 3x slower when the parent is large.)"""
+    jobs = []
+    for stage in b.ordered_stages():
+        imgs = b.stages[stage].images
+        picks = set(sheet_steps(len(imgs), count)) if imgs else set()
+        jobs += [(stage, img, i in picks) for i, img in enumerate(imgs)]
+    results = []
+    for k, (stage, img, keep) in enumerate(jobs):
+        results.append(_guarded(img, t, keep, cache))
+        if progress and (k + 1) % 50 == 0:
+            progress(f"{k + 1}/{len(jobs)} images")
+    out: dict = {}
+    for (stage, _, _), res in zip(jobs, results):
+        out.setdefault(stage, []).append(res)
+    return out
+
+
 def analyse(b: bundle_mod.Bundle, thresholds: dict, count: int | None = None, progress=None,
             cache: dict | None = None) -> dict:
     """Analyse every stage's images; returns the compact document, per-image
@@ -654,19 +684,8 @@ def analyse(b: bundle_mod.Bundle, thresholds: dict, count: int | None = None, pr
     count = count or t["sheet_count"]
     doc: dict = {"stages": {}, "skipped": []}
     details, sheet_rows = {}, []
-    for stage in b.ordered_stages():
+    for stage, results in _analysed(b, t, count, progress, cache).items():
         imgs = b.stages[stage].images
-        if not imgs:
-            continue
-        picks = set(sheet_steps(len(imgs), count))
-        results = []
-        for i, img in enumerate(imgs):
-            try:
-                results.append(_cached(img, t, i in picks, cache))
-            except Exception as exc:  # one odd image never stops the report
-                results.append(ImageResult(img, error=f"analysis failed: {type(exc).__name__}: {exc}"[:300]))
-            if progress and (i + 1) % 50 == 0:
-                progress(f"{stage}: {i + 1}/{len(imgs)} images")
         tr = trend(results, t)
         findings, onsets = stage_findings(stage, results, tr, t)
         doc["stages"][stage] = stage_document(stage, results, tr, findings, onsets)

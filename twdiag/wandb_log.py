@@ -21,6 +21,8 @@ from dataclasses import dataclass, field, asdict
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
+from .rules import default_limits
+
 BLOCK = 32768
 HEADER = struct.Struct("<4sHB")
 CHUNK = struct.Struct("<IHB")
@@ -29,6 +31,8 @@ FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 # Block-aligned read size: large enough to amortise syscalls, small enough to
 # keep memory flat on multi-GB files.
 SLAB_BLOCKS = 64
+# Records past this many bytes are skipped unparsed (thresholds: limits.max_record_bytes).
+MAX_RECORD_BYTES = int(default_limits()["max_record_bytes"])
 # Type byte CRC seeds, precomputed once (CRC covers type byte + payload).
 _TYPE_CRC = {t: zlib.crc32(bytes([t])) for t in (FULL, FIRST, MIDDLE, LAST)}
 
@@ -52,6 +56,7 @@ class ScanReport:
     partial_records_dropped: int = 0
     nonzero_padding: int = 0
     decode_errors: int = 0
+    oversized_records: int = 0  # records above limits.max_record_bytes, skipped unparsed
     truncated_tail: bool = False
     truncation: str | None = None
     scan_end_offset: int = 0
@@ -63,7 +68,7 @@ class ScanReport:
     def damaged(self) -> bool:
         return bool(self.corrupt_chunks or self.zeroed_blocks_skipped
                     or self.orphan_chunks_skipped or self.partial_records_dropped
-                    or self.decode_errors)
+                    or self.decode_errors or self.oversized_records)
 
     @property
     def next_offset(self) -> int:
@@ -199,6 +204,8 @@ class _Assembly:
     # A FIRST..MIDDLE record being built. While it is None, MIDDLE and LAST
     # chunks are orphans (skipped until the next FULL or FIRST).
     parts: list | None = None
+    size: int = 0            # bytes in `parts`
+    oversized: bool = False  # the record being built passed the cap: its chunks are counted, not kept
     # At a range start the first orphans belong to the previous range.
     quiet_orphans: bool = False
 
@@ -260,16 +267,25 @@ def _read_block(slab: bytes, rel: int, pos: int, block_end: int,
                 report.resume_offset = pos
                 out.append(payload)
             else:
-                st.parts = [payload]
+                st.parts, st.size, st.oversized = [payload], len(payload), False
         elif st.parts is None:
             report.orphan_chunks_skipped += 1
-        elif ctype == MIDDLE:
-            st.parts.append(payload)
         else:
-            record, st.parts = b"".join(st.parts + [payload]), None
-            report.records_total += 1
-            report.resume_offset = pos
-            out.append(record)
+            # A record's size is only known at its end: past the cap its chunks
+            # are dropped as they come (a 120 MB console record costs nothing).
+            st.size += len(payload)
+            if st.size > MAX_RECORD_BYTES and not st.oversized:
+                st.oversized, st.parts[:] = True, []
+            if not st.oversized:
+                st.parts.append(payload)
+            if ctype == LAST:
+                report.records_total += 1
+                report.resume_offset = pos
+                if st.oversized:
+                    report.oversized_records += 1
+                else:
+                    out.append(b"".join(st.parts))
+                st.parts, st.oversized = None, False
     tail = slab[pos - rel:min(block_end, size) - rel]
     if tail.strip(b"\0"):
         report.nonzero_padding += 1
@@ -335,7 +351,7 @@ def merge_reports(parts: list[ScanReport]) -> ScanReport:
     for r in parts[1:]:
         for name in ("records_total", "chunks", "corrupt_chunks", "zeroed_blocks_skipped",
                      "orphan_chunks_skipped", "partial_records_dropped",
-                     "nonzero_padding", "decode_errors"):
+                     "nonzero_padding", "decode_errors", "oversized_records"):
             setattr(out, name, getattr(out, name) + getattr(r, name))
         out.corrupt_detail += r.corrupt_detail
     cut = next((r for r in parts if r.truncated_tail), parts[-1])

@@ -1,0 +1,47 @@
+"""Work spread over forked processes, or done here when forking is unsafe.
+
+A fork beside live threads can leave a child stuck on a lock one of them
+held (wandb keeps four threads alive once a run was started in the process:
+a hang seen in the test session), and spawn would re-run the caller's main
+module in every child. So work is forked only from a process with no other
+thread, where fork is available; otherwise it runs here, one item after
+another, with the same results.
+
+Children ignore SIGINT and take SIGTERM's default action: an interrupt is
+the parent's to handle (it stops the pool), and a child must never print a
+KeyboardInterrupt traceback of its own.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import threading
+from typing import Callable, Iterable
+
+MAX_WORKERS = 4
+
+
+def can_fork() -> bool:
+    return threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods()
+
+
+def cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def quiet_child() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def starmap(fn: Callable, jobs: Iterable[tuple], workers: int | None = None) -> list:
+    """[fn(*job) for job in jobs], in forked children when that is safe and
+    worth it. Children inherit this process's memory: pass small arguments
+    and read the large state from module globals set before the call."""
+    jobs = list(jobs)
+    n = min(workers or cpus(), MAX_WORKERS, len(jobs))
+    if n < 2 or not can_fork():
+        return [fn(*job) for job in jobs]
+    with multiprocessing.get_context("fork").Pool(n, initializer=quiet_child) as pool:
+        return pool.starmap(fn, jobs, chunksize=1)

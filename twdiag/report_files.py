@@ -1,0 +1,79 @@
+"""A diagnosis as files: diagnosis.json, .md and .html, loss plots, the
+contact sheet and the comparison pictures, written as one set (the old set
+or the new one). `cli`, `follow` and any other front end write through here.
+
+The loss figures are drawn in forked children, one figure each, when the
+process may fork (`forking`): drawing text is most of a figure's cost and it
+is independent per stage. Each child returns its PNG's bytes; the parent
+writes them, and the HTML embeds those same bytes (nothing is encoded twice).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from . import forking, outputs
+
+_DRAWING: tuple | None = None  # (analysis, doc) for forked figure workers
+
+
+def _render(name: str) -> bytes:
+    """One loss figure's PNG (in a child, or here)."""
+    from . import plots
+    a, doc = _DRAWING
+    return plots.png_bytes(plots.loss_figure(a, doc, name))
+
+
+def _loss_pngs(a, doc: dict) -> dict[str, bytes]:
+    global _DRAWING
+    from . import plots
+    names = plots.loss_figure_names(a)
+    if len(names) > 1 and forking.can_fork():
+        plots.prepare()  # import matplotlib once, before the children inherit it
+    _DRAWING = (a, doc)
+    try:
+        return dict(zip(names, forking.starmap(_render, [(n,) for n in names])))
+    finally:
+        _DRAWING = None
+
+
+def write_report(a, cmp: dict | None, out: Path) -> dict:
+    """Every output of a diagnosis, as one set; returns the diagnosis document."""
+    from . import html_report, plots, report, visuals
+    doc = None
+    with outputs.OutputSet(out) as outset:
+        files = {"diagnosis_json": str(outset.final("diagnosis.json")),
+                 "diagnosis_md": str(outset.final("diagnosis.md")),
+                 "diagnosis_html": str(outset.final("diagnosis.html"))}
+        try:
+            doc = report.combine(a, cmp["doc"] if cmp else None)
+            for name, data in _loss_pngs(a, doc).items():
+                files.setdefault("loss_plots", {})[name.removeprefix("loss_").removesuffix(".png")] = \
+                    str(outset.write_bytes(name, data))
+            image = visuals.sheet(a.visuals, a.thresholds) if a.visuals else None
+            if image is not None:  # drawn now: after crossstage has reconciled the image findings
+                files["contact_sheet"] = str(outset.write_image("contact_sheet.png", image))
+            if cmp:
+                for name, fig in cmp["figures"].items():
+                    files[name] = str(outset.write_image(name, fig))
+                    plots.close(fig)
+                if cmp["sheet"] is not None:
+                    files["compare_sheet"] = str(outset.write_image("compare_sheet.png", cmp["sheet"]))
+            files["checkpoints"] = str(outset.write_json(
+                "checkpoints.json", {s: [c.details() for c in r.checkpoints] for s, r in a.checkpoints.items()}))
+            files["visuals"] = str(outset.write_json("visuals.json", (a.visuals or {}).get("details", {})))
+            doc["outputs"] = files
+            outset.write_text("diagnosis.md", report.markdown(doc))
+            outset.write_text("diagnosis.html", html_report.render(doc, outset))
+        except outputs.OutputError:
+            raise  # the disk, not the analysis: nothing more can be written
+        except Exception as exc:  # still leave a diagnosis.json saying what was done
+            if os.environ.get("TWDIAG_DEBUG"):
+                raise
+            a.errors.append({"step": "report", "error": f"{type(exc).__name__}: {exc}"[:500]})
+            doc = doc or {"overall": None, "bundle": str(a.bundle.root), "stages": {}, "skipped": a.bundle.skipped,
+                          "notes": a.bundle.notes, "next_actions": [], "run_status": {}, "cross_stage": []}
+            doc["errors"] = a.errors
+            doc["outputs"] = files
+        outset.write_json("diagnosis.json", doc)
+    return doc
