@@ -31,7 +31,10 @@ def _csv_ready(frame: pd.DataFrame, non_finite: dict) -> pd.DataFrame:
         if col in non_finite:
             cols[col] = _spelled(s.to_numpy(dtype=float), non_finite[col])
         elif s.dtype == object:
-            cols[col] = _text_cells(s)
+            cells = _text_cells(s)
+            mixed = any(isinstance(v, str) for v in cells) and any(
+                v is not None and not isinstance(v, str) for v in cells)
+            cols[col] = _as_text(cells) if mixed else cells
         else:
             cols[col] = s.to_numpy()
     return pd.DataFrame(cols, copy=False)
@@ -54,6 +57,30 @@ def _text_cells(s: pd.Series) -> np.ndarray:
     cells[logged] = [_json_value(v).decode("utf-8") if isinstance(v, (dict, list)) else v
                      for v in cells[logged]]
     return cells
+
+
+def _as_text(cells: np.ndarray) -> np.ndarray:
+    """Every logged cell as text (a number in a text column as its JSON), so
+    a column mixing numbers and strings is one Parquet string column."""
+    odd = [i for i, v in enumerate(cells) if v is not None and not isinstance(v, str)]
+    for i in odd:
+        cells[i] = _json_value(cells[i]).decode("utf-8")
+    return cells
+
+
+def mixed_columns(frame: pd.DataFrame) -> list[str]:
+    """Object columns holding both numbers and text (a string logged into a
+    float metric): exported as text, and said so in `skipped`."""
+    out = []
+    for col in frame.columns:
+        s = frame[col]
+        if s.dtype != object:
+            continue
+        values = s.dropna()
+        kinds = {type(v) for v in values.head(100_000)}
+        if str in kinds and kinds & {int, float}:
+            out.append(str(col))
+    return out
 
 
 def write_csv(frame: pd.DataFrame, target: Path, non_finite: dict | None = None) -> Path:
@@ -131,7 +158,7 @@ def write_parquet(frame: pd.DataFrame, target: Path, non_finite: dict) -> Path:
                 mask[nf["rows"]] = False
             arrays.append(pa.array(values, mask=mask))
         elif s.dtype == object:
-            arrays.append(pa.array(_text_cells(s), type=pa.string()))
+            arrays.append(pa.array(_as_text(_text_cells(s)), type=pa.string()))
         else:
             arrays.append(pa.array(s.to_numpy()))
         names.append(col)
@@ -208,6 +235,10 @@ def run(b: bundle_mod.Bundle, outset, suffix: str = "latest", formats: tuple[str
         merged = logs.merge_history(runs)
         tag = "+".join(runs.run_ids)
         files = _write_stage(merged, outset, f"{stage}_history_{tag}_{suffix}", formats)
+        for col in mixed_columns(merged.frame):
+            doc["skipped"].append({"path": ", ".join(log.path for log in runs.logs)[:500], "kind": "history_column",
+                                   "reason": f"{stage}: column {col!r} mixes numbers and text: exported as "
+                                             "text (JSON of each value), not as numbers"})
         run_entries = []
         for log, how in zip(runs.logs, runs.mapped_by):
             entry = run_summary(log)

@@ -356,3 +356,43 @@ def lam_targets(frames: np.ndarray) -> np.ndarray:
     """The 12 frames the latent-action decoder predicts: frames 1..3 of each
     4-frame sequence, in the order TinyWorlds lays them out."""
     return frames.reshape(4, 4, *frames.shape[1:])[:, 1:].reshape(12, *frames.shape[1:])
+
+
+def write_wandb_log(path: Path, payloads: Iterable[bytes]) -> Path:
+    """A `.wandb` file in the standard layout holding these record payloads
+    (serialised `wandb_internal_pb2.Record`s), framed as wandb frames them:
+    for forging records wandb itself would never write (a NaN `_step`, a
+    120 MB console line) from a genuine log's records."""
+    import zlib
+
+    from . import wandb_log as wl
+    out = bytearray(wl.HEADER.pack(wl.IDENT, wl.MAGIC, wl.VERSION))
+
+    def room() -> int:
+        return wl.BLOCK - len(out) % wl.BLOCK
+
+    for payload in payloads:
+        first = True
+        while True:
+            if room() < wl.CHUNK.size:
+                out += b"\0" * room()
+            take = min(len(payload), room() - wl.CHUNK.size)
+            piece, payload = payload[:take], payload[take:]
+            last = not payload
+            kind = wl.FULL if first and last else wl.FIRST if first else wl.LAST if last else wl.MIDDLE
+            crc = zlib.crc32(piece, zlib.crc32(bytes([kind])))
+            out += wl.CHUNK.pack(crc, len(piece), kind) + piece
+            first = False
+            if last:
+                break
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(bytes(out))
+    return path
+
+
+def log_records(path: Path) -> list:
+    """The parsed Record messages of a `.wandb` file, in order."""
+    from . import history, wandb_log
+    _, payloads = wandb_log.scan(path)
+    record = history._proto().Record
+    return [record.FromString(p) for p in payloads]
