@@ -107,10 +107,26 @@ def _discover(paths: list[Path], explicit: dict, thresholds: dict, results: Path
     return b
 
 
-def _out_dir(args, root: Path) -> Path:
-    """The chosen output dir, checked (not created), said on stderr."""
-    out = Path(args.out_dir) if args.out_dir else outputs.default_out_dir(root)
-    outputs.check_out_dir(out, [root])
+def _guarded_roots(root: Path, others=()) -> list[Path]:
+    """Every bundle an invocation reads (the main one, --baseline, --results
+    and --run sources): outputs may go inside none of them but docs/action/."""
+    from . import bundle
+    return [root, *(bundle.bundle_root_of(Path(p)) for p in others)]
+
+
+def _out_dir(args, root: Path, others=(), notes: list | None = None, sub: str | None = None) -> Path:
+    """The chosen output dir, checked against every input bundle (not
+    created), said on stderr; a redirect's reason joins `notes`."""
+    if args.out_dir:
+        out = Path(args.out_dir)
+    else:
+        out, note = outputs.choose_out_dir(root)
+        out = out / sub if sub else out
+        if note:
+            outputs.log(f"note: {note}")
+            if notes is not None:
+                notes.append(note)
+    outputs.check_out_dir(out, _guarded_roots(root, others))
     outputs.log(f"outputs: {out}")
     return out
 
@@ -167,9 +183,7 @@ def _run_export(args) -> tuple[dict, int]:
     t = _thresholds(args.thresholds)
     paths, explicit = _inputs(args, narrow=True)
     b = _discover(paths, explicit, t)
-    out = Path(args.out_dir) if args.out_dir else outputs.default_out_dir(b.root) / "Logs"
-    outputs.check_out_dir(out, [b.root])
-    outputs.log(f"outputs: {out}")
+    out = _out_dir(args, b.root, others=list(explicit), notes=b.notes, sub="Logs")
     with outputs.OutputSet(out, order_last=()) as outset:
         doc = export.run(b, outset, args.suffix, formats, args.workers, args.source, args.api_run)
     doc["out_dir"] = str(out)
@@ -226,12 +240,12 @@ def _run_stats(args) -> tuple[dict, int]:
     doc["overall"] = rules.overall_of(doc["stages"], t)
     if args.details:
         target = Path(args.details)
-        outputs.check_out_dir(target.parent, [a.bundle.root])
+        outputs.check_out_dir(target.parent, _guarded_roots(a.bundle.root, a.bundle.explicit))
         with outputs.OutputSet(target.parent, order_last=()) as outset:
             _write_details(outset, target.name, a.histories, doc)
         doc["details"] = str(target)
     if args.out_dir:
-        out = _out_dir(args, a.bundle.root)
+        out = _out_dir(args, a.bundle.root, others=list(a.bundle.explicit))
         with outputs.OutputSet(out, order_last=("stats.json",)) as outset:
             if not args.details:
                 _write_details(outset, "stage_windows.csv", a.histories, doc)
@@ -298,7 +312,7 @@ def _run_ckpts(args) -> tuple[dict, int]:
            "skipped": a.bundle.skipped, "errors": a.errors, "seconds": a.timings.get("total_s")}
     doc["overall"] = rules.overall_of(stages, t)
     if args.out_dir:
-        out = _out_dir(args, a.bundle.root)
+        out = _out_dir(args, a.bundle.root, others=list(a.bundle.explicit))
         with outputs.OutputSet(out, order_last=()) as outset:
             details = {s: [c.details() for c in r.checkpoints] for s, r in a.checkpoints.items()}
             doc["details"] = str(outset.write_json("checkpoints.json", {**doc, "checkpoints": details}))
@@ -344,7 +358,7 @@ def _run_visuals(args) -> tuple[dict, int]:
     doc = {**res["doc"], "skipped": a.bundle.skipped, "errors": a.errors}
     doc["overall"] = rules.overall_of(doc["stages"], t)
     if any(v["analysed"] for v in doc["stages"].values()):
-        out = _out_dir(args, a.bundle.root)
+        out = _out_dir(args, a.bundle.root, others=list(a.bundle.explicit))
         with outputs.OutputSet(out, order_last=()) as outset:
             image = visuals.sheet(res, t)
             if image is not None:
@@ -450,7 +464,9 @@ def _run_diagnose(args) -> tuple[dict, int]:
     baselines = [Path(b) for b in args.baseline]
     results = Path(args.results) if args.results else auto_results
     _require_existing([*[p for p in explicit], *baselines, *([results] if results else [])])
-    out = _out_dir(args, root)
+    notes_out: list = []
+    out = _out_dir(args, root, others=[*explicit, *baselines, *([results] if results else [])], notes=notes_out)
+    notes += notes_out
     if args.follow:
         from . import follow
         return None, follow.run(root, explicit, results, t, args, out)
@@ -526,8 +542,7 @@ def _run_compare(args) -> tuple[dict, int]:
     baselines = [Path(b) for b in args.baseline]
     _require_existing([current, *baselines])
     root = bundle.bundle_root_of(current)
-    out = _out_dir(args, root)
-    outputs.check_out_dir(out, [bundle.bundle_root_of(b) for b in baselines])
+    out = _out_dir(args, root, others=baselines)
     res = compare.compare(current, baselines, t, args.count)
     doc = res["doc"]
     with outputs.OutputSet(out, order_last=("compare.json",)) as outset:

@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import signal
+import stat
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -58,21 +59,50 @@ def check_out_dir(out_dir: str | Path, bundle_roots: list[Path] = ()) -> Path:
     return Path(out_dir)  # as given: relative inputs give relative paths in the JSON
 
 
+def _symlinked_part(root: Path) -> Path | None:
+    """The first of docs/, docs/action/ under the bundle that is a symlink
+    (or not a directory): writing through it could land anywhere."""
+    here = Path(root)
+    for part in GOVERNED.parts:
+        here = here / part
+        try:
+            st = os.lstat(here)
+        except FileNotFoundError:
+            return None
+        except OSError:
+            return here
+        if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+            return here
+    return None
+
+
 def bundle_writable(root: Path) -> bool:
-    """Can docs/action/ be created (or written) inside this bundle?"""
+    """Can docs/action/ be created (or written) inside this bundle, without
+    following a symlink at docs/ or docs/action/?"""
+    if _symlinked_part(root) is not None:
+        return False
     probe = safefs.resolve(root) / GOVERNED
     while not probe.exists() and probe != safefs.resolve(root).parent:
         probe = probe.parent
     return safefs.is_dir(probe) and os.access(probe, os.W_OK | os.X_OK)
 
 
-def default_out_dir(bundle_root: Path, cwd: Path | None = None) -> Path:
+def choose_out_dir(bundle_root: Path, cwd: Path | None = None) -> tuple[Path, str | None]:
     """`<bundle>/docs/action/` when the bundle is writable; otherwise a folder
-    named after the bundle under the current directory."""
+    named after the bundle under the current directory, with the reason when
+    it is not the obvious one (a symlinked docs/ or docs/action/)."""
     if bundle_writable(bundle_root):
-        return Path(bundle_root) / GOVERNED
+        return Path(bundle_root) / GOVERNED, None
     name = safefs.resolve(bundle_root).name or "bundle"
-    return Path(cwd or Path.cwd()) / f"twdiag-{name}"
+    out = Path(cwd or Path.cwd()) / f"twdiag-{name}"
+    link = _symlinked_part(bundle_root)
+    note = (f"{link} is a symlink or not a directory: outputs go to {out} instead (writing through it could "
+            "land outside the bundle)") if link is not None else None
+    return out, note
+
+
+def default_out_dir(bundle_root: Path, cwd: Path | None = None) -> Path:
+    return choose_out_dir(bundle_root, cwd)[0]
 
 
 def _file_mode() -> int:
@@ -267,8 +297,10 @@ def _cut_lists(obj, keep: int):
 
 
 def log(msg: str) -> None:
-    """Progress for humans: stderr only, stdout stays JSON."""
-    print(msg, file=sys.stderr, flush=True)
+    """Progress for humans: stderr only, stdout stays JSON. Bundle text in it
+    (paths, names) cannot carry terminal escape sequences or forge lines."""
+    from .safetext import terminal
+    print(terminal(str(msg)), file=sys.stderr, flush=True)
 
 
 def install_sigterm_handler() -> None:

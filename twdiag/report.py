@@ -231,6 +231,10 @@ def _link(doc: dict, path: str | None) -> str | None:
 
 
 def markdown(doc: dict) -> str:
+    """diagnosis.md. Every string of the document is made safe first
+    (`safetext.markdown`): bundle text cannot forge a section or raw HTML."""
+    from .safetext import markdown_doc
+    doc = markdown_doc(doc)
     out = [f"# TinyWorlds training diagnosis: **{doc['overall']}**", "",
            f"Bundle `{doc['bundle']}`, judged at {doc['judged_at']} by twdiag {doc['version']}"
            + (" (the bundle is a copy: file times were ignored)" if doc.get("copied") else "") + ".", ""]
