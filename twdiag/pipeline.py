@@ -35,6 +35,8 @@ class Analysis:
     fallbacks: dict = field(default_factory=dict)          # stage -> fallback document
     dependencies: list = field(default_factory=list)
     dependency_findings: list = field(default_factory=list)
+    lineage: dict = field(default_factory=dict)            # stage -> lineage document
+    lineage_findings: dict = field(default_factory=dict)   # stage -> [Finding]
     cross: dict = field(default_factory=lambda: {"findings": [], "facts": []})
     errors: list = field(default_factory=list)
     timings: dict = field(default_factory=dict)
@@ -48,6 +50,7 @@ class Analysis:
         """Every finding filed under a stage, from every part."""
         out = list(((self.stats["stages"].get(stage) or {}).get("findings") or []))
         out += [f.to_dict() for f in self.state_findings.get(stage, [])]
+        out += [f.to_dict() for f in self.lineage_findings.get(stage, [])]
         res = self.checkpoints.get(stage)
         if res is not None:
             out += [f.to_dict() for f in res.findings]
@@ -120,11 +123,28 @@ def run(b: bundle_mod.Bundle, thresholds: dict, parts: tuple[str, ...] = PARTS, 
         a.cross["facts"] = crossstage.reconcile_visuals(a)
     if "checkpoints" in parts:
         _fallbacks(a)
+    with _Guard(a, "lineage"):
+        _lineage(a)
     with _Guard(a, "crossstage"):
         found = crossstage.analyse(a)
         a.cross = {"findings": found["findings"], "facts": a.cross["facts"] + found["facts"]}
     a.timings["total_s"] = round(time.perf_counter() - started, 3)
     return a
+
+
+def _lineage(a: Analysis) -> None:
+    """Attempts per stage, and a bundle folder named for another time than its records."""
+    from . import lineage
+    newest = None
+    for stage, hist in a.histories.items():
+        a.lineage[stage], a.lineage_findings[stage] = lineage.judge(
+            stage, hist, a.states.get(stage), a.checkpoints.get(stage), a.stats["stages"].get(stage), a.thresholds)
+        for log in hist.logs:
+            t = runstate.record_times(log)["newest"]
+            newest = t if newest is None or (t and t > newest) else newest
+    note = lineage.folder_note(a.bundle.root, newest, a.thresholds)
+    if note:
+        a.bundle.notes.append(note)
 
 
 def _fallbacks(a: Analysis) -> None:

@@ -27,6 +27,7 @@ def combine(a: Analysis, comparison: dict | None = None) -> dict:
         "generated_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "judged_at": _iso(a.now),
         "overall": rules.overall_of(stages, a.thresholds),
+        "overall_rests_on_unverified": [s for s, e in stages.items() if e["verdict"] == "unverified"],
         "run_status": _current(stages),
         "copied": a.copy.get("copied", False), "copy_evidence": a.copy,
         "stages": stages,
@@ -68,6 +69,14 @@ def stage_entry(a: Analysis, stage: str, comparison: dict | None) -> dict:
     else:
         enough = (s["verdict"] != "insufficient_data") if s else (has_ckpts or has_images)
         verdict = rules.verdict_of(findings, enough)
+        if verdict == "normal" and not s and not has_images:
+            # Intact checkpoints say nothing about how the training went.
+            verdict = "unverified"
+            findings.append(Finding("stage_unverified", "info", stage, None, None, None, [],
+                                    str(res.checkpoints_dir) if res and res.checkpoints_dir else None,
+                                    f"{stage} is known only from its checkpoints (intact), not from its training: "
+                                    "no W&B log and no image grids. Bring its wandb run and its visualizations/ "
+                                    "folder to judge it").to_dict())
     findings = sorted(findings, key=lambda f: rules.SEVERITY_ORDER[f["severity"]])
     fb = a.fallbacks.get(stage)
     return {"verdict": verdict, "status": a.states.get(stage) or {"state": "unknown",
@@ -75,6 +84,7 @@ def stage_entry(a: Analysis, stage: str, comparison: dict | None) -> dict:
             "stats": s, "checkpoints": stage_checkpoints(res, fb) if res else None,
             "visuals": v, "findings": findings,
             "fallback": fb and {k: v for k, v in fb.items() if k != "checkpoints"},
+            "lineage": a.lineage.get(stage),
             "numbers": key_numbers(stage, s, v, a.states.get(stage)),
             "evidence": _evidence(s, res, v)}
 
@@ -184,6 +194,12 @@ def compact(doc: dict) -> dict:
                          for f in top[:MAX_COMPACT_FINDINGS]],
             "evidence": e["evidence"],
         }
+        lin = e.get("lineage")
+        if lin:
+            stages[s]["attempts"] = [_attempt_line(x) for x in lin["attempts"]]
+            if lin.get("final_checkpoint_saved") is False:
+                stages[s]["final_checkpoint_saved"] = False
+                stages[s]["steps_not_saved"] = lin.get("steps_not_saved")
         if len(top) > MAX_COMPACT_FINDINGS:
             stages[s]["findings_not_shown"] = len(top) - MAX_COMPACT_FINDINGS
     actions = doc["next_actions"]
@@ -199,6 +215,24 @@ def compact(doc: dict) -> dict:
         out["skipped_not_shown"] = len(doc["skipped"]) - 10
     if doc.get("notes"):
         out["notes"] = doc["notes"][:10]
+    if doc.get("overall_rests_on_unverified"):
+        out["overall_rests_on_unverified"] = doc["overall_rests_on_unverified"]
+    return out
+
+
+def _attempt_line(a: dict) -> str:
+    """One attempt in a line: what it was, how far it got, how it ended."""
+    steps = f"steps {a['first_step']}–{a['last_step']}" if a["rows"] else "no history rows"
+    prog = f" ({a['progress']:.0%} of n_updates {a['n_updates']})" if a.get("progress") is not None else ""
+    how = {"first": "first run", "fresh_start": "fresh start", "continuation": "continuation",
+           "resume": f"resume from step {(a.get('resumed_from') or {}).get('step')} (weights only, counter reset)"
+           }[a["relation"]]
+    end = f"{a['state']}" + (f", exit {a['exit_code']}" if a.get("exit_code") is not None else "")
+    out = f"attempt {a['index']}: {how}; {steps}{prog}; {end}"
+    if a.get("superseded_rows"):
+        out += f"; superseded ({a['superseded_rows']} rows): {a['why_superseded']}"
+    if a.get("error_lines"):
+        out += f"; last error: {a['error_lines'][-1]}"
     return out
 
 

@@ -10,7 +10,9 @@ import yaml
 DEFAULT_THRESHOLDS = Path(__file__).with_name("thresholds.yaml")
 SEVERITIES = ("info", "watch", "critical")
 VERDICTS = ("normal", "insufficient_data", "watch", "critical", "missing")
-_RANK = {"normal": 0, "insufficient_data": 1, "missing": 2, "watch": 2, "critical": 3}
+# "unverified" (a stage known only from checkpoints) ranks with normal in the
+# overall verdict, which then says that it rests on it (report.unverified_note).
+_RANK = {"normal": 0, "unverified": 0, "insufficient_data": 1, "missing": 2, "watch": 2, "critical": 3}
 MAX_STEPS_LISTED = 20
 SEVERITY_ORDER = {"critical": 0, "watch": 1, "info": 2}
 # Findings read off the image grids (visuals), which show a symptom whose

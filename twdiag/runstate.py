@@ -91,7 +91,10 @@ def stage_state(stage: str, hist, now: float, t: dict, copied: bool) -> tuple[di
         code = m.get("exit_code")
         out["state"] = "finished" if not code else "crashed"
         if code:
-            add("run_exit_nonzero", "watch", "exit_code", code, 0, f"the run exited with code {code}")
+            from .lineage import error_lines
+            quote = "; ".join(error_lines(log)) or "no error line in its console"
+            add("run_exit_nonzero", "watch", "exit_code", code, 0,
+                f"the run exited with code {code} at step {step_max}. Last error lines: {quote}")
         return out, findings
     if quiet is None:
         out["reason"] = "no timed records in the log"

@@ -1,0 +1,176 @@
+"""Run lineage on real logs: the healthy example's own records, split and
+re-framed into the attempts TinyWorlds leaves (a crash then a `checkpoint=`
+resume with the counter reset, a fresh restart, an early exit, a crash at
+start-up), and a stage known only from its checkpoints."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import EXAMPLES, cli
+from twdiag import synth
+
+pytestmark = pytest.mark.fast
+HEALTHY = EXAMPLES / "bundle-healthy"
+
+
+def _copy(dst: Path) -> Path:
+    shutil.copytree(HEALTHY, dst, ignore=shutil.ignore_patterns("docs"))
+    return dst
+
+
+def _log(bundle: Path, stage: str) -> Path:
+    for f in sorted(bundle.glob("wandb/*/*.wandb")):
+        recs = synth.log_records(f)
+        run = next(r for r in recs if r.WhichOneof("record_type") == "run")
+        if run.run.display_name.startswith(stage) or stage in run.run.display_name:
+            return f
+    raise AssertionError(stage)
+
+
+def _set_config(recs, key: str, value) -> None:
+    run = next(r for r in recs if r.WhichOneof("record_type") == "run")
+    item = next((i for i in run.run.config.update if i.key == key), None)
+    if item is None:
+        item = run.run.config.update.add()
+        item.key = key
+    item.value_json = json.dumps(value)
+
+
+def _kinds(recs, kind):
+    return [r for r in recs if r.WhichOneof("record_type") == kind]
+
+
+def _attempt(bundle: Path, recs, run_id: str, start_shift: float) -> Path:
+    """Write `recs` as a new wandb run dir (a new run id, started later)."""
+    run = next(r for r in recs if r.WhichOneof("record_type") == "run")
+    run.run.run_id = run_id
+    run.run.start_time.seconds += int(start_shift)
+    for h in _kinds(recs, "history"):
+        for item in h.history.item:
+            if tuple(item.nested_key) == ("_timestamp",) or item.key == "_timestamp":
+                item.value_json = str(float(item.value_json) + start_shift)
+    d = bundle / "wandb" / f"offline-run-20261201_23{int(start_shift) // 60 % 60:02d}00-{run_id}"
+    return synth.write_wandb_log(d / f"run-{run_id}.wandb", [r.SerializeToString() for r in recs])
+
+
+def _split_dynamics(bundle: Path, keep_first: int, second_config: dict, crash_first: bool = True):
+    """Replace dynamics' log by two attempts: its first `keep_first` rows
+    (crashed: no exit record), then all rows again as a second run."""
+    src = _log(bundle, "dynamics")
+    recs = synth.log_records(src)
+    shutil.rmtree(src.parent)
+    hist = _kinds(recs, "history")
+    cut = recs.index(hist[keep_first])
+    first = recs[:cut] if crash_first else recs
+    _attempt(bundle, first, "attempt1", 0)
+    second = synth.log_records(src) if False else [type(r)() for r in recs]
+    for new, old in zip(second, recs):
+        new.CopyFrom(old)
+    for key, value in second_config.items():
+        _set_config(second, key, value)
+    _attempt(bundle, second, "attempt2", 3600)
+
+
+def _diagnose(bundle: Path, out: Path) -> tuple[dict, dict]:
+    code, compact, _ = cli("diagnose", str(bundle), "--out-dir", str(out))
+    assert code == 0, compact
+    return compact, json.loads((out / "diagnosis.json").read_text())
+
+
+def test_crash_then_checkpoint_resume_lists_both_attempts(tmp_path):
+    b = _copy(tmp_path / "b")
+    _split_dynamics(b, 200, {"checkpoint": "results/2026_12_01_22_22_11/dynamics/checkpoints/dynamics_step_140"})
+    compact, doc = _diagnose(b, tmp_path / "out")
+    lin = doc["stages"]["dynamics"]["lineage"]
+    assert lin["count"] == 2
+    a1, a2 = lin["attempts"]
+    assert a1["state"] == "crashed" and a1["rows"] == 200 and a1["superseded_rows"] == 200
+    assert "resumed from its checkpoint at step 140" in a1["why_superseded"]
+    assert a2["relation"] == "resume" and a2["resumed_from"]["step"] == 140
+    assert "weights only" in a2["restored"]
+    lines = compact["stages"]["dynamics"]["attempts"]
+    assert lines[0].startswith("attempt 1: first run; steps 0–199") and "superseded (200 rows)" in lines[0]
+    assert "resume from step 140" in lines[1]
+    assert any(f["rule_id"] == "attempt_crashed" for f in doc["stages"]["dynamics"]["findings"])
+
+
+def test_a_fresh_restart_supersedes_the_abandoned_attempt(tmp_path):
+    b = _copy(tmp_path / "b")
+    _split_dynamics(b, 50, {})
+    _, doc = _diagnose(b, tmp_path / "out")
+    a1, a2 = doc["stages"]["dynamics"]["lineage"]["attempts"]
+    assert a2["relation"] == "fresh_start" and a1["superseded_rows"] == 50
+    assert "started again from step 0 without a checkpoint" in a1["why_superseded"]
+    assert doc["stages"]["dynamics"]["verdict"] == "normal"
+    assert doc["stages"]["dynamics"]["fallback"]["step"] == 280
+
+
+def test_an_early_exit_is_a_finding_with_the_schedule_state(tmp_path):
+    b = _copy(tmp_path / "b")
+    log = _log(b, "video_tokenizer")
+    recs = synth.log_records(log)
+    _set_config(recs, "n_updates", 4010)
+    synth.write_wandb_log(log, [r.SerializeToString() for r in recs])
+    compact, doc = _diagnose(b, tmp_path / "out")
+    f = next(f for f in doc["stages"]["video_tokenizer"]["findings"] if f["rule_id"] == "run_stopped_early")
+    assert f["severity"] == "watch" and f["value"] == pytest.approx(401 / 4010, abs=1e-3)
+    assert "exited 0 at step 400 of n_updates 4010 (10%" in f["message"]
+    assert "learning rate had decayed" in f["message"]
+    assert compact["stages"]["video_tokenizer"]["verdict"] == "watch"
+
+
+def test_a_missing_final_checkpoint_says_how_many_steps(tmp_path):
+    _, doc = _diagnose(EXAMPLES / "bundle-unhealthy", tmp_path / "out")
+    lin = doc["stages"]["dynamics"]["lineage"]
+    assert lin["final_checkpoint_saved"] is False and lin["steps_not_saved"] == 99
+    f = next(f for f in doc["stages"]["dynamics"]["findings"] if f["rule_id"] == "final_checkpoint_missing")
+    assert "301–399" in f["message"] and "log_interval" in f["message"]
+    _, doc = _diagnose(HEALTHY, tmp_path / "out2")
+    assert doc["stages"]["dynamics"]["lineage"]["final_checkpoint_saved"] is True
+
+
+def test_a_checkpoint_only_stage_is_unverified_and_the_overall_says_so(tmp_path):
+    b = _copy(tmp_path / "b")
+    shutil.rmtree(_log(b, "video_tokenizer").parent)
+    shutil.rmtree(next(b.glob("results/*/video_tokenizer/visualizations")))
+    compact, doc = _diagnose(b, tmp_path / "out")
+    assert doc["stages"]["video_tokenizer"]["verdict"] == "unverified"
+    assert any(f["rule_id"] == "stage_unverified" and "Bring its wandb run" in f["message"]
+               for f in doc["stages"]["video_tokenizer"]["findings"])
+    assert doc["overall"] == "normal" and compact["overall_rests_on_unverified"] == ["video_tokenizer"]
+    assert doc["stages"]["video_tokenizer"]["fallback"]["step"] == 400
+
+
+def test_a_crash_at_startup_is_critical_and_quotes_its_error(tmp_path):
+    b = _copy(tmp_path / "b")
+    src = _log(b, "dynamics")
+    recs = synth.log_records(src)
+    keep = [r for r in recs if r.WhichOneof("record_type") not in ("history", "summary", "exit")]
+    out = next(r for r in keep if r.WhichOneof("record_type") == "output_raw")
+    err = type(out)()
+    err.CopyFrom(out)
+    err.output_raw.line = ("RuntimeError: Error(s) in loading state_dict for VideoTokenizer:\n\tsize mismatch for "
+                           "encoder.patch_embed.weight: copying a param with shape torch.Size([16, 192]) from "
+                           "checkpoint, the shape in current model is torch.Size([32, 192]).\n")
+    exit_rec = next(r for r in recs if r.WhichOneof("record_type") == "exit")
+    exit_rec.exit.exit_code = 1
+    synth.write_wandb_log(src, [r.SerializeToString() for r in keep + [err, exit_rec]])
+    shutil.rmtree(next(b.glob("results/*/dynamics")))
+    compact, doc = _diagnose(b, tmp_path / "out")
+    dyn = doc["stages"]["dynamics"]
+    assert dyn["verdict"] == "critical"
+    f = next(f for f in dyn["findings"] if f["rule_id"] == "crashed_at_startup")
+    assert "size mismatch for encoder.patch_embed.weight" in f["message"]
+    assert "video_tokenizer_path" in f["message"]
+    top = compact["stages"]["dynamics"]["findings"][0]
+    assert top["rule_id"] == "crashed_at_startup"
+
+
+def test_a_folder_named_for_another_day_gets_a_note(tmp_path):
+    b = _copy(tmp_path / "20261122_101500")
+    compact, _ = _diagnose(b, tmp_path / "out")
+    assert any("folder's name says 2026-11-22" in n for n in compact.get("notes", [])), compact.get("notes")

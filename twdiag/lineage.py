@@ -1,0 +1,232 @@
+"""A stage's history as attempts: every wandb run of the stage, in order,
+with how it relates to the one before, how far it got, and how it ended.
+
+TinyWorlds' `checkpoint=` resume loads the weights only (its
+`load_*_from_checkpoint` returns the model; the optimizer and the cosine
+schedule are built fresh) and restarts the step counter at 0, so a resumed
+attempt's steps are its own: global step = local step + the source
+checkpoint's step. A later attempt that starts at or below an earlier one's
+steps without `checkpoint=` is a fresh start, and replaces it.
+
+The merged history keeps the newest attempt's axis (its checkpoints and
+grids are named by it); this module says what each attempt was, so nothing
+is dropped silently: a superseded attempt is listed with why, with its rows,
+its end and its last error lines.
+
+Findings from here: a run that exited 0 short of `n_updates`, a stage whose
+final steps were never saved, attempts that crashed (their console's last
+error lines quoted), and a crash before any training (critical when no
+earlier attempt trained the stage).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+
+from .rules import Finding
+
+_STEP_IN_NAME = re.compile(r"_step_(\d+)")
+_FOLDER_TS = re.compile(r"(?<!\d)(\d{8})_(\d{6})(?!\d)")
+_ERROR_LINE = re.compile(r"(Error|Exception|Traceback|error:|CUDA out of memory|Killed|size mismatch|"
+                         r"Missing key|Unexpected key|No such file)", re.IGNORECASE)
+_MISMATCH = re.compile(r"size mismatch|Missing key|Unexpected key|shape", re.IGNORECASE)
+_MISSING_PATH = re.compile(r"No such file|FileNotFoundError|not found", re.IGNORECASE)
+
+
+@dataclass
+class Attempt:
+    index: int
+    path: str
+    run_id: str | None
+    state: str                      # finished | crashed | stalled_or_crashed | live | unknown
+    exit_code: int | None
+    rows: int
+    first_step: int | None          # local steps, as logged
+    last_step: int | None
+    relation: str                   # first | resume | fresh_start | continuation
+    resumed_from: dict | None = None   # {"checkpoint", "step"}
+    restored: str | None = None        # for a resume: what TinyWorlds restored
+    n_updates: int | None = None
+    progress: float | None = None      # (last_step + 1) / n_updates
+    superseded_rows: int = 0
+    why_superseded: str | None = None
+    error_lines: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _int(x) -> int | None:
+    try:
+        v = int(x)
+    except (TypeError, ValueError):
+        return None
+    return v if v >= 0 else None
+
+
+def error_lines(log, limit: int = 5) -> list[str]:
+    """The last console lines that name an error (bounded), for a crash's finding."""
+    hits = [line.strip()[:300] for line in log.console_tail if _ERROR_LINE.search(line)]
+    return hits[-limit:]
+
+
+def _steps(log) -> tuple[int | None, int | None]:
+    if not len(log.history) or "_step" not in log.history.columns:
+        return None, None
+    s = pd.to_numeric(log.history["_step"], errors="coerce").dropna()
+    return (int(s.iloc[0]), int(s.max())) if len(s) else (None, None)
+
+
+def attempts(hist, stage_state: dict | None) -> list[Attempt]:
+    """Every attempt of a stage (hist: logs.StageHistory), in order."""
+    out: list[Attempt] = []
+    logs = list(hist.logs)
+    for i, log in enumerate(logs):
+        first, last = _steps(log)
+        cfg = log.config or {}
+        ck = cfg.get("checkpoint")
+        n_updates = _int(cfg.get("n_updates"))
+        m = log.meta
+        if "exit_code" in m:
+            state = "finished" if not m.get("exit_code") else "crashed"
+        elif i == len(logs) - 1:
+            state = (stage_state or {}).get("state", "unknown")
+        else:
+            state = "crashed"  # no exit record, and a later attempt followed
+        relation, resumed, restored = "first", None, None
+        if isinstance(ck, str) and ck.strip():
+            found = _STEP_IN_NAME.search(Path(ck.rstrip("/")).name)
+            relation = "resume"
+            resumed = {"checkpoint": ck, "step": int(found.group(1)) if found else None}
+            restored = ("weights only: TinyWorlds' checkpoint= loads the model state, then builds the optimizer "
+                        "and the cosine schedule afresh (warm-up again) and counts steps from 0")
+        elif i > 0:
+            prev_last = out[-1].last_step
+            relation = "continuation" if (first is not None and prev_last is not None and first > prev_last) \
+                else "fresh_start"
+        a = Attempt(i + 1, str(log.path), m.get("run_id"), state, m.get("exit_code"), len(log.history),
+                    first, last, relation, resumed, restored, n_updates,
+                    round((last + 1) / n_updates, 4) if last is not None and n_updates else None)
+        if state in ("crashed", "stalled_or_crashed"):
+            a.error_lines = error_lines(log)
+        out.append(a)
+    _mark_superseded(out)
+    return out
+
+
+def _mark_superseded(out: list[Attempt]) -> None:
+    """Rows of an attempt a later one replaced (the merged history keeps the
+    later one), with why."""
+    for i, a in enumerate(out[:-1]):
+        later = out[i + 1]
+        if later.relation == "continuation" or a.rows == 0:
+            continue
+        a.superseded_rows = a.rows
+        if later.relation == "resume":
+            src = (later.resumed_from or {}).get("step")
+            a.why_superseded = (f"attempt {later.index} resumed from its checkpoint at step {src} with the step "
+                                "counter reset to 0; the report's steps are attempt "
+                                f"{len(out)}'s own (global = local + {src})" if src is not None else
+                                f"attempt {later.index} resumed from a checkpoint (checkpoint=)")
+        else:
+            a.why_superseded = f"attempt {later.index} started again from step {later.first_step} without a checkpoint"
+
+
+def judge(stage: str, hist, stage_state: dict | None, res, stats: dict | None, t: dict) -> tuple[dict, list[Finding]]:
+    """The stage's lineage document and its findings. `res`: the stage's
+    checkpoints.StageResult (or None); `stats`: its stats document."""
+    lt = t["lineage"]
+    atts = attempts(hist, stage_state)
+    findings: list[Finding] = []
+    latest = atts[-1]
+    doc = {"attempts": [a.to_dict() for a in atts], "count": len(atts),
+           "steps_axis": (f"the newest attempt's own steps (attempt {latest.index} resumed from step "
+                          f"{(latest.resumed_from or {}).get('step')}: global = local + that step)")
+           if latest.relation == "resume" else "one axis: the attempts' steps as logged"}
+    trained_before = False
+    for a in atts:
+        if a.state in ("crashed", "stalled_or_crashed") and a is not latest:
+            quote = "; ".join(a.error_lines) or "no error line in its console"
+            findings.append(Finding("attempt_crashed", "info", stage, "exit_code", a.exit_code, 0,
+                                    [a.last_step] if a.last_step is not None else [], a.path,
+                                    f"attempt {a.index} ended without finishing ({a.state}, exit code "
+                                    f"{a.exit_code if a.exit_code is not None else 'none recorded'}) after "
+                                    f"{a.rows} rows; a later attempt followed. Last error lines: {quote}"))
+        if a.rows == 0 and a.state in ("crashed", "stalled_or_crashed") and not trained_before:
+            findings.append(_startup_crash(stage, a, lt))
+        trained_before |= a.rows > 0
+    findings += _early_exit(stage, latest, stats, lt)
+    saved, lost = _final_checkpoint(latest, res)
+    doc.update(final_checkpoint_saved=saved, steps_not_saved=lost)
+    if saved is False and lost:
+        newest = max(c.step for c in res.judged) if res and res.judged else None
+        findings.append(Finding("final_checkpoint_missing", lt["final_checkpoint_severity"], stage,
+                                "steps_not_saved", lost, 0, [latest.last_step], latest.path,
+                                f"the last {lost} steps ({(newest or 0) + 1}–{latest.last_step}) are in no "
+                                f"checkpoint: the newest is step {newest}. TinyWorlds saves only when "
+                                "step % log_interval == 0, so resuming loses them"))
+    return doc, findings
+
+
+def _startup_crash(stage: str, a: Attempt, lt: dict) -> Finding:
+    quote = "; ".join(a.error_lines) or "no error line in its console"
+    hint = ""
+    text = " ".join(a.error_lines)
+    if _MISMATCH.search(text):
+        hint = (" The error names mismatched tensors: compare this run's model settings (embed_dim, hidden_dim, "
+                "num_heads, num_blocks, patch_size, latent_dim, num_bins, n_actions) with the config saved in the "
+                "state.pt of the checkpoint it loads (video_tokenizer_path, latent_actions_path or checkpoint).")
+    elif _MISSING_PATH.search(text):
+        hint = (" The error names a missing file: check video_tokenizer_path, latent_actions_path and checkpoint "
+                "in its config against the bundle.")
+    return Finding("crashed_at_startup", lt["startup_crash_severity"], stage, "history_rows", 0, ">= 1",
+                   [], a.path, f"attempt {a.index} crashed before training anything (exit code "
+                   f"{a.exit_code if a.exit_code is not None else 'none recorded'}, no history row): {quote}.{hint}")
+
+
+def _early_exit(stage: str, a: Attempt, stats: dict | None, lt: dict) -> list[Finding]:
+    if a.state != "finished" or a.progress is None or a.progress >= lt["early_exit_progress"]:
+        return []
+    lr = ((stats or {}).get("metrics") or {}).get("learning_rate") or {}
+    peak, now = lr.get("max"), lr.get("current")
+    schedule = ""
+    if peak and now is not None:
+        share = now / peak
+        schedule = (f"; its learning rate had decayed to {share:.0%} of its peak {peak:.3g}"
+                    + (" (the schedule was nearly done)" if share < lt["decayed_lr_share"] else
+                       ": the cosine schedule was cut off, not finished"))
+    return [Finding("run_stopped_early", "watch", stage, "progress", a.progress, lt["early_exit_progress"],
+                    [a.last_step] if a.last_step is not None else [], a.path,
+                    f"attempt {a.index} exited 0 at step {a.last_step} of n_updates {a.n_updates} "
+                    f"({a.progress:.0%} of its configured training){schedule}")]
+
+
+def _final_checkpoint(a: Attempt, res) -> tuple[bool | None, int | None]:
+    if res is None or not res.judged or a.last_step is None:
+        return None, None
+    newest = max(c.step for c in res.judged)
+    if newest >= a.last_step:
+        return True, 0
+    return False, a.last_step - newest
+
+
+def folder_note(root: Path, newest_record: float | None, t: dict) -> str | None:
+    """A bundle folder named by a timestamp (the seed's backup layout) that
+    disagrees with its records by more than `lineage.folder_time_days`."""
+    m = _FOLDER_TS.search(Path(root).resolve().name)
+    if not m or not newest_record:
+        return None
+    try:
+        named = datetime.strptime(m.group(1) + m.group(2), "%Y%m%d%H%M%S").replace(tzinfo=timezone.utc)
+    except ValueError:
+        return None
+    days = abs(newest_record - named.timestamp()) / 86400
+    if days <= t["lineage"]["folder_time_days"]:
+        return None
+    seen = datetime.fromtimestamp(newest_record, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return (f"the bundle folder's name says {named:%Y-%m-%d %H:%M:%S} UTC, but its newest record is from {seen} "
+            f"({days:.1f} days apart): the folder may hold a later (or earlier) run than its name says")
