@@ -99,11 +99,13 @@ def test_config_set_then_removed_is_linear(tmp_path):
 
 def _rss_decode(log: Path) -> dict:
     code = f"""
-import json, resource, sys
+import json, sys
 sys.path.insert(0, {str(ROOT)!r})
 from twdiag import history
+def peak_mb():  # VmHWM: this process's own peak (ru_maxrss would carry the forking parent's across exec)
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
 log = history.decode(sys.argv[1])
-print(json.dumps({{"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "dropped": log.dropped,
+print(json.dumps({{"rss_mb": peak_mb(), "dropped": log.dropped,
                    "rows": len(log.history), "cols": len(log.history.columns), "tail": log.console_tail[-3:]}}))
 """
     r = subprocess.run([sys.executable, "-c", code, str(log)], capture_output=True, text=True, timeout=120)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from . import bundle as bundle_mod, stats
@@ -55,6 +56,47 @@ def _hours(steps: int | None, rate: float | None) -> str:
     return f"about {h:.1f} h at {rate:.3g} steps/s" if h >= 0.1 else f"about {h * 60:.0f} min at {rate:.3g} steps/s"
 
 
+def lr_evidence(frame, lr_key: str | None, onset: int | None, lag_rows: int) -> dict:
+    """What this run says about its learning rate around an onset.
+
+    TinyWorlds logs `learning_rate/group_*` after `scheduler.step()`, so the lr
+    logged at step i is the one the update after it used: the update that
+    produced step `onset` used the lr logged at the step before. The highest
+    lr the loss stayed stable under is the largest logged before the smoothed
+    onset's lag (the onset is read on a rolling median `lag_rows` wide)."""
+    if frame is None or not lr_key or onset is None or lr_key not in frame.columns:
+        return {}
+    s, v = stats.series(frame, lr_key)
+    if not len(s):
+        return {}
+    before = np.flatnonzero(s < onset)
+    at = float(v[before[-1]]) if len(before) else float(v[0])
+    at_step = int(s[before[-1]]) if len(before) else int(s[0])
+    stable = np.flatnonzero(s < onset)[:-lag_rows] if lag_rows else np.flatnonzero(s < onset)
+    highest = float(np.max(v[stable])) if len(stable) else None
+    return {"lr_at_onset": at, "lr_logged_at_step": at_step,
+            "highest_stable_lr": highest, "stable_until_step": int(s[stable[-1]]) if len(stable) else None}
+
+
+def suggested_lr(ev: dict, peak: float | None, cut: float) -> tuple[float | None, str]:
+    """A learning rate below anything this run showed to blow up, and why."""
+    if not ev:
+        if not peak:
+            return None, "no learning rate logged"
+        return peak * cut, f"{cut:g}x the peak {peak:.3g}: the log gives no lr at the onset"
+    bad = ev["lr_at_onset"]
+    value = bad * cut
+    why = f"{cut:g}x the lr in force when the loss broke ({bad:.3g}, logged at step {ev['lr_logged_at_step']})"
+    stable = ev.get("highest_stable_lr")
+    if stable is not None and stable < value:
+        value = stable
+        why = (f"the highest lr the loss stayed stable under ({stable:.3g}, up to step {ev['stable_until_step']}), "
+               f"below {cut:g}x the lr at the break ({bad:.3g})")
+    elif stable is not None:
+        why += f"; the loss was stable up to lr {stable:.3g} (step {ev['stable_until_step']})"
+    return value, why
+
+
 def stage_context(stage: str, entry: dict, metrics: dict, thresholds: dict, upstream: str | None,
                   frame=None) -> dict:
     """The numbers an action may quote for one stage."""
@@ -68,8 +110,12 @@ def stage_context(stage: str, entry: dict, metrics: dict, thresholds: dict, upst
     rate = (metrics.get("throughput") or {}).get("steps_per_s_overall")
     acts = metrics.get("actions") or {}
     var = acts.get("encoder_variance") or {}
-    lr_at_onset = stats.value_at(frame, lr.get("key"), [onset]).get(onset) if (
-        frame is not None and onset is not None and lr.get("key")) else None
+    rows = len(frame) if frame is not None else 0
+    lag = max(int(thresholds["loss"]["onset_min_rows"]), int(rows * thresholds["loss"]["smooth_fraction"]))
+    ev = lr_evidence(frame, lr.get("key"), onset, lag)
+    lower, lower_why = suggested_lr(ev, peak, thresholds["advice"]["lr_cut"])
+    lr_at_onset = ev.get("lr_at_onset")
+    saved = ((entry.get("checkpoints") or {}).get("optimizer") or {}).get("learning_rates") or []
     ctx = {
         "stage": stage,
         "fallback": f"{Path(fb['path']).name} (step {fb['step']})" if fb.get("path") else None,
@@ -77,8 +123,13 @@ def stage_context(stage: str, entry: dict, metrics: dict, thresholds: dict, upst
         "newest_loss": _fmt((table.get(newest.get("step")) or {}).get("loss")),
         "best_loss": _fmt(metrics.get("loss", {}).get("best_level") or loss.get("min")),
         "onset_step": onset, "onset_rule": (fb.get("onset") or {}).get("rule_id"),
-        "peak_lr": _fmt(peak), "lower_lr": _fmt(peak * thresholds["advice"]["lr_cut"]) if peak else "n/a",
+        "peak_lr": _fmt(peak), "lower_lr": _fmt(lower) if lower else "n/a",
+        "lr_reason": lower_why,
         "lr_at_onset": _fmt(lr_at_onset),
+        "save_fix": _save_fix(entry),
+        "saved_lr": (f" The checkpoints' optimizer state still holds lr {_fmt(saved[0])}: TinyWorlds' checkpoint= "
+                     "loads weights only, so set learning_rate in the config; a loader that restores the optimizer "
+                     "or scheduler state would bring the old rate back." if saved and saved[0] else ""),
         "steps_kept": f"{newest['step']:,}" if newest else "n/a",
         "hours_kept": _hours(newest.get("step"), rate),
         "upstream": upstream,
@@ -90,6 +141,18 @@ def stage_context(stage: str, entry: dict, metrics: dict, thresholds: dict, upst
     ctx["_fallback"] = bool(fb.get("path"))
     ctx["_newest"] = bool(newest)
     return ctx
+
+
+def _save_fix(entry: dict) -> str:
+    """What the broken checkpoints say about how they were saved."""
+    statuses = set(((entry.get("checkpoints") or {}).get("steps_by_status") or {}))
+    fixes = []
+    if "empty" in statuses:
+        fixes.append("save on rank 0 only (the empty files are complete zips holding {}: a wrong object was "
+                     "saved, by a rank without the weights, not a torn write)")
+    if statuses & {"truncated", "corrupt", "missing_files"}:
+        fixes.append("write atomically (a temp file, then rename): some files are cut short or incomplete")
+    return "; and ".join(fixes) or "check how the checkpoints are written"
 
 
 def _variant(rule: str, spec: dict, ctx: dict, finding: dict) -> str | None:
@@ -130,7 +193,8 @@ def next_actions(stages: dict, stats_doc: dict, thresholds: dict, histories: dic
         seen = set()
         for f in sorted(entry["findings"], key=lambda f: (_SEVERITY.get(f["severity"], 9),
                                                           table.get(f["rule_id"], {}).get("priority", 50))):
-            if f["severity"] not in _SEVERITY or f["rule_id"] in seen:
+            asks = table.get(f["rule_id"], {}).get("info_action") and f["severity"] == "info"
+            if (f["severity"] not in _SEVERITY and not asks) or f["rule_id"] in seen:
                 continue
             seen.add(f["rule_id"])
             spec = table.get(f["rule_id"], {"priority": 50, "action": "Investigate: {message}"})
@@ -142,7 +206,7 @@ def next_actions(stages: dict, stats_doc: dict, thresholds: dict, histories: dic
             if group and group in groups:
                 groups[group]["_also"].append(f["rule_id"])
                 continue
-            item = {"severity": f["severity"], "stage": stage, "rule_id": f["rule_id"],
+            item = {"severity": f["severity"] if not asks else "watch", "stage": stage, "rule_id": f["rule_id"],
                     "evidence_path": f["evidence_path"], "_spec": spec, "_finding": f, "_also": [],
                     "_priority": spec["priority"]}
             items.append(item)

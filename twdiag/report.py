@@ -21,6 +21,7 @@ MAX_COMPACT_ACTIONS = 8
 
 def combine(a: Analysis, comparison: dict | None = None) -> dict:
     stages = {stage: stage_entry(a, stage, comparison) for stage in _all_stages(a)}
+    _worth_resuming(stages)
     doc = {
         "tool": "twdiag diagnose", "version": __version__,
         "bundle": str(a.bundle.root),
@@ -87,6 +88,25 @@ def stage_entry(a: Analysis, stage: str, comparison: dict | None) -> dict:
             "lineage": a.lineage.get(stage),
             "numbers": key_numbers(stage, s, v, a.states.get(stage)),
             "evidence": _evidence(s, res, v)}
+
+
+def _worth_resuming(stages: dict) -> None:
+    """An intact fallback is not worth resuming when a stage it was trained on
+    (an upstream stage) is critical: it would go on learning from broken inputs."""
+    order = [s for s in bundle_mod.STAGES if s in stages]
+    for i, stage in enumerate(order):
+        fb = stages[stage].get("fallback")
+        if not fb:
+            continue
+        bad = [up for up in order[:i] if stages[up]["verdict"] == "critical"]
+        if fb.get("step") is None:
+            fb["worth_resuming"], fb["worth_resuming_reason"] = False, "no fallback checkpoint"
+        elif bad:
+            fb["worth_resuming"] = False
+            fb["worth_resuming_reason"] = (f"intact, but retrain after {' and '.join(bad)}: {stage} was trained on "
+                                           f"{'them' if len(bad) > 1 else 'it'}, and {'they are' if len(bad) > 1 else 'it is'} critical")
+        else:
+            fb["worth_resuming"], fb["worth_resuming_reason"] = True, "intact, and every stage it was trained on is not critical"
 
 
 def stage_checkpoints(res: checkpoints.StageResult, fb: dict | None) -> dict:
@@ -189,6 +209,7 @@ def compact(doc: dict) -> dict:
             "fallback": None if fb is None else {
                 "step": fb.get("step"), "path": fb.get("path"), "restart": fb.get("restart"),
                 "reason": fb.get("reason"), "verified": (fb.get("verified") or {}).get("level"),
+                "worth_resuming": fb.get("worth_resuming"), "worth_resuming_reason": fb.get("worth_resuming_reason"),
                 "newest_intact": _newest(fb)},
             "findings": [{k: f[k] for k in ("rule_id", "severity", "value", "message", "evidence_path")}
                          for f in top[:MAX_COMPACT_FINDINGS]],
