@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import re
 import sys
 import textwrap
 from pathlib import Path
@@ -560,6 +561,147 @@ def _run_compare(args) -> tuple[dict, int]:
     return doc, EXIT_OK
 
 
+# --- scan, query, records ---------------------------------------------------------------
+
+def _add_scan(sub) -> None:
+    p = _subparser(
+        sub, "scan", "diagnose every bundle under some roots into one Parquet dataset",
+        "Find every bundle under the roots (a folder with wandb/ or results/), diagnose each "
+        "exactly as diagnose.py would, in a bounded pool of workers, and write one Parquet "
+        "dataset partitioned by bundle (tables bundles, stages, findings, checkpoints, images, "
+        "history), each bundle's own report files and an index.html. A second scan re-diagnoses "
+        "only bundles whose content signature changed (sizes and hashes of each file's head and "
+        "tail; never mtimes). --shard i/n takes a deterministic share, so any scheduler can run "
+        "the shards into the same dataset.", """\
+            examples:
+              %(prog)s /backups --out /tmp/scan
+              %(prog)s /backups/20261122_101500 /backups/20261128_093000 --out /tmp/scan --workers 2
+              %(prog)s /backups --out /shared/scan --shard 3/8     # one task of a SLURM array
+              then: twdiag query /tmp/scan "SELECT bundle, stage, verdict FROM stages ORDER BY bundle"
+            """)
+    p.add_argument("roots", nargs="+", help="folders holding bundles (or bundles themselves)")
+    p.add_argument("--out", required=True, help="the dataset folder (created; reused by the next scan)")
+    p.add_argument("--workers", type=int, help="worker processes (default: the CPUs, at most 4)")
+    p.add_argument("--shard", default="0/1", help="i/n: scan the bundles whose path hashes to i mod n (default 0/1)")
+    p.add_argument("--thresholds", help="YAML merged over the default thresholds")
+    p.set_defaults(func=_run_scan)
+
+
+def _run_scan(args) -> tuple[dict, int]:
+    from . import scan
+    t = _thresholds(args.thresholds)
+    m = re.fullmatch(r"(\d+)/(\d+)", args.shard or "")
+    if not m or int(m.group(2)) < 1 or int(m.group(1)) >= int(m.group(2)):
+        raise CliError(f"--shard must be i/n with 0 <= i < n, not {args.shard!r}", EXIT_USAGE)
+    roots = [Path(r) for r in args.roots]
+    _require_existing(roots)
+    out = Path(args.out)
+    outputs.check_out_dir(out, roots)
+    if args.workers is not None and args.workers < 1:
+        raise CliError("--workers must be at least 1", EXIT_USAGE)
+    doc = scan.run(roots, out, t, args.workers, (int(m.group(1)), int(m.group(2))))
+    if not doc["bundles_found"]:
+        return doc, EXIT_NO_INPUT
+    return doc, EXIT_OK
+
+
+def _add_query(sub) -> None:
+    p = _subparser(
+        sub, "query", "SQL over a scan's dataset or one bundle's tables (DuckDB, read-only)",
+        "Run one SELECT (or WITH ... SELECT) with DuckDB over the tables bundles, stages, findings, "
+        "checkpoints, images and history: those of a scan's dataset, or of one bundle diagnosed "
+        "on the fly. history is wide: bundle, stage, step, source and every numeric column "
+        "(quote names with slashes: \"train/loss\"). Nothing else runs: no other statement, no "
+        "file or network access.", """\
+            examples:
+              %(prog)s RUN_BUNDLE_ROOT "SELECT step, \"train/loss\" FROM history WHERE stage='dynamics' AND step BETWEEN 100 AND 120"
+              %(prog)s RUN_BUNDLE_ROOT "SELECT max(\"train/loss\") AS peak, arg_max(step, \"train/loss\") AS at FROM history WHERE stage='dynamics'"
+              %(prog)s RUN_BUNDLE_ROOT "SELECT step, status, loss, weights_vs_earliest FROM checkpoints WHERE stage='dynamics'"
+              %(prog)s /tmp/scan "SELECT bundle, verdict, fallback_step FROM stages WHERE stage='dynamics' ORDER BY bundle"
+              %(prog)s /tmp/scan "SELECT * FROM findings WHERE severity='critical'" --format csv
+            """)
+    p.add_argument("target", help="a scan's output folder, or a bundle root")
+    p.add_argument("sql", help="one SELECT statement")
+    p.add_argument("--format", choices=("json", "csv"), default="json", help="json (default) or csv on stdout")
+    p.add_argument("--limit", type=int, default=1000, help="rows printed at most (default 1000; the JSON says when it cuts)")
+    p.add_argument("--thresholds", help="YAML merged over the default thresholds (bundle targets)")
+    p.set_defaults(func=_run_query)
+
+
+def _run_query(args) -> tuple[dict, int]:
+    if importlib.util.find_spec("duckdb") is None:
+        raise CliError("query needs duckdb (python -m pip install duckdb)", EXIT_DEPENDENCY)
+    from . import query
+    target = Path(args.target)
+    _require_existing([target])
+    if args.limit < 1:
+        raise CliError("--limit must be at least 1", EXIT_USAGE)
+    t = _thresholds(args.thresholds)
+    try:
+        doc = query.run(target, args.sql, t, args.limit)
+    except query.QueryError as exc:
+        raise CliError(str(exc), EXIT_USAGE)
+    if args.format == "csv":
+        import csv
+        w = csv.writer(sys.stdout)
+        w.writerow(doc["columns"])
+        for row in doc["rows"]:
+            w.writerow([row[c] for c in doc["columns"]])
+        if doc["cut"]:
+            outputs.log(doc["cut_note"])
+        return None, EXIT_OK
+    return {"target": str(target), "sql": args.sql, **doc}, EXIT_OK
+
+
+def _add_records(sub) -> None:
+    p = _subparser(
+        sub, "records", "the raw records of one .wandb log, one JSON object a line",
+        "Decode one .wandb file with our framing and wandb's own protobuf classes and print each "
+        "record as a JSON line: its offset, type and content (history: step and items; config "
+        "and summary: items set and removed; others: wandb's message). The last line is the scan "
+        "report (damage as values). The independent check of any number, without a reader of "
+        "your own.", """\
+            examples:
+              %(prog)s wandb/run-X/run-X.wandb --type history --steps 100:110
+              %(prog)s wandb/run-X/run-X.wandb --type config --type exit
+              %(prog)s wandb/run-X/run-X.wandb --type output_raw --limit 50
+            """)
+    p.add_argument("file", help="a .wandb file")
+    p.add_argument("--type", action="append", default=[], metavar="TYPE",
+                   help="keep only these record types (repeatable): history, config, summary, exit, stats, "
+                        "output, output_raw, run, ...")
+    p.add_argument("--steps", help="a:b keeps history records with a <= step < b (either side may be empty)")
+    p.add_argument("--limit", type=int, default=1000, help="records printed at most (default 1000)")
+    p.set_defaults(func=_run_records)
+
+
+def _run_records(args) -> tuple[dict | None, int]:
+    from . import records, safefs
+    path = Path(args.file)
+    _require_existing([path])
+    if not safefs.is_regular(path):
+        raise CliError(f"not a regular file: {path}", EXIT_USAGE)
+    steps = None
+    if args.steps:
+        m = re.fullmatch(r"(-?\d*):(-?\d*)", args.steps)
+        if not m:
+            raise CliError(f"--steps must be a:b, not {args.steps!r}", EXIT_USAGE)
+        steps = (int(m.group(1)) if m.group(1) else None, int(m.group(2)) if m.group(2) else None)
+    if args.limit < 1:
+        raise CliError("--limit must be at least 1", EXIT_USAGE)
+    shown, cut = 0, 0
+    for rec in records.iter_records(path, set(args.type) or None, steps):
+        if rec["type"] == "scan_report":
+            print(outputs.dumps({**rec, "records_shown": shown, "records_not_shown": cut}, indent=None), flush=True)
+            break
+        if shown < args.limit:
+            print(outputs.dumps(rec, indent=None), flush=True)
+            shown += 1
+        else:
+            cut += 1
+    return None, EXIT_OK
+
+
 # --- install-skill ---------------------------------------------------------------------
 
 def _add_install(sub) -> None:
@@ -588,7 +730,8 @@ def _run_install(args) -> tuple[dict, int]:
 
 # --- entry point --------------------------------------------------------------
 
-SUBCOMMANDS = [_add_diagnose, _add_export, _add_stats, _add_ckpts, _add_visuals, _add_compare, _add_install]
+SUBCOMMANDS = [_add_diagnose, _add_export, _add_stats, _add_ckpts, _add_visuals, _add_compare, _add_scan,
+               _add_query, _add_records, _add_install]
 
 
 def build_parser(prog: str = "twdiag") -> argparse.ArgumentParser:

@@ -23,7 +23,10 @@ MAX_WORKERS = 4
 
 
 def can_fork() -> bool:
-    return threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods()
+    """No other thread, fork available, and not a pool's worker already (a
+    daemonic process may not have children)."""
+    return (threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods()
+            and not multiprocessing.current_process().daemon)
 
 
 def cpus() -> int:

@@ -152,7 +152,7 @@ def iter_payloads(fh: BinaryIO, report: ScanReport, base: int,
 
 def iter_batches(fh: BinaryIO, report: ScanReport, base: int,
                  first_block: int = 0, stop_block: int | None = None,
-                 start_offset: int | None = None) -> Iterator[list[bytes]]:
+                 start_offset: int | None = None, offsets: bool = False) -> Iterator[list]:
     """Yield the complete record payloads of each block, as a list (one
     generator step per block, not per record: the hot loop stays in C);
     count every skip in `report`.
@@ -168,9 +168,11 @@ def iter_batches(fh: BinaryIO, report: ScanReport, base: int,
 
     `start_offset` resumes a growing file exactly where an earlier read left
     off (its `resume_offset`: a chunk boundary after a complete record).
+    `offsets`: yield (record offset, payload) pairs instead (`records`).
     """
     size = report.file_size
-    state = _Assembly(quiet_orphans=first_block > 0 and start_offset is None)
+    state = _Assembly(quiet_orphans=first_block > 0 and start_offset is None,
+                      offsets=[] if offsets else None)
     if start_offset is not None:
         first_block = max(0, (start_offset - base) // BLOCK)
     block_start = base + first_block * BLOCK
@@ -186,6 +188,9 @@ def iter_batches(fh: BinaryIO, report: ScanReport, base: int,
             slab = fh.read(BLOCK * SLAB_BLOCKS)
         batch: list[bytes] = []
         pos = _read_block(slab, slab_at, pos, block_end, report, state, stop_at, batch)
+        if batch and offsets:
+            batch = list(zip(state.offsets, batch))
+            state.offsets.clear()
         if batch:
             yield batch
         if report.truncated_tail or (pos >= stop_at and state.parts is None):
@@ -206,6 +211,8 @@ class _Assembly:
     parts: list | None = None
     size: int = 0            # bytes in `parts`
     oversized: bool = False  # the record being built passed the cap: its chunks are counted, not kept
+    offsets: list | None = None  # when kept: each emitted record's first chunk offset, in order
+    start: int = 0               # the first chunk offset of the record being built
     # At a range start the first orphans belong to the previous range.
     quiet_orphans: bool = False
 
@@ -247,6 +254,7 @@ def _read_block(slab: bytes, rel: int, pos: int, block_end: int,
             report.truncation = f"partial chunk payload ({size - start} of {length} bytes)"
             return pos
         payload = slab[start - rel:end - rel]
+        chunk_at = pos
         if zlib.crc32(payload, _TYPE_CRC[ctype]) != crc:
             if not past:
                 report.corrupt_chunks += 1
@@ -266,8 +274,10 @@ def _read_block(slab: bytes, rel: int, pos: int, block_end: int,
                 report.records_total += 1
                 report.resume_offset = pos
                 out.append(payload)
+                if st.offsets is not None:
+                    st.offsets.append(chunk_at)
             else:
-                st.parts, st.size, st.oversized = [payload], len(payload), False
+                st.parts, st.size, st.oversized, st.start = [payload], len(payload), False, chunk_at
         elif st.parts is None:
             report.orphan_chunks_skipped += 1
         else:
@@ -285,6 +295,8 @@ def _read_block(slab: bytes, rel: int, pos: int, block_end: int,
                     report.oversized_records += 1
                 else:
                     out.append(b"".join(st.parts))
+                    if st.offsets is not None:
+                        st.offsets.append(st.start)
                 st.parts, st.oversized = None, False
     tail = slab[pos - rel:min(block_end, size) - rel]
     if tail.strip(b"\0"):
@@ -327,7 +339,7 @@ def block_count(report: ScanReport) -> int:
 
 
 def scan(path: str | Path, first_block: int = 0, stop_block: int | None = None,
-         start_offset: int | None = None) -> tuple[ScanReport, Iterator[bytes]]:
+         start_offset: int | None = None, offsets: bool = False) -> tuple[ScanReport, Iterator]:
     """Return (report, payload iterator) for the records of a block range,
     or from `start_offset` to the end (a growing file, read again).
 
@@ -340,7 +352,7 @@ def scan(path: str | Path, first_block: int = 0, stop_block: int | None = None,
 
     def _gen() -> Iterator[list[bytes]]:
         with fh:
-            yield from iter_batches(fh, report, base, first_block, stop_block, start_offset)
+            yield from iter_batches(fh, report, base, first_block, stop_block, start_offset, offsets)
 
     return report, itertools.chain.from_iterable(_gen())
 
