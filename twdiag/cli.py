@@ -588,6 +588,8 @@ def _add_scan(sub) -> None:
 
 
 def _run_scan(args) -> tuple[dict, int]:
+    if importlib.util.find_spec("pyarrow") is None:
+        raise CliError("scan writes Parquet: it needs pyarrow (python -m pip install pyarrow)", EXIT_DEPENDENCY)
     from . import scan
     t = _thresholds(args.thresholds)
     m = re.fullmatch(r"(\d+)/(\d+)", args.shard or "")

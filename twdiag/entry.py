@@ -12,7 +12,7 @@ REQUIRED = {"numpy": "numpy", "pandas": "pandas", "yaml": "pyyaml", "PIL": "pill
             "matplotlib": "matplotlib", "google.protobuf": "protobuf", "wandb": "wandb"}
 # Declared dependencies the scripts run without (the export is slower):
 # an environment that lacks them is not stopped.
-OPTIONAL = {"orjson": "orjson"}
+OPTIONAL = {"orjson": "orjson", "duckdb": "duckdb"}  # duckdb: only `query` needs it (exit 6 there)
 from .exits import EXIT_DEPENDENCY  # noqa: E402  (exits imports nothing third-party)
 
 
