@@ -127,6 +127,10 @@ def stage_context(stage: str, entry: dict, metrics: dict, thresholds: dict, upst
         "lr_reason": lower_why,
         "lr_at_onset": _fmt(lr_at_onset),
         "save_fix": _save_fix(entry),
+        # "a larger n_actions" only when the model already uses every code it has
+        "more_actions": ", or a larger n_actions (it uses all of its codes)" if (
+            (acts.get("pooled") or {}).get("n_codes_used") and acts.get("n_actions")
+            and acts["pooled"]["n_codes_used"] >= acts["n_actions"]) else "",
         "saved_lr": (f" The checkpoints' optimizer state still holds lr {_fmt(saved[0])}: TinyWorlds' checkpoint= "
                      "loads weights only, so set learning_rate in the config; a loader that restores the optimizer "
                      "or scheduler state would bring the old rate back." if saved and saved[0] else ""),

@@ -40,10 +40,19 @@ def dataset_tables(target: Path) -> dict:
     return out
 
 
-def bundle_tables(bundle: Path, thresholds: dict) -> dict:
-    """One bundle diagnosed on the fly, as tables."""
-    from . import bundle as bundle_mod, pipeline, report
+def referenced(sql: str) -> set[str]:
+    """The tables a query names (by word; a string that mentions one counts too)."""
+    import re
+    return {t for t in tables.TABLES if re.search(rf"\b{t}\b", sql, re.IGNORECASE)}
+
+
+def bundle_tables(bundle: Path, thresholds: dict, needed: set[str] | None = None) -> dict:
+    """One bundle diagnosed on the fly, as tables. A query of the history
+    alone only decodes the logs: no checkpoint, image or report work."""
+    from . import bundle as bundle_mod, logs, pipeline, report
     b = bundle_mod.discover([bundle], {}, root=bundle, max_entries=int(thresholds["limits"]["max_dir_entries"]))
+    if needed is not None and needed <= {"history"}:
+        return {"history": tables.history_table(logs.load(b, progress=lambda m: None), str(bundle))}
     a = pipeline.run(b, thresholds, progress=lambda m: None)
     return tables.from_analysis(a, report.combine(a), str(bundle))
 
@@ -65,7 +74,7 @@ def run(target: Path, sql: str, thresholds: dict, limit: int = MAX_ROWS) -> dict
     """{"columns", "rows" (at most `limit`), "row_count", "cut", "tables"}."""
     import duckdb
     check_sql(sql)
-    loaded = dataset_tables(target) if is_dataset(target) else bundle_tables(target, thresholds)
+    loaded = dataset_tables(target) if is_dataset(target) else bundle_tables(target, thresholds, referenced(sql))
     con = duckdb.connect(":memory:")
     try:
         for name, table in loaded.items():

@@ -160,8 +160,11 @@ def key_numbers(stage: str, s: dict | None, v: dict | None, state: dict | None) 
             out["loss_scale_factor"] = scale["factor"]
         if m.get("scale", {}).get("late_fraction_of_chance") is not None:
             out["late_fraction_of_chance"] = m["scale"]["late_fraction_of_chance"]
+            out["final_fraction_of_chance"] = m["scale"].get("final_fraction_of_chance")
         if loss.get("blowup"):
-            out["blowup_peak_step"] = loss["blowup"]["peak_step"]
+            b = loss["blowup"]
+            out.update(blowup_peak_step=b["peak_step"], blowup_peak_smoothed=b.get("peak"),
+                       blowup_raw_peak=b.get("raw_peak"), blowup_raw_peak_step=b.get("raw_peak_step"))
         acts = m.get("actions") or {}
         if acts.get("unique_actions"):
             out["unique_actions_late"] = acts["unique_actions"]["late_mean"]
@@ -172,8 +175,10 @@ def key_numbers(stage: str, s: dict | None, v: dict | None, state: dict | None) 
         if lr:
             out.update(lr_peak=lr.get("max"), lr_current=lr.get("current"))
         tp = m.get("throughput") or {}
-        if tp:
+        if tp.get("steps_per_s_overall") is not None:
             out["steps_per_s"] = tp.get("steps_per_s_overall")
+        elif tp.get("why_not"):
+            out["steps_per_s_not_given"] = tp["why_not"]
     if v:
         fid = ((v.get("latest") or {}).get("metrics") or {}).get("fidelity") or {}
         if fid:
@@ -194,6 +199,25 @@ def _current(stages: dict) -> dict:
 
 
 # --- stdout ----------------------------------------------------------------------------
+
+# What each key number is: raw or smoothed (how), over which window, on which scale.
+NUMBERS_LEGEND = {
+    "last_step": "the last logged step (the stage's own axis; see attempts)",
+    "loss_first / loss_final / loss_min": "raw logged values: the first row, the last row, the lowest row (as logged)",
+    "late_trend": "slope of the last 25% of rows, binned medians, counted only beyond 2 standard errors",
+    "late_fraction_of_chance": "dynamics: mean of the last third of rows on the real scale / ln(codes)",
+    "final_fraction_of_chance": "dynamics: mean of the last 5% of rows on the real scale / ln(codes)",
+    "blowup_peak_smoothed": "the rolling median's peak (its rows are in the finding) that decided the blow-up; "
+                            "dynamics: real scale (logged x loss_scale_factor)",
+    "blowup_raw_peak / blowup_raw_peak_step": "the highest raw row within the blow-up and its step "
+                                              "(dynamics: real scale)",
+    "unique_actions_late / entropy_late_fraction": "mean of the last third of logged per-batch values "
+                                                   "(entropy as a fraction of ln(n_actions))",
+    "lr_peak / lr_current": "raw logged learning rate: the maximum, the last",
+    "steps_per_s": "(last step - first step) / (last - first history _timestamp), from the records",
+    "latest_image_psnr_db": "PSNR of the newest grid's outputs against its originals, aligned cells",
+}
+
 
 def compact(doc: dict) -> dict:
     """What stdout gets: per stage the verdict, run state, key numbers, the
@@ -229,7 +253,7 @@ def compact(doc: dict) -> dict:
            "next_actions": [{k: a[k] for k in ("rank", "severity", "stage", "rule_id", "action")}
                             for a in actions[:MAX_COMPACT_ACTIONS]],
            "skipped": doc["skipped"][:10], "errors": doc.get("errors", [])[:10],
-           "outputs": doc.get("outputs", {})}
+           "outputs": doc.get("outputs", {}), "numbers_legend": NUMBERS_LEGEND}
     if len(actions) > MAX_COMPACT_ACTIONS:
         out["next_actions_not_shown"] = len(actions) - MAX_COMPACT_ACTIONS
     if len(doc["skipped"]) > 10:

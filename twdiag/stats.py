@@ -74,6 +74,12 @@ def sustained_onset(steps: np.ndarray, smooth: np.ndarray, level: float, stay_sh
     return int(steps[hits[0]]) if len(hits) else None
 
 
+def len_smooth(analysis, loss: np.ndarray) -> int:
+    """Rows in the rolling median onsets are read on (`loss.smooth_fraction`)."""
+    t = analysis.t["loss"]
+    return max(t["onset_min_rows"], int(len(loss) * t["smooth_fraction"]))
+
+
 def excursion(steps: np.ndarray, smooth: np.ndarray, level: float, min_rows: int) -> dict | None:
     """The first run of at least `min_rows` consecutive smoothed rows above
     `level`: a blow-up, whether or not the curve came back down later."""
@@ -298,8 +304,7 @@ class StageAnalysis:
                 "per_10k_rows": _r(per_10k, 3), "events": out[:20]}
 
     def _smooth(self, loss: np.ndarray) -> np.ndarray:
-        rows = max(self.t["loss"]["onset_min_rows"], int(len(loss) * self.t["loss"]["smooth_fraction"]))
-        return rolling_median(loss, rows)
+        return rolling_median(loss, len_smooth(self, loss))
 
     def _loss_rules(self, steps: np.ndarray, loss: np.ndarray) -> None:
         """Divergence, a blow-up (even one that came back down), a rise, no
@@ -356,6 +361,11 @@ class StageAnalysis:
         ex = excursion(steps, smooth, level, min_rows)
         if ex is None:
             return False
+        # The smoothed peak decides (one bad batch is not a blow-up); the raw
+        # peak within the excursion is reported beside it, labelled.
+        window = (steps >= ex["onset_step"]) & (steps <= ex["end_step"])
+        raw_i = np.flatnonzero(window)[int(np.nanargmax(loss[window]))]
+        ex.update(raw_peak=float(loss[raw_i]), raw_peak_step=int(steps[raw_i]), smoothing_rows=len_smooth(self, loss))
         factor = self.metrics["loss_scale"]["factor"]
         ref = math.log(self._codes()) if self.stage == "dynamics" else level / lt["blowup_over_start"]
         ex.update(level=_r(level), peak_over_reference=_r(ex["peak"] / ref, 4),
@@ -368,8 +378,9 @@ class StageAnalysis:
         self.add("loss_blowup", "critical", "train/loss", ex["peak_over_reference"],
                  lt["blowup_over_chance"] if self.stage == "dynamics" else lt["blowup_over_start"],
                  [ex["onset_step"], ex["peak_step"], ex["end_step"]],
-                 f"the {scale}loss blew up to {_r(ex['peak'])} at step {ex['peak_step']} "
-                 f"({ex['peak_over_reference']}x {against}), above {_r(level)} from step "
+                 f"the {scale}loss blew up: its rolling median ({ex['smoothing_rows']} rows) peaked at "
+                 f"{_r(ex['peak'])} at step {ex['peak_step']} (raw peak {_r(ex['raw_peak'])} at step "
+                 f"{ex['raw_peak_step']}; {ex['peak_over_reference']}x {against}), above {_r(level)} from step "
                  f"{ex['onset_step']} to {ex['end_step']}{came_back}: the weights went somewhere bad",
                  onset=ex["onset_step"])
         return True
@@ -386,8 +397,12 @@ class StageAnalysis:
             codes = self._codes()
             chance = math.log(codes)
             frac = late / chance
+            tail = real[-max(1, int(len(real) * self.t["data"]["final_fraction"])):]
             m["scale"] = {"codes": codes, "chance_nats": _r(chance), "late_fraction_of_chance": _r(frac, 4),
-                          "final_fraction_of_chance": _r(float(real[-1]) / chance, 4),
+                          "late_window": f"mean of the last third of rows (from step {int(steps[-len(_phases(real)[-1])])})",
+                          "final_fraction_of_chance": _r(float(np.mean(tail)) / chance, 4),
+                          "final_window": f"mean of the last {len(tail)} rows ({_r(self.t['data']['final_fraction'] * 100, 3)}% "
+                                          f"of rows, steps {int(steps[-len(tail)])}-{int(steps[-1])})",
                           "real_scale": m["loss_scale"]["factor"] > 1 or m["loss_scale"]["moe_aux_subtracted"],
                           "chance_on_logged_scale": _r(chance / m["loss_scale"]["factor"])}
             if enough and frac >= st["chance_watch"] and "loss_blowup" not in m["onsets"]:
@@ -399,8 +414,10 @@ class StageAnalysis:
                             if m["scale"]["real_scale"] else "")
                 self.add("dynamics_near_chance", sev, "train/loss", _r(frac, 4), thr,
                          [m["loss"]["final_step"]],
-                         f"late mean loss {_r(late)}{real_txt} is {_r(frac * 100, 3)}% of chance "
-                         f"ln({codes}) = {_r(chance, 4)}: the model predicts little better than uniform",
+                         f"late mean loss {_r(late)}{real_txt} ({m['scale']['late_window']}) is {_r(frac * 100, 3)}% "
+                         f"of chance ln({codes}) = {_r(chance, 4)}; the final level is "
+                         f"{_r(m['scale']['final_fraction_of_chance'] * 100, 3)}% ({m['scale']['final_window']}): "
+                         "the model predicts little better than uniform",
                          onset=onset if onset is not None else m["loss"]["first_step"])
         elif self.stage == "latent_actions":
             m["scale"] = {"variance_penalty_regime": late >= st["variance_penalty_watch"]}
@@ -481,6 +498,10 @@ class StageAnalysis:
         stats = action_stats(self.frame, self.config, self.t)
         if stats is None:
             return None
+        pooled = pooled_actions(self.frame, stats.get("n_actions"))
+        if pooled:
+            stats["pooled"] = pooled
+            self._dead_bits(pooled, stats.get("n_actions"))
         if self.stage == "dynamics":
             # The frozen action model's statistics: a property of latent_actions,
             # judged there (crossstage), not a dynamics problem.
@@ -501,6 +522,22 @@ class StageAnalysis:
             if f.rule_id == "action_collapse":
                 self.metrics["onsets"]["action_collapse"] = stats["collapse_onset_step"]
         return stats
+
+    def _dead_bits(self, pooled: dict, n_actions: int | None) -> None:
+        """A latent bit that never changed over enough pooled transitions (the
+        action model's own log, or its frozen statistics in dynamics' log:
+        filed under latent_actions either way, by crossstage for dynamics)."""
+        dead = pooled.get("dead_bits") or []
+        if not dead or pooled["n_codes_used"] < 2 or \
+                pooled["transitions"] < self.t["actions"]["dead_bit_min_transitions"]:
+            return
+        where = "the action model's own log" if self.stage == "latent_actions" else \
+            "the frozen action model's statistics in dynamics' log"
+        self.add("action_bit_dead", "watch" if self.stage == "latent_actions" else "info", "dead_bits", dead, [],
+                 [int(self.frame["_step"].iloc[-1])],
+                 f"pooled over {pooled['transitions']:,} logged transitions ({pooled['rows']} histograms in {where}), "
+                 f"latent bit(s) {dead} of the action code never changed: only {pooled['reachable_codes']} of "
+                 f"{n_actions} codes are possible; codes used {pooled['codes_used']}")
 
     def _correlations(self, loss_key: str | None) -> dict:
         if not loss_key:
@@ -534,6 +571,12 @@ class StageAnalysis:
         steps, ts = series(f, key)
         if len(ts) < 2 or ts[-1] <= ts[0]:
             return None
+        span = float(ts[-1] - ts[0])
+        if span < self.t["liveness"]["throughput_min_seconds"]:
+            return {"steps_per_s_overall": None, "steps_per_s_recent": None, "wall_seconds": _r(span, 4),
+                    "source": f"history {key}",
+                    "why_not": f"the records span {_r(span, 3)} s, under liveness.throughput_min_seconds = "
+                               f"{self.t['liveness']['throughput_min_seconds']} s: too short a time to give a rate"}
         overall = (steps[-1] - steps[0]) / (ts[-1] - ts[0])
         k = max(2, len(ts) // 10)
         ds, dt = steps[-1] - steps[-k], ts[-1] - ts[-k]
@@ -553,6 +596,49 @@ class StageAnalysis:
 
 
 # --- action statistics (own log, or the frozen model seen from dynamics) ------------
+
+def pooled_actions(frame: pd.DataFrame, n_actions: int | None) -> dict | None:
+    """Action usage pooled over every logged `action_distribution` histogram
+    (one per logged step, each a batch's action indices): how often each code
+    was chosen in all, the pooled entropy, and per latent bit the share of
+    transitions with that bit set (a bit that never changes halves the codes
+    the model can express). Per-batch statistics read low; these do not."""
+    if "action_distribution" not in frame.columns:
+        return None
+    counts: dict[int, float] = {}
+    rows = 0
+    for cell in frame["action_distribution"].dropna():
+        if not isinstance(cell, dict) or not isinstance(cell.get("bins"), list) or \
+                not isinstance(cell.get("values"), list) or len(cell["bins"]) != len(cell["values"]) + 1:
+            continue
+        edges = np.asarray(cell["bins"], dtype=float)
+        values = np.asarray(cell["values"], dtype=float)
+        if not (np.all(np.isfinite(edges)) and np.all(np.isfinite(values))) or np.any(np.diff(edges) >= 1):
+            continue  # bins wider than one code cannot be told apart
+        hit = np.flatnonzero(values > 0)
+        for code, n in zip(np.rint((edges[hit] + edges[hit + 1]) / 2).astype(int), values[hit]):
+            counts[int(code)] = counts.get(int(code), 0.0) + float(n)
+        rows += 1
+    total = sum(counts.values())
+    if not rows or total <= 0:
+        return None
+    p = np.array([counts[c] / total for c in sorted(counts)])
+    out = {"rows": rows, "transitions": int(total), "codes_used": sorted(counts),
+           "n_codes_used": len(counts), "counts": {str(c): int(counts[c]) for c in sorted(counts)},
+           "pooled_entropy": _r(float(-(p * np.log(p)).sum()) + 0.0, 4), "source": "action_distribution, pooled"}
+    if n_actions and n_actions & (n_actions - 1) == 0 and n_actions > 2:
+        bits = n_actions.bit_length() - 1
+        share = []
+        for b in range(bits):
+            on = sum(n for c, n in counts.items() if (c >> b) & 1)
+            share.append(_r(on / total, 4))
+        out["bit_share_set"] = share
+        out["dead_bits"] = [b for b, x in enumerate(share) if x in (0.0, 1.0)]
+        out["reachable_codes"] = n_actions >> len(out["dead_bits"])
+    if n_actions:
+        out["pooled_entropy_fraction"] = _r(out["pooled_entropy"] / math.log(n_actions), 4)
+    return out
+
 
 def action_stats(frame: pd.DataFrame, config: dict, t: dict) -> dict | None:
     if "unique_actions" not in frame.columns and "action_entropy" not in frame.columns:

@@ -90,7 +90,7 @@ def from_diagnosis(doc: dict, histories: dict | None, bundle: str,
                                                       "learning_rate", "weight_norm", "max_abs_weight",
                                                       "weights_vs_earliest", "before_onset", "path"])
     out["images"] = _images(image_details or {}, bundle)
-    out["history"] = _history(histories or {}, bundle)
+    out["history"] = history_table(histories or {}, bundle)
     return out
 
 
@@ -105,7 +105,7 @@ def _images(details: dict, bundle: str) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["bundle", "stage", "step", "path", "psnr_db", "ssim", "flags", "error"])
 
 
-def _history(histories: dict, bundle: str) -> pd.DataFrame:
+def history_table(histories: dict, bundle: str) -> pd.DataFrame:
     """Every numeric column of every stage, wide, on its step axis."""
     frames = []
     for stage, hist in histories.items():
