@@ -198,7 +198,21 @@ def check_checkpoint(stage: str, step: int, path: Path, limits: ptfile.Limits) -
         _check_dir(ck, limits)
     keys = ck.fact(ck.model_file, "keys")
     ck.key_signature = frozenset(keys) if keys else None
+    _check_architecture(ck)
     return ck
+
+
+def _check_architecture(ck: Checkpoint) -> None:
+    """The model's keys and shapes against what its own config implies."""
+    from . import architecture
+    shapes = ck.fact(ck.model_file, "shapes")
+    config = config_of(ck)
+    if not shapes or not config or not ck.usable:
+        return
+    wrong = architecture.check(ck.stage, shapes, config)
+    if wrong:
+        ck.problems.append(Problem("inconsistent", ck.model_file,
+                                   f"not the {ck.stage} model its config describes: " + "; ".join(wrong[:4])))
 
 
 def _describer(name: str, step: int, limits: ptfile.Limits) -> ptfile.Describe:

@@ -102,8 +102,12 @@ def decide(res: StageResult, hist, stage_stats: dict | None, visual_onsets: dict
         if ok and (onset is None or c.step < onset):
             fallback = c
             break
+    unscanned = _weights_at_every_candidate(cks, ref, deep, limits, chunk, t)
     doc = _document(res, hist, stage_stats, fallback, newest_intact, onset, onset_rule, blown, ref,
                     thresholds)
+    if unscanned:
+        doc["weights_not_measured"] = {"steps": unscanned, "why": f"the weight scans' time budget "
+                                       f"(checkpoints.weight_scan_seconds = {t['weight_scan_seconds']} s) ran out"}
     # Every critical problem's onset, not only the earliest: "images never
     # followed their inputs" and "the loss blew up at step 8" both matter.
     if blown:
@@ -120,6 +124,25 @@ def _verified(c: Checkpoint) -> dict:
                      "read with numpy from the archive (NaN/Inf, norms); state.pt read through the allowlist, "
                      "never loaded")
             if c.deep == "passed" else "archive certified, pickle CRC and allowlist only: tensor data not read"}
+
+
+def _weights_at_every_candidate(cks: list[Checkpoint], ref: Checkpoint | None, deep: str, limits, chunk: int,
+                                t: dict) -> list[int]:
+    """Weight norms for every valid checkpoint, newest first, within a time
+    budget (the numpy scan of a model file is fast): weight growth decides the
+    fallback, so the table gives it at every candidate, not only the ones the
+    search opened. Returns the steps the budget left unmeasured."""
+    if deep == "none" or ref is None:
+        return []
+    import time
+    end = time.monotonic() + float(t["weight_scan_seconds"])
+    left = []
+    for c in reversed([c for c in cks if c.status == "valid" and not c.weights]):
+        if time.monotonic() > end:
+            left.append(c.step)
+            continue
+        checkpoints.deep_scan(c, limits, chunk, model_only=True)
+    return sorted(left)
 
 
 def _document(res: StageResult, hist, stage_stats, fb: Checkpoint | None, newest: Checkpoint | None,
@@ -187,7 +210,7 @@ def checkpoint_table(cks: list[Checkpoint], hist, stage_stats: dict | None, onse
         if c.weights:
             row["weight_norm"] = stats._r(c.weights.get("weight_norm"))
             row["max_abs_weight"] = stats._r(c.weights.get("max_abs_weight"))
-            ratio = _weight_ratio(c, ref)
+            ratio = 1.0 if c is ref else _weight_ratio(c, ref)
             row["weights_vs_earliest"] = stats._r(ratio, 4) if ratio is not None else None
         if c.step in blown:
             row["weights_blown_up"] = True
