@@ -183,6 +183,10 @@ def key_numbers(stage: str, s: dict | None, v: dict | None, state: dict | None) 
         fid = ((v.get("latest") or {}).get("metrics") or {}).get("fidelity") or {}
         if fid:
             out["latest_image_psnr_db"] = fid.get("psnr_db")
+            if fid.get("best_reference"):
+                out["latest_image_gain_db"] = fid.get("gain_over_best_reference_db")
+                out["latest_image_reference"] = (f"{fid['best_reference']}: "
+                                                 f"{fid['reference_psnr_db'][fid['best_reference']]} dB")
         out["image_trend"] = (v.get("trend") or {}).get("trend")
     if state and state.get("seconds_since_last_record") is not None:
         out["seconds_since_last_record"] = state["seconds_since_last_record"]
@@ -215,7 +219,10 @@ NUMBERS_LEGEND = {
                                                    "(entropy as a fraction of ln(n_actions))",
     "lr_peak / lr_current": "raw logged learning rate: the maximum, the last",
     "steps_per_s": "(last step - first step) / (last - first history _timestamp), from the records",
-    "latest_image_psnr_db": "PSNR of the newest grid's outputs against its originals, aligned cells",
+    "latest_image_psnr_db": "PSNR of the newest grid's outputs against its originals, aligned cells (median)",
+    "latest_image_gain_db / latest_image_reference": "that PSNR minus the best of the references from the same "
+                                                     "grid (mean frame, background = per-pixel median, black "
+                                                     "frame, dynamics: the previous frame copied)",
 }
 
 

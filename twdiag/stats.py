@@ -688,34 +688,45 @@ def action_findings(a: dict, t: dict, stage: str, evidence: str | None, source: 
     share = u.get("late_single_action_share")
     enorm = e.get("late_normalized")
     steps = [s for s in (a.get("steps") or [])][-1:]
-    if (share is not None and share >= th["single_share_critical"]) or \
-            (enorm is not None and enorm < th["entropy_critical"]):
-        return [Finding("action_collapse", "critical", stage, "unique_actions", share,
-                        th["single_share_critical"], steps, evidence,
+    # A finding's metric, value and threshold are those of the condition that
+    # fired (the first, when several did); the message lists every one.
+    if share is not None and share >= th["single_share_critical"]:
+        fired = ("late_single_action_share", share, th["single_share_critical"])
+    elif enorm is not None and enorm < th["entropy_critical"]:
+        fired = ("late_entropy_fraction", enorm, th["entropy_critical"])
+    else:
+        fired = None
+    if fired:
+        return [Finding("action_collapse", "critical", stage, *fired, steps, evidence,
                         f"latent actions collapsed ({source}): {_pct(share)} of late steps use one action, "
                         f"late entropy {e.get('late_mean')} ({_pct(enorm)} of ln(n_actions))")]
-    reasons = []
+    reasons = []  # (metric, value, threshold, text)
     if share is not None and share >= th["single_share_watch"]:
-        reasons.append(f"{_pct(share)} of late steps use a single action")
+        reasons.append(("late_single_action_share", share, th["single_share_watch"],
+                        f"{_pct(share)} of late steps use a single action"))
     if enorm is not None and enorm < th["entropy_watch"]:
-        reasons.append(f"late entropy {e['late_mean']} is {_pct(enorm)} of ln({a['n_actions']}) = "
-                       f"{e['max_possible']}")
+        reasons.append(("late_entropy_fraction", enorm, th["entropy_watch"],
+                        f"late entropy {e['late_mean']} is {_pct(enorm)} of ln({a['n_actions']}) = {e['max_possible']}"))
     frac = u.get("late_fraction_of_actions")
     if frac is not None and frac < th["unique_fraction_watch"]:
-        reasons.append(f"a batch uses {u['late_mean']} of {a['n_actions']} actions on average late")
+        reasons.append(("late_fraction_of_actions", frac, th["unique_fraction_watch"],
+                        f"a batch uses {u['late_mean']} of {a['n_actions']} actions on average late"))
     if not frozen:
         best = max(u.get("early_mean") or 0, u.get("mid_mean") or 0)
         if u.get("late_mean") is not None and best and u["late_mean"] / best < th["unique_drop_watch"]:
-            reasons.append(f"unique_actions fell from a mean of {best} to {u['late_mean']}")
+            reasons.append(("unique_actions_late_over_best", _r(u["late_mean"] / best, 4), th["unique_drop_watch"],
+                            f"unique_actions fell from a mean of {best} to {u['late_mean']}"))
         drop = e.get("late_over_best_phase")
         if drop is not None and drop < th["entropy_drop_watch"]:
-            reasons.append(f"entropy fell to {_pct(drop)} of its best phase "
-                           f"({max(e['early_mean'], e['mid_mean'])} -> {e['late_mean']})")
+            reasons.append(("entropy_late_over_best", drop, th["entropy_drop_watch"],
+                            f"entropy fell to {_pct(drop)} of its best phase "
+                            f"({max(e['early_mean'], e['mid_mean'])} -> {e['late_mean']})"))
     if not reasons:
         return []
-    return [Finding("action_diversity_narrowing", "watch", stage, "action_entropy", enorm,
-                    th["entropy_watch"], steps, evidence,
-                    f"action diversity is narrowing, not collapsed ({source}): " + "; ".join(reasons))]
+    metric, value, threshold, _ = reasons[0]
+    return [Finding("action_diversity_narrowing", "watch", stage, metric, value, threshold, steps, evidence,
+                    f"action diversity is narrowing, not collapsed ({source}): "
+                    + "; ".join(r[3] for r in reasons))]
 
 
 def _phases(values: np.ndarray) -> list[np.ndarray]:

@@ -231,22 +231,26 @@ def write_checkpoint(stage_dir: Path, stage: str, step: int, seed: int = 0, widt
 
     import torch
     g = torch.Generator().manual_seed(seed + step)
+    cfg = dict(config or stage_config(stage))
+    if width != 16:
+        cfg["embed_dim"] = width
     model = {f"encoder.layers.{i}.weight": torch.randn(width, width, generator=g) * 0.1 * scale
              for i in range(3)}
     model.update({f"encoder.layers.{i}.bias": torch.zeros(width) for i in range(3)})
+    model.update(_tinyworlds_tensors(stage, cfg, width, g, scale))
     if nan:
         model["encoder.layers.0.weight"][0, 0] = float("nan")
     names = list(model)
     optim = {"state": {i: {"step": torch.tensor(float(step + 1)),
                            "exp_avg": torch.zeros_like(model[k]),
                            "exp_avg_sq": torch.zeros_like(model[k])} for i, k in enumerate(names)},
-             "param_groups": [{"lr": 1e-3, "weight_decay": 0.01, "params": list(range(0, 3))},
-                              {"lr": 1e-3, "weight_decay": 0.0, "params": list(range(3, 6))}]}
+             "param_groups": [{"lr": 1e-3, "weight_decay": 0.01, "params": list(range(0, len(names) // 2))},
+                              {"lr": 1e-3, "weight_decay": 0.0, "params": list(range(len(names) // 2, len(names)))}]}
     device_cls = _custom_config_class("utils.config", "DeviceType")
     try:
         state = {"scheduler_state_dict": None if stage == "latent_actions" else
                  {"last_epoch": step + 1, "base_lrs": [1e-3, 1e-3]},
-                 "config": dict(config or stage_config(stage), device=device_cls()),
+                 "config": dict(cfg, device=device_cls()),
                  "step": step, "timestamp": f"2026_11_28_06_{35 + step // 60:02d}_00"}
         d = stage_dir / "checkpoints" / f"{stage}_step_{step}"
         d.mkdir(parents=True, exist_ok=True)
@@ -257,6 +261,25 @@ def write_checkpoint(stage_dir: Path, stage: str, step: int, seed: int = 0, widt
         sys.modules.pop("utils.config", None)
         sys.modules.pop("utils", None)
     return d
+
+
+def _tinyworlds_tensors(stage: str, cfg: dict, width: int, g, scale: float) -> dict:
+    """The keys and shapes a TinyWorlds model of this stage registers for this
+    config (architectures.yaml), so the checkpoint passes the architecture
+    check; dimensions the config does not give get `width`."""
+    import torch
+
+    from . import architecture
+    spec = architecture.spec().get(stage) or {"keys": {}}
+    fields = architecture._fields(cfg)
+    blocks = int(cfg.get("num_blocks") or 1)
+    out = {}
+    for pattern, shape in spec["keys"].items():
+        dims = [architecture._eval(d, fields) for d in shape]
+        dims = [d if d is not None else width for d in dims]
+        for key in ([pattern.replace("{i}", str(i)) for i in range(blocks)] if "{i}" in pattern else [pattern]):
+            out[key] = torch.randn(*dims, generator=g) * 0.1 * scale
+    return out
 
 
 # --- image grids ----------------------------------------------------------------

@@ -294,7 +294,7 @@ def input_dependence(orig: np.ndarray, pred: np.ndarray, keep: np.ndarray | None
     return diag - off
 
 
-def fidelity(orig: np.ndarray, pred: np.ndarray, mask_grey: bool) -> dict:
+def fidelity(orig: np.ndarray, pred: np.ndarray, mask_grey: bool, cols: int = 4) -> dict:
     """PSNR and SSIM, cell by cell, for aligned cells. With `mask_grey`
     (dynamics), the grey masked patches of the input are left out of PSNR."""
     keep = np.ones(orig.shape[:3], bool)
@@ -307,13 +307,29 @@ def fidelity(orig: np.ndarray, pred: np.ndarray, mask_grey: bool) -> dict:
     use = counts >= 0.05 * keep[0].size
     if not use.any():
         return {}
-    sq = _gray((orig - pred) ** 2)
-    mse = (sq * keep).sum(axis=(1, 2))[use] / counts[use]
-    psnr = np.where(mse < 1e-10, 99.0, 10 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-10)))
+    def psnr_of(guess: np.ndarray) -> float:
+        sq = _gray((orig - guess) ** 2)
+        mse = (sq * keep).sum(axis=(1, 2))[use] / counts[use]
+        return float(np.median(np.where(mse < 1e-10, 99.0, 10 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-10)))))
+
+    psnr = psnr_of(pred)
     ssim = _block_ssim(_gray(orig[use]), _gray(pred[use]))
-    return {"psnr_db": round(float(np.median(psnr)), 3), "ssim": round(float(np.nanmean(ssim)), 4),
+    # References from the same grid: what a model that learned nothing about
+    # the frames would score on these pixels. Fidelity is read as a gain over them.
+    refs = {"mean_frame": psnr_of(np.broadcast_to(orig.mean(axis=0), orig.shape)),
+            "background": psnr_of(np.broadcast_to(np.median(orig, axis=0), orig.shape)),
+            "black_frame": psnr_of(np.zeros_like(orig))}
+    if mask_grey and len(orig) >= cols and len(orig) % cols == 0:
+        prev = orig.copy()
+        prev[1:] = orig[:-1]
+        prev[::cols] = orig[::cols]  # a row's first frame has no earlier one: itself
+        refs["copy_previous_frame"] = psnr_of(prev)
+    best = max(refs, key=refs.get)
+    return {"psnr_db": round(psnr, 3), "ssim": round(float(np.nanmean(ssim)), 4),
             "input_dependence": round(input_dependence(orig, pred, keep if mask_grey else None), 4),
-            "cells_compared": int(use.sum())}
+            "cells_compared": int(use.sum()),
+            "reference_psnr_db": {k: round(v, 3) for k, v in refs.items()},
+            "best_reference": best, "gain_over_best_reference_db": round(psnr - refs[best], 3)}
 
 
 def _aligned(stage: str, orig: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
@@ -353,7 +369,7 @@ def analyse_image(img: ImageFile, t: dict, keep_thumb: bool = False) -> ImageRes
                    "original": _strip(m_in), "output": _strip(m_out)}
     pairs = _aligned(img.stage, orig, pred)
     if pairs is not None and pairs[0].shape == pairs[1].shape:
-        res.metrics["fidelity"] = fidelity(*pairs, mask_grey=img.stage == "dynamics")
+        res.metrics["fidelity"] = fidelity(*pairs, mask_grey=img.stage == "dynamics", cols=t["grid_columns"])
     res.flags, res.why = image_flags(m_in, m_out, res.metrics.get("fidelity", {}), t)
     res.metrics["output"]["flat_share"] = m_out["flat_share"]
     return res
@@ -398,7 +414,11 @@ def image_flags(m_in: dict, m_out: dict, fid: dict, t: dict) -> tuple[list[str],
         why["input_independent_output"] = "; ".join(parts)
     if fid and not flags and (fid["psnr_db"] < t["psnr_min_db"] or fid["ssim"] < t["ssim_min"]):
         flags.append("low_fidelity")
-        why["low_fidelity"] = f"PSNR {fid['psnr_db']:.1f} dB, SSIM {fid['ssim']:.2f}"
+        why["low_fidelity"] = (f"PSNR {fid['psnr_db']:.1f} dB, SSIM {fid['ssim']:.2f}; on the same pixels the "
+                               f"{fid['best_reference'].replace('_', ' ')} scores "
+                               f"{fid['reference_psnr_db'][fid['best_reference']]:.1f} dB "
+                               f"(gain {fid['gain_over_best_reference_db']:+.1f} dB)"
+                               if fid.get("best_reference") else f"PSNR {fid['psnr_db']:.1f} dB, SSIM {fid['ssim']:.2f}")
     return flags, why
 
 
