@@ -59,9 +59,17 @@ def png_bytes(fig) -> bytes:
 def _plain_log_ticks(axis) -> None:
     """Log-axis tick labels as plain numbers ("100", "0.001"), not mathtext
     ("$10^{2}$"): parsing mathtext was a third of drawing a figure."""
-    from matplotlib.ticker import FuncFormatter, NullFormatter
+    import math
+
+    from matplotlib.ticker import FuncFormatter
+
+    def minor(v, _pos):  # 2 and 5 of each decade, so a short log axis still reads
+        if v <= 0:
+            return ""
+        lead = round(v / 10 ** math.floor(math.log10(v)))
+        return f"{v:g}" if lead in (2, 5) else ""
     axis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
-    axis.set_minor_formatter(NullFormatter())
+    axis.set_minor_formatter(FuncFormatter(minor))
 
 
 def _envelope(steps: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -136,7 +144,7 @@ def _lr_axes(ax, frame: pd.DataFrame, metrics: dict):
     s, lo, hi = _envelope(s, v)
     ax2.plot(s, hi, color="tab:purple", lw=1, alpha=0.7, label=f"learning rate ({key})")
     ax2.set_ylabel("learning rate", color="tab:purple")
-    ax2.tick_params(axis="y", colors="tab:purple")
+    ax2.tick_params(axis="y", which="both", colors="tab:purple")
     ax2.set_yscale("log")
     _plain_log_ticks(ax2.yaxis)
     return ax2

@@ -8,7 +8,8 @@ section, and `<img onerror=...>` is raw HTML. So:
 - `terminal(s)`: escape sequences removed, other control characters shown as
   `\\xNN`, newlines as `\\n` (one log line stays one line);
 - `markdown(s)`: the same, on one line, with backticks turned into `ˋ` (they
-  would close our code spans), `<`, `>` as entities (no raw HTML), and `*`,
+  would close our code spans), a `<` that could open a tag as `&lt;` (no raw
+  HTML; "loss < 2" stays as it is), and `*`,
   `|` escaped (no forged emphasis, no broken table cells).
 
 The JSON keeps every value exactly; only what is shown is changed.
@@ -20,6 +21,7 @@ import re
 # CSI (ESC [ ... final byte), OSC (ESC ] ... BEL or ST), and two-byte ESC sequences
 _ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-_]?|\x9b[0-?]*[ -/]*[@-~]")
 _CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_TAG_START = re.compile(r"<(?=[A-Za-z/!?])")  # only a "<" that could open an HTML tag or comment
 
 
 def _controls(s: str) -> str:
@@ -33,7 +35,7 @@ def terminal(s: str) -> str:
 
 def markdown(s: str) -> str:
     s = _controls(s).replace("\r", " ").replace("\n", " ").replace("\t", " ")
-    s = s.replace("`", "ˋ").replace("<", "&lt;").replace(">", "&gt;")
+    s = _TAG_START.sub("&lt;", s.replace("`", "ˋ"))
     return s.replace("*", "\\*").replace("|", "\\|")
 
 
