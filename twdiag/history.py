@@ -44,30 +44,6 @@ def _limits() -> dict:
 _MAX_STEP = 1 << 53  # a float holds every integer step up to here exactly
 
 
-def parse_step(text: str | None, fallback: int) -> int | None:
-    """A history row's `_step` item (or the record's own step when it has
-    none) as an int; None when it is not a finite integer in [0, 2**53)."""
-    if text is None:
-        value = fallback
-    else:
-        try:
-            number = float(text)
-        except (TypeError, ValueError):
-            return None
-        if not (0 <= number < _MAX_STEP) or number != number:
-            return None
-        value = int(number)
-    return value if 0 <= value < _MAX_STEP else None
-_INT_RE = re.compile(r"-?\d+(?:\x00-?\d+)*")
-_OUTPUT_KINDS = ("output", "output_raw", "output_logger")
-
-# Files above this size are decoded in block ranges on several processes.
-PARALLEL_MIN_BYTES = 32 * 1024 * 1024
-# At most this many decode processes: each holds its range's columns, and
-# past a few the merge and the forks cost more than a range saves.
-MAX_WORKERS = 4
-
-
 @dataclass
 class RunLog:
     """Everything one `.wandb` file says, as plain Python and pandas objects."""
@@ -164,36 +140,39 @@ def _item_value_json(item) -> str:
     return json.dumps(getattr(item, kind))
 
 
-_VALUE = ("value",)  # a node's own value in the replay tree (config keys are strings: no clash)
-
-
 class _Replay:
-    """Summary/config replay on raw JSON text, as a tree keyed by path parts.
+    """Summary/config replay on raw JSON text, as a tree keyed by path parts:
+    a leaf is the value's JSON text, an inner node a dict.
 
     Setting a path replaces its subtree and turns any value on the way into a
     dict (last writer wins, as wandb's own replay); removing a path drops its
     subtree. Each costs the path's length, whatever the tree holds, so a
-    record setting 60k keys and the next removing them is linear."""
+    record setting 60k keys and the next removing them is linear. A one-part
+    path (nearly every summary item) is one dict assignment."""
 
     def __init__(self) -> None:
         self.tree: dict = {}
         self.removed: list[tuple] = []  # kept so a later range can be merged
 
     def update(self, items: Iterable) -> None:
+        tree = self.tree
         for it in items:
             nk = it.nested_key
-            path = tuple(nk) if nk else (it.key,)
-            self._set(path, it.value_json)
+            if not nk:
+                tree[it.key] = it.value_json
+            elif len(nk) == 1:
+                tree[nk[0]] = it.value_json
+            else:
+                self._set(tuple(nk), it.value_json)
 
     def _set(self, path: tuple, text: str) -> None:
         node = self.tree
         for part in path[:-1]:
             child = node.get(part)
-            if child is None:
+            if not isinstance(child, dict):  # absent, or a value that now becomes a dict
                 child = node[part] = {}
-            child.pop(_VALUE, None)  # a value on the way becomes a dict
             node = child
-        node[path[-1]] = {_VALUE: text}
+        node[path[-1]] = text
 
     def remove(self, items: Iterable) -> None:
         for it in items:
@@ -205,7 +184,7 @@ class _Replay:
         node = self.tree
         for part in path[:-1]:
             node = node.get(part)
-            if node is None:
+            if not isinstance(node, dict):
                 return
         node.pop(path[-1], None)
 
@@ -219,12 +198,10 @@ class _Replay:
         while stack:
             prefix, node = stack.pop()
             for key, child in node.items():
-                if key == _VALUE:
-                    continue
-                if _VALUE in child:
-                    self._set(prefix + (key,), child[_VALUE])
-                else:
+                if isinstance(child, dict):
                     stack.append((prefix + (key,), child))
+                else:
+                    self._set(prefix + (key,), child)
 
     def build(self) -> tuple[dict, int]:
         errors = [0]
@@ -233,16 +210,13 @@ class _Replay:
     def _build(self, node: dict, errors: list) -> dict:
         out: dict = {}
         for key, child in node.items():
-            if key == _VALUE:
-                continue
-            if _VALUE in child:
-                text = child[_VALUE]
-                value = _decode_json(text) if text else None
-                if isinstance(value, str) and text and not text.startswith('"'):
-                    errors[0] += 1
-                out[key] = value
-            else:
+            if isinstance(child, dict):
                 out[key] = self._build(child, errors)
+                continue
+            value = _decode_json(child) if child else None
+            if isinstance(value, str) and child and not child.startswith('"'):
+                errors[0] += 1
+            out[key] = value
         return out
 
 
@@ -278,6 +252,8 @@ class _Decoder:
         self.bad_steps: list = []
         self.n_bad_steps = 0
         self.dropped_items = 0    # history items past limits.max_row_items / max_history_columns
+        self.max_row_items = int(_limits()["max_row_items"])
+        self.max_columns = int(_limits()["max_history_columns"])
         self.console_cut = 0      # output records cut to limits.console_line_bytes
 
     def feed(self, rec, kind: str | None) -> None:
@@ -297,10 +273,9 @@ class _Decoder:
         cols = self.cols
         step = None
         items = h.item
-        limits = _limits()
-        if len(items) > limits["max_row_items"]:
-            self.dropped_items += len(items) - limits["max_row_items"]
-            items = items[:limits["max_row_items"]]
+        if len(items) > self.max_row_items:
+            self.dropped_items += len(items) - self.max_row_items
+            items = items[:self.max_row_items]
         for item in items:
             nk = item.nested_key
             if nk:
@@ -313,7 +288,7 @@ class _Decoder:
                 continue
             col = cols.get(key)
             if col is None:
-                if len(cols) >= limits["max_history_columns"]:
+                if len(cols) >= self.max_columns:
                     self.dropped_items += 1
                     continue
                 col = cols[key] = _Column()
@@ -321,8 +296,15 @@ class _Decoder:
             col.raw.append(text)
         if step is not None:
             self.saw_step_item = True
-        value = parse_step(step, h.step.num)
-        if value is None:  # this row only: dropped when the frame is built
+        if step is None:
+            value = h.step.num
+        else:
+            try:
+                number = float(step)
+            except (TypeError, ValueError):
+                number = -1.0
+            value = int(number) if 0 <= number < _MAX_STEP else -1  # NaN compares False
+        if value < 0:  # this row only: dropped when the frame is built
             self.n_bad_steps += 1
             if len(self.bad_steps) < 10:
                 self.bad_steps.append((row, str(step)[:40]))
