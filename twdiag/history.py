@@ -42,6 +42,14 @@ def _limits() -> dict:
 
 
 _MAX_STEP = 1 << 53  # a float holds every integer step up to here exactly
+_INT_RE = re.compile(r"-?\d+(?:\x00-?\d+)*")
+_OUTPUT_KINDS = ("output", "output_raw", "output_logger")
+
+# Files above this size are decoded in block ranges on several processes.
+PARALLEL_MIN_BYTES = 32 * 1024 * 1024
+# At most this many decode processes: each holds its range's columns, and
+# past a few the merge and the forks cost more than a range saves.
+MAX_WORKERS = 4
 
 
 @dataclass
