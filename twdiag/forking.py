@@ -48,25 +48,3 @@ def starmap(fn: Callable, jobs: Iterable[tuple], workers: int | None = None) -> 
         return [fn(*job) for job in jobs]
     with multiprocessing.get_context("fork").Pool(n, initializer=quiet_child) as pool:
         return pool.starmap(fn, jobs, chunksize=1)
-
-
-class Pending:
-    """A call running in one forked child (`start`); `get()` waits for it."""
-
-    def __init__(self, fn: Callable, args: tuple):
-        self.fn, self.args = fn, args
-        self._pool = multiprocessing.get_context("fork").Pool(1, initializer=quiet_child)
-        self._result = self._pool.apply_async(fn, args)
-
-    def get(self):
-        try:
-            return self._result.get()
-        finally:
-            self._pool.close()
-            self._pool.join()
-
-
-def start(fn: Callable, args: tuple) -> Pending | None:
-    """fn(*args) in a forked child while this process goes on, or None when
-    forking is not safe here (the caller then runs it itself)."""
-    return Pending(fn, args) if can_fork() else None

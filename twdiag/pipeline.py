@@ -14,7 +14,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 
-from . import bundle as bundle_mod, checkpoints, crossstage, fallback, forking, logs, outputs, runstate, safefs, stats
+from . import bundle as bundle_mod, checkpoints, crossstage, fallback, logs, outputs, runstate, stats
 
 PARTS = ("stats", "checkpoints", "visuals")
 
@@ -96,15 +96,6 @@ def run(b: bundle_mod.Bundle, thresholds: dict, parts: tuple[str, ...] = PARTS, 
     calls (keyed by path and file signature)."""
     a = Analysis(b, thresholds, time.time() if now is None else float(now), deep)
     started = time.perf_counter()
-    # The images need nothing else: decode them in a child while this process
-    # decodes the logs and checks the checkpoints (PNG decoding is most of a
-    # small bundle's analysis). Not with a cache (--follow keeps results here).
-    # Only beside small logs: while a child runs, big logs cannot fork their
-    # own decode workers (no fork beside the pool's threads), and those matter more.
-    from .history import PARALLEL_MIN_BYTES
-    small_logs = all((safefs.size_of(w.path) or 0) < PARALLEL_MIN_BYTES for w in b.wandb_files)
-    images = "visuals" in parts and cache is None and small_logs and any(s.images for s in b.stages.values())
-    pending = forking.start(_analyse_images, (b, thresholds, count)) if images else None
     with _Guard(a, "decode"):
         if b.wandb_files or b.tables:
             progress("decoding W&B logs")
@@ -116,14 +107,10 @@ def run(b: bundle_mod.Bundle, thresholds: dict, parts: tuple[str, ...] = PARTS, 
         a.copy, a.states, a.state_findings = runstate.judge(a.histories, a.now, thresholds)
     if "visuals" in parts:
         with _Guard(a, "visuals"):
+            from . import visuals
             progress("visuals: image grids and contact sheet")
-            if pending is not None:
-                a.visuals = pending.get()
-                b.skipped += a.visuals["doc"]["skipped"]  # the child's copy of the bundle took them
-            else:
-                from . import visuals
-                a.visuals = visuals.analyse(b, thresholds, count, progress=progress,
-                                            cache=None if cache is None else cache.setdefault("images", {}))
+            a.visuals = visuals.analyse(b, thresholds, count, progress=progress,
+                                        cache=None if cache is None else cache.setdefault("images", {}))
     if "checkpoints" in parts:
         with _Guard(a, "checkpoints"):
             progress("checkpoints: structure and allowlist, then deep scans where they decide")
@@ -143,12 +130,6 @@ def run(b: bundle_mod.Bundle, thresholds: dict, parts: tuple[str, ...] = PARTS, 
         a.cross = {"findings": found["findings"], "facts": a.cross["facts"] + found["facts"]}
     a.timings["total_s"] = round(time.perf_counter() - started, 3)
     return a
-
-
-def _analyse_images(b: bundle_mod.Bundle, thresholds: dict, count: int | None) -> dict:
-    """visuals.analyse in a child (see run)."""
-    from . import visuals
-    return visuals.analyse(b, thresholds, count, progress=lambda m: None)
 
 
 def _lineage(a: Analysis) -> None:
