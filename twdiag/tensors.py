@@ -90,15 +90,19 @@ class Measure:
         for c in chunks:
             if np.iscomplexobj(c):
                 c = np.abs(c)
-            finite = np.isfinite(c)
-            k = int(c.size - np.count_nonzero(finite))
-            nonfinite += k
-            c = c[finite] if k else c
-            if c.size:
-                c64 = np.abs(c.astype(np.float64, copy=False).ravel())
-                self.sumsq += float(np.dot(c64, c64))
-                self.maxabs = max(self.maxabs, float(c64.max()))
-            self.elements += int(finite.size)
+            self.elements += int(c.size)
+            if not c.size:
+                continue
+            if not np.isfinite(c).all():  # rare: count them, measure the rest
+                finite = np.isfinite(c)
+                nonfinite += int(c.size - np.count_nonzero(finite))
+                c = c[finite]
+                if not c.size:
+                    continue
+            # float64 accumulation without a float64 copy of the chunk (einsum
+            # casts in buffers); |w| max from max and min, no abs() copy
+            self.sumsq += float(np.einsum("i,i->", c.ravel(), c.ravel(), dtype=np.float64))
+            self.maxabs = max(self.maxabs, float(c.max()), -float(c.min()))
         if nonfinite:
             self.bad.append((key, nonfinite))
 
