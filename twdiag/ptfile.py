@@ -363,11 +363,7 @@ def _check_storages(fc: FileCheck) -> None:
         if ref != (t.storage_type, t.storage_numel):
             fc.problem("corrupt", f"storage {t.storage_key} is described two ways")
             return
-        stride = t.stride if t.stride is not None else tensors._contiguous(t.shape)
-        numel = 1
-        for n in t.shape:
-            numel *= n
-        extent = (t.offset + sum((n - 1) * s for n, s in zip(t.shape, stride)) + 1) if numel else 0
+        extent = safe_pickle.extent(t.shape, t.stride, t.offset)
         itemsize = safe_pickle.STORAGE_ITEMSIZE.get(t.storage_type, 1)
         elem = tensors.numpy_dtype(t.dtype)
         elem_size = elem[0].itemsize if elem else itemsize

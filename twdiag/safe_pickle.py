@@ -116,19 +116,25 @@ class TensorInfo:
 
     @property
     def extent(self) -> int:
-        """Storage elements the tensor reaches: offset + last index + 1 (0 when empty)."""
-        if not self.numel:
-            return 0
-        stride = self.stride if self.stride is not None else _contiguous(self.shape)
-        return self.offset + sum((n - 1) * s for n, s in zip(self.shape, stride)) + 1
+        return extent(self.shape, self.stride, self.offset)
 
 
-def _contiguous(shape: tuple) -> tuple:
+def contiguous(shape: tuple) -> tuple:
+    """Row-major strides (in elements) of a shape."""
     out, acc = [], 1
     for n in reversed(shape):
         out.append(acc)
         acc *= max(n, 1)
     return tuple(reversed(out))
+
+
+def extent(shape: tuple, stride: tuple | None, offset: int) -> int:
+    """Storage elements a tensor reaches: offset + its last index + 1 (0 when
+    it has no elements). `stride` None means contiguous."""
+    if not math.prod(shape):
+        return 0
+    stride = stride if stride is not None else contiguous(shape)
+    return offset + sum((n - 1) * s for n, s in zip(shape, stride)) + 1
 
 
 class Inert:

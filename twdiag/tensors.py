@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import safe_pickle
+
 # storage class name (or v3 dtype name) -> (numpy dtype code, floating?)
 _DTYPES = {
     "float": ("f4", True), "float32": ("f4", True), "double": ("f8", True), "float64": ("f8", True),
@@ -120,25 +122,16 @@ def tensor_view(mm: mmap.mmap, rec: TensorRecord, data_offset: int, entry_size: 
         raise ScanError(f"dtype {rec.dtype} has no numpy view")
     dt, floating, bf16 = found
     shape = tuple(int(n) for n in rec.shape)
-    stride = rec.stride if rec.stride is not None else _contiguous(shape)
-    numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
-    extent = (rec.offset + sum((n - 1) * s for n, s in zip(shape, stride)) + 1) if numel else 0
-    if extent * dt.itemsize > entry_size:
-        raise ScanError(f"tensor {rec.key} {list(shape)} reaches element {extent:,}, past its storage "
+    stride = rec.stride if rec.stride is not None else safe_pickle.contiguous(shape)
+    reach = safe_pickle.extent(shape, stride, rec.offset)
+    if reach * dt.itemsize > entry_size:
+        raise ScanError(f"tensor {rec.key} {list(shape)} reaches element {reach:,}, past its storage "
                         f"({entry_size // dt.itemsize:,} elements)")
-    if not numel:
+    if not reach:
         return np.empty(shape, dtype=dt), floating, bf16
     arr = np.ndarray(shape, dtype=dt, buffer=mm, offset=data_offset + rec.offset * dt.itemsize,
                      strides=tuple(s * dt.itemsize for s in stride))
     return arr, floating, bf16
-
-
-def _contiguous(shape: tuple) -> tuple:
-    out, acc = [], 1
-    for n in reversed(shape):
-        out.append(acc)
-        acc *= max(n, 1)
-    return tuple(reversed(out))
 
 
 def chunks(arr: np.ndarray, bf16: bool, chunk_elems: int):
