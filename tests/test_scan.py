@@ -146,3 +146,16 @@ def test_index_html_renders_with_its_plot(scanned, tmp_path):
     subprocess.run([BROWSER, *FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,1400",
                     f"--screenshot={shot}", (out / "index.html").as_uri()], capture_output=True, timeout=120)
     assert shot.is_file() and shot.stat().st_size > 20_000
+
+
+def test_a_query_answers_from_the_tables_diagnose_saved_until_the_bundle_changes(tmp_path):
+    b = tmp_path / "b"
+    shutil.copytree(EXAMPLES / "bundle-unhealthy", b, ignore=shutil.ignore_patterns("docs"))
+    code, _, _ = cli("diagnose", str(b))  # default out dir: b/docs/action, tables saved there
+    assert code == 0 and (b / "docs" / "action" / "tables" / "history.parquet").is_file()
+    code, doc, _ = cli("query", str(b), "SELECT count(*) AS n FROM history")
+    assert doc["source"].startswith("the tables its last diagnose saved") and doc["rows"] == [{"n": 1402}]
+    log = sorted(b.glob("wandb/*/*.wandb"))[-1]
+    log.write_bytes(log.read_bytes()[:-100])  # the bundle changed: decode again
+    code, doc, _ = cli("query", str(b), "SELECT count(*) AS n FROM history")
+    assert doc["source"] == "bundle, diagnosed on the fly"

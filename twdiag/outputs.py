@@ -156,6 +156,8 @@ class OutputSet:
                 raise OutputError(f"cannot create output dir {self.target}: {exc.strerror or exc}") from exc
         if name not in self._names and name != ".keep":
             self._names.append(name)
+        if "/" in name:  # a file in a subfolder of the set (tables/...)
+            (self._tmp / name).parent.mkdir(parents=True, exist_ok=True)
         return self._tmp / name
 
     def commit(self) -> dict[str, str]:
@@ -169,6 +171,8 @@ class OutputSet:
                 src = self._tmp / name
                 if src.exists():
                     os.chmod(src, mode)
+                    if "/" in name:
+                        self.final(name).parent.mkdir(parents=True, exist_ok=True)
                     os.replace(src, self.final(name))
                     self.committed[name] = str(self.final(name))
         self.abort()

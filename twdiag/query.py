@@ -46,15 +46,48 @@ def referenced(sql: str) -> set[str]:
     return {t for t in tables.TABLES if re.search(rf"\b{t}\b", sql, re.IGNORECASE)}
 
 
+def saved_tables(bundle: Path) -> dict | None:
+    """The tables a diagnose of this bundle saved beside its report
+    (<out>/tables/, default out dir), when the bundle's content signature
+    still matches: the answer without decoding again."""
+    import importlib.util
+    import json as _json
+    if importlib.util.find_spec("pyarrow") is None:
+        return None
+    from . import outputs, scan
+    folder = outputs.default_out_dir(bundle) / "tables"
+    try:
+        saved = _json.loads((folder / "signature.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if saved.get("signature") != scan.signature(bundle):
+        return None
+    import pyarrow.parquet as pq
+    out = {}
+    for name in tables.TABLES:
+        path = folder / f"{name}.parquet"
+        if path.is_file():
+            out[name] = pq.read_table(path)
+    return out or None
+
+
 def bundle_tables(bundle: Path, thresholds: dict, needed: set[str] | None = None) -> dict:
-    """One bundle diagnosed on the fly, as tables. A query of the history
-    alone only decodes the logs: no checkpoint, image or report work."""
+    """One bundle's tables: those its last diagnose saved while it is unchanged,
+    else diagnosed on the fly. A query of the history alone then only decodes
+    the logs: no checkpoint, image or report work."""
     from . import bundle as bundle_mod, logs, pipeline, report
+    saved = saved_tables(bundle)
+    if saved is not None and (needed or set(tables.TABLES)) <= set(saved):
+        return saved
     b = bundle_mod.discover([bundle], {}, root=bundle, max_entries=int(thresholds["limits"]["max_dir_entries"]))
     if needed is not None and needed <= {"history"}:
         return {"history": tables.history_table(logs.load(b, progress=lambda m: None), str(bundle))}
     a = pipeline.run(b, thresholds, progress=lambda m: None)
     return tables.from_analysis(a, report.combine(a), str(bundle))
+
+
+def _from_saved(loaded: dict) -> bool:
+    return any(hasattr(t, "num_rows") for t in loaded.values())
 
 
 def check_sql(sql: str) -> None:
@@ -90,7 +123,10 @@ def run(target: Path, sql: str, thresholds: dict, limit: int = MAX_ROWS) -> dict
     finally:
         con.close()
     cut = len(rows) > limit
-    return {"source": "scan dataset" if is_dataset(target) else "bundle, diagnosed on the fly",
+    source = "scan dataset" if is_dataset(target) else (
+        "the tables its last diagnose saved (bundle unchanged since)" if _from_saved(loaded) else
+        "bundle, diagnosed on the fly")
+    return {"source": source,
             "tables": {n: int(t.num_rows if hasattr(t, "num_rows") else len(t)) for n, t in loaded.items()},
             "columns": columns, "rows": [dict(zip(columns, r)) for r in rows[:limit]],
             "row_count": min(len(rows), limit), "cut": cut,

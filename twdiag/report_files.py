@@ -37,6 +37,25 @@ def _loss_pngs(a, doc: dict) -> dict[str, bytes]:
         _DRAWING = None
 
 
+def _write_tables(a, doc: dict, outset) -> str | None:
+    """The diagnosis as the query tables (tables/<name>.parquet) with the
+    bundle's content signature, so `twdiag query BUNDLE` answers from them
+    instead of decoding again while the bundle is unchanged. Needs pyarrow;
+    without it, query decodes on the fly."""
+    import importlib.util
+    if importlib.util.find_spec("pyarrow") is None:
+        return None
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from . import scan, tables
+    for name, frame in tables.from_analysis(a, doc, str(a.bundle.root)).items():
+        pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), outset.path(f"tables/{name}.parquet"))
+    outset.write_json("tables/signature.json", {"bundle": str(a.bundle.root),
+                                                "signature": scan.signature(a.bundle.root)})
+    return str(outset.final("tables"))
+
+
 def write_report(a, cmp: dict | None, out: Path) -> dict:
     """Every output of a diagnosis, as one set; returns the diagnosis document."""
     from . import html_report, plots, report, visuals
@@ -59,6 +78,9 @@ def write_report(a, cmp: dict | None, out: Path) -> dict:
                     plots.close(fig)
                 if cmp["sheet"] is not None:
                     files["compare_sheet"] = str(outset.write_image("compare_sheet.png", cmp["sheet"]))
+            tables_dir = _write_tables(a, doc, outset)
+            if tables_dir:
+                files["tables"] = tables_dir
             files["checkpoints"] = str(outset.write_json(
                 "checkpoints.json", {s: [c.details() for c in r.checkpoints] for s, r in a.checkpoints.items()}))
             files["visuals"] = str(outset.write_json("visuals.json", (a.visuals or {}).get("details", {})))
