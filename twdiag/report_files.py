@@ -56,8 +56,9 @@ def _write_tables(a, doc: dict, outset) -> str | None:
     return str(outset.final("tables"))
 
 
-def write_report(a, cmp: dict | None, out: Path) -> dict:
-    """Every output of a diagnosis, as one set; returns the diagnosis document."""
+def write_report(a, cmp: dict | None, out: Path, save_tables: bool = True) -> dict:
+    """Every output of a diagnosis, as one set; returns the diagnosis document.
+    `save_tables=False`: no tables/ (a scan writes them into its dataset)."""
     from . import html_report, plots, report, visuals
     doc = None
     with outputs.OutputSet(out) as outset:
@@ -78,7 +79,7 @@ def write_report(a, cmp: dict | None, out: Path) -> dict:
                     plots.close(fig)
                 if cmp["sheet"] is not None:
                     files["compare_sheet"] = str(outset.write_image("compare_sheet.png", cmp["sheet"]))
-            tables_dir = _write_tables(a, doc, outset)
+            tables_dir = _write_tables(a, doc, outset) if save_tables else None
             if tables_dir:
                 files["tables"] = tables_dir
             files["checkpoints"] = str(outset.write_json(

@@ -122,7 +122,7 @@ def _diagnose_one(path: str, bid: str, out: str, thresholds: dict) -> dict:
         if b.empty:
             raise ValueError("no TinyWorlds logs, checkpoints or images")
         a = pipeline.run(b, thresholds, progress=lambda m: None)
-        doc = report_files.write_report(a, None, out_dir / "bundles" / bid)
+        doc = report_files.write_report(a, None, out_dir / "bundles" / bid, save_tables=False)
         if all(e["verdict"] == "missing" for e in doc["stages"].values()):  # as diagnose.py's exit 4
             raise ValueError("no TinyWorlds logs, checkpoints or images could be read: "
                              + "; ".join(f"{x.get('path')}: {x.get('reason')}" for x in doc["skipped"][:3]))
