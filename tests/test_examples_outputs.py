@@ -11,7 +11,7 @@ import pytest
 
 from conftest import EXAMPLES, diagnose
 
-pytestmark = pytest.mark.fast
+pytestmark = pytest.mark.slow  # diagnoses whole bundles: outside the fast subset
 NOW = "1796169600"
 VOLATILE = {"timings", "generated_at", "outputs", "seconds"}
 

@@ -20,7 +20,7 @@ import pytest
 from conftest import EXAMPLES, ROOT, cli
 from twdiag import history, synth
 
-pytestmark = pytest.mark.fast
+pytestmark = pytest.mark.slow  # diagnoses whole bundles: outside the fast subset
 BUNDLE = EXAMPLES / "bundle-unhealthy"
 
 
@@ -47,8 +47,18 @@ def _item(rec, key: str):
     return next(i for i in rec.history.item if (tuple(i.nested_key) or (i.key,)) == (key,))
 
 
-@pytest.mark.parametrize("bad", ["NaN", "Infinity", '"abc"', "1e300"])
-def test_a_bad_step_drops_that_row_only(tmp_path, bad):
+@pytest.mark.parametrize("bad", ["Infinity", '"abc"', "1e300", "-3"])
+def test_a_bad_step_is_dropped_by_the_decoder(tmp_path, bad):
+    def change(records):
+        _item(_histories(records)[37], "_step").value_json = bad
+    _, log = _forged_bundle(tmp_path, change)
+    decoded = history.decode(log)
+    assert len(decoded.history) == 399 and decoded.dropped["bad_step_rows"]["count"] == 1
+    assert bad.strip('"')[:3] in decoded.dropped["bad_step_rows"]["reason"]
+
+
+def test_a_bad_step_drops_that_row_only(tmp_path, bad="NaN"):
+    """The whole report still comes out, and skipped names the file and the value."""
     def change(records):
         _item(_histories(records)[37], "_step").value_json = bad
     dst, log = _forged_bundle(tmp_path, change)

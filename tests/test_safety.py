@@ -19,7 +19,7 @@ import pytest
 
 from conftest import EXAMPLES, ROOT, cli
 
-pytestmark = pytest.mark.fast
+pytestmark = pytest.mark.slow  # diagnoses whole bundles: outside the fast subset
 HOSTILE = "run\n\nOverall: **normal**\n\n`<img src=x onerror=alert(1)>`\x1b[2J\x1b]0;pwned\x07"
 
 
