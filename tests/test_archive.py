@@ -269,9 +269,9 @@ def test_memory_and_hash_bombs_stay_bounded(tmp_path):
     assert len(opt) < 2 << 20
     files["groups"] = _pickle_zip(root / "ck_step_1" / "optim_state_dict.pt", opt)
     # retained inflation: several files of ~1.2M empty sets each
-    for i in range(3):
+    for i in range(2):
         files[f"sets{i}"] = _pickle_zip(root / f"sets_step_{i}" / "state.pt",
-                                        b"\x80\x04](" + b"\x8f" * 1_200_000 + b"e.")
+                                        b"\x80\x04](" + b"\x8f" * 1_100_000 + b"e.")
     # a tuple of 3 million references to one object
     files["dups"] = _pickle_zip(root / "dups_step_1" / "state.pt",
                                 b"\x80\x04}(X\x04\x00\x00\x00step" + b"K\x01" + b"X\x01\x00\x00\x00t(K\x07"
@@ -306,7 +306,7 @@ print(json.dumps({{"files": out, "rss_mb": peak_mb(),
     assert doc["seconds"] < 60, doc
     f = doc["files"]
     assert any("1,600,000,000" in d for _, d in f["groups"]), f["groups"]
-    for i in range(3):
+    for i in range(2):
         assert f[f"sets{i}"][0][0] == "unsafe_pickle" and "containers" in f[f"sets{i}"][0][1]
     assert f["collide"][0][0] == "unsafe_pickle" and "collide" in f["collide"][0][1]
     # the duplicate flood is a legal pickle: bounded, and not a valid state.pt
