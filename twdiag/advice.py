@@ -24,6 +24,9 @@ from .rules import IMAGE_RULES, SEVERITY_ORDER
 ACTIONS_FILE = Path(__file__).with_name("actions.yaml")
 MAX_ACTIONS = 12
 _SEVERITY = {s: r for s, r in SEVERITY_ORDER.items() if s != "info"}  # actions for watch and critical only
+# Actions that stand whatever the data is (with degenerate data, the rest do not).
+DATA_INDEPENDENT = {"ckpt_unsafe_pickle", "log_unreadable", "crashed_at_startup", "run_exit_nonzero",
+                    "ckpt_invalid_ratio", "ckpt_latest_unusable", "stage_unverified"}
 
 
 @functools.lru_cache(maxsize=1)
@@ -233,6 +236,16 @@ def next_actions(stages: dict, stats_doc: dict, thresholds: dict, histories: dic
                 item["variant"] = variant
             if item["_also"]:
                 item["also"] = item["_also"]
+    if any(i["rule_id"] == "data_degenerate" for i in items):
+        # Broken data explains the rest: keep only what does not depend on it
+        # (unsafe files, unreadable logs, crashes); say what it covers.
+        keep = DATA_INDEPENDENT | {"data_degenerate"}
+        covered = sorted({i["rule_id"] for i in items if i["rule_id"] not in keep})
+        items = [i for i in items if i["rule_id"] in keep]
+        for i in items:
+            if i["rule_id"] == "data_degenerate" and covered:
+                i["action"] += f" (Covers: {', '.join(covered)}.)"
+                i["also"] = covered
     order = {s: i for i, s in enumerate(bundle_mod.STAGES)}
     items.sort(key=lambda a: (_SEVERITY[a["severity"]],
                               order.get(a["stage"], 9) if a["severity"] == "critical" else 0,

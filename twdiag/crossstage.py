@@ -142,10 +142,50 @@ def _dynamics_learns(a) -> tuple[bool, str]:
                     else "no dynamics loss")
 
 
+def degenerate_data(a) -> Finding | None:
+    """Every training input the same picture: the grids' original panels do
+    not vary across cells in any image of a stage trained on raw frames
+    (tokenizer, action model). The logs' symptoms (an action-encoder variance
+    of exactly 0, one action from step 0) are quoted beside it. A broken
+    data pipeline, not a training problem: no learning rate fixes it."""
+    t = a.thresholds["visuals"]
+    details = (a.visuals or {}).get("details") or {}
+    hits = []
+    for stage in ("video_tokenizer", "latent_actions"):
+        spreads = [((img.get("metrics") or {}).get("original") or {}).get("cross_cell_spread")
+                   for img in details.get(stage, []) if not img.get("error")]
+        spreads = [x for x in spreads if isinstance(x, (int, float))]
+        if spreads and max(spreads) < t["degenerate_input_spread"]:
+            hits.append((stage, len(spreads), max(spreads)))
+    if not hits:
+        return None
+    also = []
+    lam = ((a.stats["stages"].get("latent_actions") or {}).get("metrics") or {}).get("actions") or {}
+    var = lam.get("encoder_variance") or {}
+    if var and var.get("max") == 0:
+        also.append("latent_actions' encoder variance is exactly 0 in every logged step")
+    uniq = (lam.get("unique_actions") or {})
+    if uniq and uniq.get("max") == 1:
+        also.append("latent_actions chose one action in every logged batch")
+    stage, n, worst = hits[0]
+    where = "; ".join(f"{s}: {k} grid(s), input cross-cell spread at most {w:.4f}" for s, k, w in hits)
+    ev = (details.get(stage) or [{}])[-1].get("path")
+    return Finding("data_degenerate", "critical", stage, "input_cross_cell_spread", round(worst, 4),
+                   t["degenerate_input_spread"], [0], ev,
+                   f"every training input in the grids is the same picture ({where})"
+                   + (f"; {'; '.join(also)}" if also else "")
+                   + ": the data pipeline feeds one frame, so no stage trained on it learned anything usable")
+
+
 def reconcile_visuals(a) -> list[str]:
     """Adjust image findings by what their stage can show; returns facts."""
     vis = a.visual_stages
     facts: list[str] = []
+    data = degenerate_data(a)
+    if data is not None:  # filed before the fallbacks: no stage trained on this data is one
+        a.data_findings = [data]
+        facts.append("the training data looks degenerate (every input the same picture): the verdicts of "
+                     "all stages rest on it")
     tok = tokenizer_fidelity(a)
     if tok and tok["low"]:
         plateau = _loss_plateau(a, "video_tokenizer")

@@ -35,6 +35,7 @@ class Analysis:
     fallbacks: dict = field(default_factory=dict)          # stage -> fallback document
     dependencies: list = field(default_factory=list)
     dependency_findings: list = field(default_factory=list)
+    data_findings: list = field(default_factory=list)      # crossstage.degenerate_data: bundle-wide
     lineage: dict = field(default_factory=dict)            # stage -> lineage document
     lineage_findings: dict = field(default_factory=dict)   # stage -> [Finding]
     cross: dict = field(default_factory=lambda: {"findings": [], "facts": []})
@@ -51,6 +52,7 @@ class Analysis:
         out = list(((self.stats["stages"].get(stage) or {}).get("findings") or []))
         out += [f.to_dict() for f in self.state_findings.get(stage, [])]
         out += [f.to_dict() for f in self.lineage_findings.get(stage, [])]
+        out += [f.to_dict() for f in self.data_findings if f.stage == stage]
         res = self.checkpoints.get(stage)
         if res is not None:
             out += [f.to_dict() for f in res.findings]
@@ -152,7 +154,9 @@ def _fallbacks(a: Analysis) -> None:
     for stage, res in a.checkpoints.items():
         with _Guard(a, f"fallback_{stage}"):
             live = (a.states.get(stage) or {}).get("state") == "live"
-            onsets = (vis_stages.get(stage) or {}).get("onsets", {})
+            onsets = dict((vis_stages.get(stage) or {}).get("onsets", {}))
+            if a.data_findings:  # every stage trained on the degenerate data: none is a fallback
+                onsets["data_degenerate"] = 0
             a.fallbacks[stage] = fallback.decide(res, a.histories.get(stage), a.stats["stages"].get(stage),
                                                  onsets, a.thresholds, a.deep, live)
         with _Guard(a, f"checkpoint_findings_{stage}"):
