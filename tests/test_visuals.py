@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, tree_fingerprint
+from conftest import EXAMPLES, ROOT, tree_fingerprint
 from twdiag import bundle, rules, synth, visuals
 
 TS = synth.TS
@@ -228,3 +228,16 @@ def test_128px_frames_and_smoothed_drawings(tmp_path):
     # block centres survive bilinear smoothing at ~4x: still sampled exactly
     assert r.layout == "two_panel" and r.metrics["grid"]["frame"] == 64
     assert not {"flat_color", "input_independent_output", "striping"} & set(r.flags)
+
+
+def test_visuals_json_has_one_shape_from_diagnose_and_contact_sheet(tmp_path):
+    bundle = EXAMPLES / "bundle-weak-tokenizer"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "contact_sheet.py"), str(bundle), "--out-dir",
+                    str(tmp_path / "v")], capture_output=True, check=True)
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "diagnose.py"), str(bundle), "--out-dir",
+                    str(tmp_path / "d")], capture_output=True, check=True)
+    a = json.loads((tmp_path / "v" / "visuals.json").read_text())
+    b = json.loads((tmp_path / "d" / "visuals.json").read_text())
+    assert {"stages", "images", "skipped"} <= set(a) and {"stages", "images", "skipped"} <= set(b)
+    assert a["images"] == b["images"]
+    assert set(a["stages"]) == set(b["stages"]) and a["stages"]["dynamics"]["images"] == b["stages"]["dynamics"]["images"]

@@ -351,7 +351,7 @@ def _add_visuals(sub) -> None:
 
 
 def _run_visuals(args) -> tuple[dict, int]:
-    from . import rules, visuals
+    from . import report_files, rules, visuals
     if args.count is not None and args.count < 1:
         raise CliError("--count must be at least 1", EXIT_USAGE)
     a, t = _analysis(args, ("visuals",))
@@ -364,7 +364,8 @@ def _run_visuals(args) -> tuple[dict, int]:
             image = visuals.sheet(res, t)
             if image is not None:
                 doc["contact_sheet"] = str(outset.write_image("contact_sheet.png", image))
-            doc["details"] = str(outset.write_json("visuals.json", {**doc, "images": res["details"]}))
+            doc["details"] = str(outset.write_json("visuals.json", {**report_files.visuals_document(a),
+                                                                    "errors": a.errors}))
     if not any(v["images"] for v in doc["stages"].values()):
         return doc, EXIT_NO_INPUT
     if not any(v["analysed"] for v in doc["stages"].values()):

@@ -105,8 +105,11 @@ def tokenizer_fidelity(a) -> dict | None:
     dep = fid.get("input_dependence")
     reasons = []
     if len(psnr) >= 2 and late - psnr[0] < t["recon_min_gain_db"]:
-        reasons.append(f"late PSNR {late:.1f} dB never rose meaningfully above the first image's "
-                       f"{psnr[0]:.1f} dB (< {t['recon_min_gain_db']} dB gain)")
+        gain = late - psnr[0]
+        reasons.append(f"late PSNR {late:.1f} dB rose only {gain:+.1f} dB above the first image's "
+                       f"{psnr[0]:.1f} dB, under the {t['recon_min_gain_db']} dB a tokenizer needs"
+                       + (f" (the image trend reads 'improving' from {t['trend_db']} dB; that is not enough here)"
+                          if gain >= t["trend_db"] else ""))
     if late < t["recon_floor_db"]:
         reasons.append(f"late PSNR {late:.1f} dB is under the {t['recon_floor_db']} dB floor (a flat grey "
                        "frame scores about 6.5 dB on these frames)")

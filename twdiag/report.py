@@ -188,6 +188,8 @@ def key_numbers(stage: str, s: dict | None, v: dict | None, state: dict | None) 
                 out["latest_image_reference"] = (f"{fid['best_reference']}: "
                                                  f"{fid['reference_psnr_db'][fid['best_reference']]} dB")
         out["image_trend"] = (v.get("trend") or {}).get("trend")
+        if (v.get("trend") or {}).get("psnr_delta_db") is not None:
+            out["image_trend_db"] = v["trend"]["psnr_delta_db"]
     if state and state.get("seconds_since_last_record") is not None:
         out["seconds_since_last_record"] = state["seconds_since_last_record"]
     return out
@@ -219,6 +221,8 @@ NUMBERS_LEGEND = {
                                                    "(entropy as a fraction of ln(n_actions))",
     "lr_peak / lr_current": "raw logged learning rate: the maximum, the last",
     "steps_per_s": "(last step - first step) / (last - first history _timestamp), from the records",
+    "image_trend / image_trend_db": "the grids' PSNR, mean of the last third of images minus the first third; "
+                                    "'improving' from visuals.trend_db",
     "latest_image_psnr_db": "PSNR of the newest grid's outputs against its originals, aligned cells (median)",
     "latest_image_gain_db / latest_image_reference": "that PSNR minus the best of the references from the same "
                                                      "grid (mean frame, background = per-pixel median, black "

@@ -56,6 +56,13 @@ def _write_tables(a, doc: dict, outset) -> str | None:
     return str(outset.final("tables"))
 
 
+def visuals_document(a) -> dict:
+    """visuals.json: one shape whoever writes it (contact_sheet.py too): the
+    per-stage documents as they stand after crossstage, plus every image."""
+    res = a.visuals or {"doc": {"stages": {}}, "details": {}}
+    return {**res["doc"], "skipped": a.bundle.skipped, "images": res.get("details", {})}
+
+
 def write_report(a, cmp: dict | None, out: Path, save_tables: bool = True) -> dict:
     """Every output of a diagnosis, as one set; returns the diagnosis document.
     `save_tables=False`: no tables/ (a scan writes them into its dataset)."""
@@ -84,7 +91,7 @@ def write_report(a, cmp: dict | None, out: Path, save_tables: bool = True) -> di
                 files["tables"] = tables_dir
             files["checkpoints"] = str(outset.write_json(
                 "checkpoints.json", {s: [c.details() for c in r.checkpoints] for s, r in a.checkpoints.items()}))
-            files["visuals"] = str(outset.write_json("visuals.json", (a.visuals or {}).get("details", {})))
+            files["visuals"] = str(outset.write_json("visuals.json", visuals_document(a)))
             doc["outputs"] = files
             outset.write_text("diagnosis.md", report.markdown(doc))
             outset.write_text("diagnosis.html", html_report.render(doc, outset))
