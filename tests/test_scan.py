@@ -81,15 +81,21 @@ def test_a_second_scan_reuses_and_rediagnoses_only_a_changed_bundle(backups, sca
     assert [d["bundle"] for d in doc["diagnosed"]] == [str(changed)] and len(doc["reused"]) == 3
 
 
-def test_shards_cover_every_bundle_exactly_once(backups, tmp_path):
+def test_shards_cover_every_bundle_exactly_once(tmp_path):
+    root = tmp_path / "root"  # one real bundle and five broken ones: quick to diagnose, same sharding
+    shutil.copytree(EXAMPLES / "bundle-weak-tokenizer", root / "20261124_101500", ignore=shutil.ignore_patterns("docs"))
+    for k in range(5):
+        log = root / f"2026112{5 + k}_000000" / "wandb" / "offline-run-x-zz" / "run-zz.wandb"
+        log.parent.mkdir(parents=True)
+        log.write_bytes(b"junk")
     out = tmp_path / "sharded"
     seen = []
-    for i in range(2):
-        code, doc, _ = cli("scan", str(backups), "--out", str(out), "--shard", f"{i}/2", "--workers", "2")
+    for i in range(3):
+        code, doc, _ = cli("scan", str(root), "--out", str(out), "--shard", f"{i}/3", "--workers", "1")
         assert code == 0
         seen += [d["bundle"] for d in doc["diagnosed"]]
-    assert sorted(seen) == sorted(str(p) for p in scan.find_bundles([backups], 1000))
-    assert len(_q(out, "SELECT bundle FROM bundles")) == 4  # the shards' partitions read as one dataset
+    assert sorted(seen) == sorted(str(p) for p in scan.find_bundles([root], 1000)) and len(seen) == 6
+    assert len(_q(out, "SELECT bundle FROM bundles")) == 6  # the shards' partitions read as one dataset
 
 
 def test_a_query_reproduces_the_diagnosis_numbers(tmp_path):

@@ -234,10 +234,11 @@ def test_visuals_json_has_one_shape_from_diagnose_and_contact_sheet(tmp_path):
     bundle = EXAMPLES / "bundle-weak-tokenizer"
     subprocess.run([sys.executable, str(ROOT / "scripts" / "contact_sheet.py"), str(bundle), "--out-dir",
                     str(tmp_path / "v")], capture_output=True, check=True)
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "diagnose.py"), str(bundle), "--out-dir",
-                    str(tmp_path / "d")], capture_output=True, check=True)
+    from twdiag import bundle as bundle_mod, outputs, pipeline, report_files
+    found = bundle_mod.discover([bundle], {}, root=bundle)
+    analysis = pipeline.run(found, TH, parts=("visuals",), progress=lambda m: None)
     a = json.loads((tmp_path / "v" / "visuals.json").read_text())
-    b = json.loads((tmp_path / "d" / "visuals.json").read_text())
+    b = json.loads(outputs.dumps(report_files.visuals_document(analysis)))  # what diagnose writes
     assert {"stages", "images", "skipped"} <= set(a) and {"stages", "images", "skipped"} <= set(b)
     assert a["images"] == b["images"]
     assert set(a["stages"]) == set(b["stages"]) and a["stages"]["dynamics"]["images"] == b["stages"]["dynamics"]["images"]
