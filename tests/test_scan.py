@@ -165,3 +165,13 @@ def test_a_query_answers_from_the_tables_diagnose_saved_until_the_bundle_changes
     log.write_bytes(log.read_bytes()[:-100])  # the bundle changed: decode again
     code, doc, _ = cli("query", str(b), "SELECT count(*) AS n FROM history")
     assert doc["source"] == "bundle, diagnosed on the fly"
+
+
+def test_records_of_a_file_that_is_not_a_log_is_exit_4(tmp_path):
+    bad = tmp_path / "run-x.wandb"
+    bad.write_bytes(b"# not a log\n" * 10)
+    r = subprocess.run(["python", str(Path(__file__).parent.parent / "scripts" / "dump_records.py"), str(bad)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 4 and "Traceback" not in r.stderr
+    last = json.loads(r.stdout.splitlines()[-1])
+    assert last["type"] == "scan_report" and last["header_ok"] is False

@@ -696,6 +696,9 @@ def _run_records(args) -> tuple[dict | None, int]:
     for rec in records.iter_records(path, set(args.type) or None, steps):
         if rec["type"] == "scan_report":
             print(outputs.dumps({**rec, "records_shown": shown, "records_not_shown": cut}, indent=None), flush=True)
+            if not rec.get("header_ok"):
+                outputs.log(f"error: not a readable .wandb log: {rec.get('header_error')}")
+                return None, EXIT_UNREADABLE
             break
         if shown < args.limit:
             print(outputs.dumps(rec, indent=None), flush=True)
