@@ -54,13 +54,14 @@ def saved_tables(bundle: Path) -> dict | None:
     import json as _json
     if importlib.util.find_spec("pyarrow") is None:
         return None
-    from . import outputs, scan
+    from . import outputs
+    from .fingerprint import signature
     folder = outputs.default_out_dir(bundle) / "tables"
     try:
         saved = _json.loads((folder / "signature.json").read_text())
     except (OSError, ValueError):
         return None
-    if saved.get("signature") != scan.signature(bundle):
+    if saved.get("signature") != signature(bundle):
         return None
     import pyarrow.parquet as pq
     out = {}

@@ -48,11 +48,12 @@ def _write_tables(a, doc: dict, outset) -> str | None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from . import scan, tables
+    from . import tables
+    from .fingerprint import signature
     for name, frame in tables.from_analysis(a, doc, str(a.bundle.root)).items():
         pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), outset.path(f"tables/{name}.parquet"))
     outset.write_json("tables/signature.json", {"bundle": str(a.bundle.root),
-                                                "signature": scan.signature(a.bundle.root)})
+                                                "signature": signature(a.bundle.root)})
     return str(outset.final("tables"))
 
 

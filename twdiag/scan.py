@@ -29,10 +29,9 @@ import time
 from pathlib import Path
 
 from . import bundle as bundle_mod, forking, outputs, safefs, tables
+from .fingerprint import signature
 
-HEAD_TAIL = 64 << 10
 MAX_DEPTH = 4          # folders below a root searched for bundles
-MAX_FILES = 200_000    # files a signature reads per bundle
 
 
 def find_bundles(roots: list[Path], max_entries: int) -> list[Path]:
@@ -66,36 +65,6 @@ def bundle_id(path: Path) -> str:
 
 def shard_of(path: Path, n: int) -> int:
     return int(hashlib.sha1(str(safefs.resolve(path)).encode()).hexdigest(), 16) % n
-
-
-def signature(path: Path) -> str:
-    """What changes when a bundle's inputs change: sizes and the head and tail
-    of every file under wandb/ and results/ (content, never mtimes)."""
-    h = hashlib.sha256()
-    count = 0
-    for sub in ("wandb", "results"):
-        base = path / sub
-        if not safefs.is_dir(base):
-            continue
-        for f in sorted(base.rglob("*")):
-            if count >= MAX_FILES or not safefs.is_regular(f):
-                continue
-            count += 1
-            rel = str(f.relative_to(path))
-            if rel.startswith("docs/"):
-                continue
-            try:
-                with safefs.open_regular(f) as fh:
-                    size = fh.seek(0, 2)
-                    fh.seek(0)
-                    head = fh.read(HEAD_TAIL)
-                    fh.seek(max(0, size - HEAD_TAIL))
-                    tail = fh.read(HEAD_TAIL)
-            except (safefs.Unreadable, OSError):
-                size, head, tail = -1, b"", b""
-            h.update(f"{rel}\0{size}\0".encode())
-            h.update(hashlib.sha1(head + tail).digest())
-    return h.hexdigest()
 
 
 def _write_tables(out: Path, bid: str, tbls: dict) -> None:
