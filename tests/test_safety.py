@@ -55,13 +55,16 @@ def test_a_symlinked_docs_action_is_not_written_through(tmp_path):
     os.symlink(outside, b / "docs" / "action")
     work = tmp_path / "cwd"
     work.mkdir()
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "diagnose.py"), str(b)], cwd=work,
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr[-2000:]
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        code, doc, _ = cli("diagnose", str(b))
+    finally:
+        os.chdir(cwd)
+    assert code == 0, doc
     assert (outside / "diagnosis.json").read_text() == "precious"
     assert sorted(p.name for p in outside.iterdir()) == ["diagnosis.json"]
     assert (work / "twdiag-b" / "diagnosis.json").is_file()
-    doc = json.loads(r.stdout)
     assert any("symlink" in n for n in doc["notes"]), doc["notes"]
 
 

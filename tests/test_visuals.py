@@ -232,8 +232,9 @@ def test_128px_frames_and_smoothed_drawings(tmp_path):
 
 def test_visuals_json_has_one_shape_from_diagnose_and_contact_sheet(tmp_path):
     bundle = EXAMPLES / "bundle-weak-tokenizer"
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "contact_sheet.py"), str(bundle), "--out-dir",
-                    str(tmp_path / "v")], capture_output=True, check=True)
+    from conftest import cli
+    code, _, _ = cli("visuals", str(bundle), "--out-dir", str(tmp_path / "v"))  # contact_sheet.py's command
+    assert code == 0
     from twdiag import bundle as bundle_mod, outputs, pipeline, report_files
     found = bundle_mod.discover([bundle], {}, root=bundle)
     analysis = pipeline.run(found, TH, parts=("visuals",), progress=lambda m: None)
