@@ -235,3 +235,19 @@ def incident_bundle(tmp_path_factory, incident) -> Path:
             torch.save({}, d / "model_state_dict.pt")
             torch.save({}, d / "optim_state_dict.pt")
     return b
+
+
+@pytest.fixture(scope="session")
+def unhealthy(tmp_path_factory) -> dict:
+    """One diagnose of the unhealthy example at the examples' fixed --now,
+    run from the project root with a relative path (as examples/outputs was
+    made), shared by the tests that only read its outputs."""
+    out = tmp_path_factory.mktemp("unhealthy") / "out"
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        code, doc, err = diagnose("examples/bundle-unhealthy", "--out-dir", out, "--now", "1796169600")
+    finally:
+        os.chdir(cwd)
+    assert code == 0, err
+    return {"out": out, "compact": doc, "full": json.loads((out / "diagnosis.json").read_text())}

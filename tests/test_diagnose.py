@@ -58,8 +58,8 @@ def test_examples_give_documented_verdicts(tmp_path, name):
     assert {s: v["verdict"] for s, v in shipped["stages"].items()} == want["stages"]
 
 
-def test_unhealthy_story_and_actions(tmp_path):
-    code, doc, _ = diagnose(EXAMPLES / "bundle-unhealthy", "--out-dir", tmp_path, "--now", NOW)
+def test_unhealthy_story_and_actions(unhealthy):
+    doc, tmp_path = unhealthy["compact"], unhealthy["out"]
     lam, dyn = doc["stages"]["latent_actions"], doc["stages"]["dynamics"]
     assert "action_collapse" in {f["rule_id"] for f in lam["findings"]}
     assert {"loss_blowup", "ckpt_latest_unusable"} <= {f["rule_id"] for f in dyn["findings"]}
@@ -301,10 +301,10 @@ def test_results_only_and_wandb_only(tmp_path):
     assert doc["run_status"]["state"] == "finished"
 
 
-def test_every_number_in_the_report_is_in_the_json(tmp_path):
+def test_every_number_in_the_report_is_in_the_json(unhealthy):
     """diagnosis.md is rendered from diagnosis.json alone."""
     from twdiag.report import _v
-    diagnose(EXAMPLES / "bundle-unhealthy", "--out-dir", tmp_path, "--now", NOW)
+    tmp_path = unhealthy["out"]
     doc = json.loads((tmp_path / "diagnosis.json").read_text())
     known: set[str] = set()
 
@@ -333,8 +333,8 @@ def test_every_number_in_the_report_is_in_the_json(tmp_path):
     assert not missing, missing
 
 
-def test_compact_stdout_is_enough_to_answer(tmp_path):
-    code, doc, _ = diagnose(EXAMPLES / "bundle-unhealthy", "--out-dir", tmp_path, "--now", NOW)
+def test_compact_stdout_is_enough_to_answer(unhealthy):
+    doc = unhealthy["compact"]
     assert len(json.dumps(doc)) < 20_000
     dyn = doc["stages"]["dynamics"]
     assert {"verdict", "state", "numbers", "fallback", "findings"} <= set(dyn)

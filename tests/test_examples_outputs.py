@@ -9,10 +9,9 @@ import json
 
 import pytest
 
-from conftest import EXAMPLES, diagnose
+from conftest import EXAMPLES
 
 pytestmark = pytest.mark.slow  # diagnoses whole bundles: outside the fast subset
-NOW = "1796169600"
 # what depends on the clock, the output folder or the files' mtimes (a clone's are new)
 VOLATILE = {"timings", "generated_at", "outputs", "seconds", "mtime_minus_last_record_s"}
 
@@ -27,14 +26,11 @@ def _strip(obj, out_dir: str, committed_dir: str):
     return obj
 
 
-@pytest.mark.parametrize("name", ["bundle-unhealthy"])  # the richest; the others' verdicts are checked elsewhere
-def test_fresh_diagnose_reproduces_the_committed_outputs(tmp_path, name, monkeypatch):
-    monkeypatch.chdir(EXAMPLES.parent)  # the committed outputs name paths from the project root
-    code, _, err = diagnose(f"examples/{name}", "--out-dir", str(tmp_path / "out"), "--now", NOW)
-    assert code == 0, err
-    fresh = json.loads((tmp_path / "out" / "diagnosis.json").read_text())
+def test_fresh_diagnose_reproduces_the_committed_outputs(unhealthy):
+    """The unhealthy example (the richest); the others' verdicts and fallbacks are checked elsewhere."""
+    name, out = "bundle-unhealthy", str(unhealthy["out"])
     committed = json.loads((EXAMPLES / "outputs" / name / "diagnosis.json").read_text())
-    a = _strip(fresh, str(tmp_path / "out"), f"examples/outputs/{name}")
-    b = _strip(committed, str(tmp_path / "out"), f"examples/outputs/{name}")
+    a = _strip(unhealthy["full"], out, f"examples/outputs/{name}")
+    b = _strip(committed, out, f"examples/outputs/{name}")
     for key in sorted(set(a) | set(b)):
         assert a.get(key) == b.get(key), key

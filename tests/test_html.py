@@ -34,10 +34,8 @@ def browser():
     return BROWSER
 
 
-def test_html_report_loads_with_every_image_decoded(tmp_path, browser):
-    code, doc, err = diagnose(EXAMPLES / "bundle-unhealthy", "--out-dir", tmp_path / "out", "--now", "1796169600")
-    assert code == 0, err
-    page = Path(doc["outputs"]["diagnosis_html"])
+def test_html_report_loads_with_every_image_decoded(tmp_path, browser, unhealthy):
+    page = Path(unhealthy["out"]) / "diagnosis.html"
     html = page.read_text()
     assert "src=\"file:" not in html and "http" not in re.sub(r"<!doctype[^>]*>", "", html, flags=re.I)
     probe = tmp_path / "probe.html"  # the page as delivered, plus a script that reports on its images

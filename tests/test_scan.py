@@ -98,10 +98,9 @@ def test_shards_cover_every_bundle_exactly_once(tmp_path):
     assert len(_q(out, "SELECT bundle FROM bundles")) == 6  # the shards' partitions read as one dataset
 
 
-def test_a_query_reproduces_the_diagnosis_numbers(tmp_path):
+def test_a_query_reproduces_the_diagnosis_numbers(unhealthy):
     bundle = EXAMPLES / "bundle-unhealthy"
-    code, _, _ = cli("diagnose", str(bundle), "--out-dir", str(tmp_path / "out"))
-    full = json.loads((tmp_path / "out" / "diagnosis.json").read_text())
+    full = unhealthy["full"]
     dyn = full["stages"]["dynamics"]
     rows = _q(bundle, "SELECT loss_final, fallback_step, verdict FROM stages WHERE stage='dynamics'")
     assert rows == [{"loss_final": dyn["numbers"]["loss_final"], "fallback_step": dyn["fallback"]["step"],
