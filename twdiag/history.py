@@ -27,18 +27,10 @@ import numpy as np
 import pandas as pd
 
 from . import forking, wandb_log
+from .rules import default_limits
 
 CHUNK_ROWS = 65536  # rows buffered as text before a column-wise conversion
 CONSOLE_TAIL = 200  # console lines kept in memory (the full log goes to a file)
-_LIMITS = None
-
-
-def _limits() -> dict:
-    global _LIMITS
-    if _LIMITS is None:
-        from .rules import default_limits
-        _LIMITS = default_limits()
-    return _LIMITS
 
 
 _MAX_STEP = 1 << 53  # a float holds every integer step up to here exactly
@@ -260,8 +252,10 @@ class _Decoder:
         self.bad_steps: list = []
         self.n_bad_steps = 0
         self.dropped_items = 0    # history items past limits.max_row_items / max_history_columns
-        self.max_row_items = int(_limits()["max_row_items"])
-        self.max_columns = int(_limits()["max_history_columns"])
+        limits = default_limits()  # cached: read once per process
+        self.max_row_items = int(limits["max_row_items"])
+        self.max_columns = int(limits["max_history_columns"])
+        self.console_cap = int(limits["console_line_bytes"])
         self.console_cut = 0      # output records cut to limits.console_line_bytes
 
     def feed(self, rec, kind: str | None) -> None:
@@ -396,7 +390,7 @@ class _Decoder:
             stream = "stdout"
         self.console_lines[kind] += 1
         text = o.line
-        cap = _limits()["console_line_bytes"]
+        cap = self.console_cap
         if len(text) > cap:  # the end of it: where an error is
             self.console_cut += 1
             text = f"[{len(text) - cap:,} characters cut] " + text[-cap:]

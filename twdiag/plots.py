@@ -265,8 +265,3 @@ def loss_figure(a, doc: dict, name: str):
     if stage == "latent_actions" and metrics.get("actions") and not metrics["actions"].get("n_actions"):
         metrics = {**metrics, "actions": {**metrics["actions"], "n_actions": hist.config.get("n_actions")}}
     return stage_figure(stage, hist.frame, metrics, doc["stages"].get(stage), a.thresholds, frozen)
-
-
-def loss_figures(a, doc: dict) -> dict:
-    """{"loss_<stage>.png": figure} for every stage with a history."""
-    return {name: loss_figure(a, doc, name) for name in loss_figure_names(a)}

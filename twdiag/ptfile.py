@@ -60,22 +60,20 @@ class Limits:
     budget: safe_pickle.Budget
     config_globals: tuple[str, ...]
     max_nodes: int
-    max_entries: int = 200_000
-    max_directory_bytes: int = 32 << 20
-    run_large_pickle_bytes: int = 32 << 20
-    large_pickle_bytes: int = 1 << 20
-    state_max_items: int = 100_000
-    spent: list = field(default_factory=lambda: [0])  # large-pickle bytes read so far this run
+    max_entries: int
+    max_directory_bytes: int
+    run_large_pickle_bytes: int
+    large_pickle_bytes: int
+    state_max_items: int
+    spent: list = field(default_factory=lambda: [0])  # large-pickle bytes read so far with these limits
 
     @classmethod
     def from_thresholds(cls, t: dict) -> "Limits":
         c = t["checkpoints"]
-        a = c.get("archive", {})
         return cls(int(c["max_pickle_bytes"]), safe_pickle.Budget.from_thresholds(c),
                    tuple(c.get("config_globals", ())), int(c["budget"]["max_nodes"]),
-                   int(a.get("max_entries", 200_000)), int(a.get("max_directory_bytes", 32 << 20)),
-                   int(c.get("run_large_pickle_bytes", 32 << 20)), int(c.get("large_pickle_bytes", 1 << 20)),
-                   int(c.get("state_max_items", 100_000)))
+                   int(c["archive"]["max_entries"]), int(c["archive"]["max_directory_bytes"]),
+                   int(c["run_large_pickle_bytes"]), int(c["large_pickle_bytes"]), int(c["state_max_items"]))
 
 
 @dataclass
@@ -156,7 +154,7 @@ def _check_archive(fh, fc: FileCheck, limits: Limits, allow_config: bool, descri
     if data is None:
         return
     fc.crc_checked = "metadata"
-    obj = _unpickle(data, fc, limits, allow_config, legacy=False)
+    obj = _unpickle(data, fc, limits, allow_config)
     if obj is _REFUSED:
         return
     _summarise(obj, fc, limits, describe)
@@ -184,7 +182,7 @@ def _not_a_zip(fh, fc: FileCheck, limits: Limits, allow_config: bool, describe: 
     stream = io.BytesIO(data)
     obj = None
     for i in range(_LEGACY_PICKLES):
-        value = _unpickle(stream, fc, limits, allow_config, legacy=True)
+        value = _unpickle(stream, fc, limits, allow_config)
         if value is _REFUSED:
             return
         if i == 0 and value != _LEGACY_MAGIC:
@@ -201,7 +199,7 @@ def _not_a_zip(fh, fc: FileCheck, limits: Limits, allow_config: bool, describe: 
 _REFUSED = object()
 
 
-def _unpickle(data, fc: FileCheck, limits: Limits, allow_config: bool, legacy: bool):
+def _unpickle(data, fc: FileCheck, limits: Limits, allow_config: bool):
     up = safe_pickle.RestrictedUnpickler(data, limits.budget, limits.config_globals, allow_config)
     try:
         return safe_pickle.safe_load(up)

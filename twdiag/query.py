@@ -72,23 +72,23 @@ def saved_tables(bundle: Path) -> dict | None:
     return out or None
 
 
-def bundle_tables(bundle: Path, thresholds: dict, needed: set[str] | None = None) -> dict:
-    """One bundle's tables: those its last diagnose saved while it is unchanged,
-    else diagnosed on the fly. A query of the history alone then only decodes
-    the logs: no checkpoint, image or report work."""
+SAVED = "the tables its last diagnose saved (bundle unchanged since)"
+ON_THE_FLY = "bundle, diagnosed on the fly"
+
+
+def bundle_tables(bundle: Path, thresholds: dict, needed: set[str] | None = None) -> tuple[dict, str]:
+    """One bundle's tables and where they came from: those its last diagnose
+    saved while it is unchanged, else diagnosed on the fly. A query of the
+    history alone then only decodes the logs: no checkpoint, image or report work."""
     from . import bundle as bundle_mod, logs, pipeline, report
     saved = saved_tables(bundle)
     if saved is not None and (needed or set(tables.TABLES)) <= set(saved):
-        return saved
+        return saved, SAVED
     b = bundle_mod.discover([bundle], {}, root=bundle, max_entries=int(thresholds["limits"]["max_dir_entries"]))
     if needed is not None and needed <= {"history"}:
-        return {"history": tables.history_table(logs.load(b, progress=lambda m: None), str(bundle))}
+        return {"history": tables.history_table(logs.load(b, progress=lambda m: None), str(bundle))}, ON_THE_FLY
     a = pipeline.run(b, thresholds, progress=lambda m: None)
-    return tables.from_analysis(a, report.combine(a), str(bundle))
-
-
-def _from_saved(loaded: dict) -> bool:
-    return any(hasattr(t, "num_rows") for t in loaded.values())
+    return tables.from_analysis(a, report.combine(a), str(bundle)), ON_THE_FLY
 
 
 def check_sql(sql: str) -> None:
@@ -108,7 +108,10 @@ def run(target: Path, sql: str, thresholds: dict, limit: int = MAX_ROWS) -> dict
     """{"columns", "rows" (at most `limit`), "row_count", "cut", "tables"}."""
     import duckdb
     check_sql(sql)
-    loaded = dataset_tables(target) if is_dataset(target) else bundle_tables(target, thresholds, referenced(sql))
+    if is_dataset(target):
+        loaded, source = dataset_tables(target), "scan dataset"
+    else:
+        loaded, source = bundle_tables(target, thresholds, referenced(sql))
     con = duckdb.connect(":memory:")
     try:
         for name, table in loaded.items():
@@ -124,9 +127,6 @@ def run(target: Path, sql: str, thresholds: dict, limit: int = MAX_ROWS) -> dict
     finally:
         con.close()
     cut = len(rows) > limit
-    source = "scan dataset" if is_dataset(target) else (
-        "the tables its last diagnose saved (bundle unchanged since)" if _from_saved(loaded) else
-        "bundle, diagnosed on the fly")
     return {"source": source,
             "tables": {n: int(t.num_rows if hasattr(t, "num_rows") else len(t)) for n, t in loaded.items()},
             "columns": columns, "rows": [dict(zip(columns, r)) for r in rows[:limit]],
