@@ -90,6 +90,40 @@ def _add_out(p, what: str) -> None:
                                      "is writable, else ./twdiag-<bundle name>/)")
 
 
+def _add_probe(p, required: bool = False) -> None:
+    g = p.add_argument_group("the model probe (TinyWorlds' own classes, in a child process; needs torch, einops)")
+    g.add_argument("--tinyworlds", metavar="PATH", required=required,
+                   help="a TinyWorlds checkout: build each stage's class from its saved config and measure it "
+                        "(only its models/ package is imported; state.pt is never unpickled)")
+    g.add_argument("--data", metavar="FILE.h5", help="frames to measure on: an .h5 with `frames` (N x H x W x 3 "
+                   "uint8) and optionally `actions`, as TinyWorlds' loaders read (default: the bundle's own "
+                   "grids' original panels)")
+    g.add_argument("--device", default="cpu", help="torch device for the probe (default cpu)")
+    g.add_argument("--probe-seconds", type=float, help="the probe's time budget (default: thresholds' probe.seconds)")
+
+
+def _probe_options(args):
+    """ProbeOptions from the flags, or None; a bad checkout is a usage error,
+    a missing torch/einops/h5py a dependency error (exit 6)."""
+    path = getattr(args, "tinyworlds", None)
+    if not path:
+        return None
+    import importlib.util
+    from . import probe
+    problem = probe.checkout_problem(Path(path))
+    if problem:
+        raise CliError(problem, EXIT_USAGE)
+    need = ["torch", "einops"] + (["h5py"] if args.data else [])
+    lacking = [m for m in need if importlib.util.find_spec(m) is None]
+    if lacking:
+        raise CliError(f"the probe needs {', '.join(lacking)}: python -m pip install "
+                       f"'tinyworlds-training-diagnostics[probe]' (and torch, as TinyWorlds trains with it)",
+                       EXIT_DEPENDENCY)
+    if args.data:
+        _require_existing([Path(args.data)])
+    return probe.ProbeOptions(Path(path), Path(args.data) if args.data else None, args.device, args.probe_seconds)
+
+
 def _inputs(args, narrow: bool) -> tuple[list[Path], dict]:
     """Positional paths (or the default bundle) and --run mappings, checked."""
     explicit = _explicit(getattr(args, "run", []))
@@ -202,7 +236,8 @@ def _analysis(args, parts, narrow: bool = True):
     b = _discover(paths, explicit, t)
     return pipeline.run(b, t, parts, deep=getattr(args, "deep", "auto"), now=getattr(args, "now", None),
                         count=getattr(args, "count", None),
-                        read_outside=getattr(args, "read_outside_bundle", False)), t
+                        read_outside=getattr(args, "read_outside_bundle", False),
+                        probe=_probe_options(args)), t
 
 
 def _add_stats(sub) -> None:
@@ -293,6 +328,7 @@ def _add_ckpts(sub) -> None:
     p.add_argument("--read-outside-bundle", action="store_true",
                    help="also look at upstream paths recorded in configs that lie outside the bundle")
     _add_out(p, "checkpoints.json")
+    _add_probe(p)
     p.set_defaults(func=_run_ckpts)
 
 
@@ -325,6 +361,64 @@ def _run_ckpts(args) -> tuple[dict, int]:
 def _torch_version():
     from . import checkpoints
     return checkpoints.torch_version()
+
+
+def _add_probe_cmd(sub) -> None:
+    p = _subparser(
+        sub, "probe", "measure the models with TinyWorlds' own classes (resumability, fidelity, control)",
+        "Build each stage's class from the checkpoint's saved config with the models/ package of a "
+        "TinyWorlds checkout, in a child process under a time and memory budget, and measure: "
+        "whether the fallback and the newest checkpoint load strictly (weights into the class, "
+        "optimizer state into the optimizer the config names); the tokenizer's reconstruction PSNR/SSIM "
+        "against the sample's mean frame, codes used and dead quantiser dimensions; how much the action "
+        "decoder depends on the inferred actions (and their mutual information with true actions when "
+        "the data has them); dynamics' next-frame accuracy against copying the last frame, and "
+        "ΔtPSNR (inferred minus random actions, Genie's controllability measure). state.pt is read "
+        "through the allowlist only; weights with torch.load(weights_only=True).", """\
+            examples:
+              %(prog)s RUN_BUNDLE_ROOT --tinyworlds ~/tinyworlds
+              %(prog)s RUN_BUNDLE_ROOT --tinyworlds ~/tinyworlds --data ~/tinyworlds/data/pong_frames.h5
+              %(prog)s RUN_BUNDLE_ROOT --tinyworlds ~/tinyworlds --out-dir /tmp/probe   # + probe.json, probe_sheet.png
+              %(prog)s RUN_BUNDLE_ROOT --tinyworlds ~/tinyworlds --device cuda --probe-seconds 900
+
+            Without --data the frames are the "original" panels of the bundle's own
+            latent_actions (else video_tokenizer) grids: 4 sequences of 4 frames.
+            """)
+    _add_common(p, "bundle root (or run root, stage dir)")
+    _add_out(p, "probe.json and probe_sheet.png")
+    _add_probe(p, required=True)
+    p.set_defaults(func=_run_probe)
+
+
+def _run_probe(args) -> tuple[dict, int]:
+    from . import report, rules
+    a, t = _analysis(args, ("stats", "checkpoints", "visuals"))
+    if not a.checkpoints:
+        return {"error": "no checkpoints found to probe", "skipped": a.bundle.skipped}, EXIT_NO_INPUT
+    probe = a.probe or {}
+    stages = {}
+    for stage, doc in (probe.get("stages") or {}).items():
+        found = [f.to_dict() for f in a.probe_findings.get(stage, [])]
+        fb = a.fallbacks.get(stage) or {}
+        stages[stage] = {"verdict": rules.verdict_of(found, True), "summary": report.probe_line(stage, doc),
+                         "fallback": {k: fb.get(k) for k in ("step", "path", "restart", "reason", "resumable",
+                                                             "moved_by_probe") if k in fb},
+                         "findings": found, "probe": doc}
+    out = {"ran": probe.get("ran", False), "reason": probe.get("reason"),
+           **{k: probe.get(k) for k in ("tinyworlds", "torch", "seconds", "frames_source", "notes", "how")},
+           "stages": stages, "skipped": a.bundle.skipped, "errors": a.errors}
+    out["overall"] = rules.overall_of(stages, t) if stages else None
+    if args.out_dir:
+        outdir = _out_dir(args, a.bundle.root, others=list(a.bundle.explicit))
+        with outputs.OutputSet(outdir, order_last=()) as outset:
+            if a.probe_pictures:
+                from . import probe_sheet
+                pic = probe_sheet.sheet(a.probe_pictures)
+                if pic is not None:
+                    out["probe_sheet"] = str(outset.write_image("probe_sheet.png", pic))
+            out["details"] = str(outset.final("probe.json"))
+            outset.write_json("probe.json", out)
+    return out, EXIT_OK if out["ran"] else EXIT_UNREADABLE
 
 
 def _add_visuals(sub) -> None:
@@ -430,6 +524,7 @@ def _add_diagnose(sub) -> None:
     p.add_argument("--follow", action="store_true", help="keep watching a live run (see below)")
     p.add_argument("--interval", type=float, default=30.0, help="seconds between --follow polls (default 30)")
     p.add_argument("--max-polls", type=int, help="--follow: stop after this many polls")
+    _add_probe(p)
     p.set_defaults(func=_run_diagnose)
 
 
@@ -480,7 +575,7 @@ def _run_diagnose(args) -> tuple[dict, int]:
         return {"error": f"no TinyWorlds logs, checkpoints or images under {root}",
                 "skipped": b.skipped, "notes": b.notes}, EXIT_NO_INPUT
     a = pipeline.run(b, t, deep=args.deep, now=args.now, count=args.count,
-                     read_outside=args.read_outside_bundle)
+                     read_outside=args.read_outside_bundle, probe=_probe_options(args))
     cmp = None
     if baselines:
         from . import compare
@@ -736,7 +831,7 @@ def _run_install(args) -> tuple[dict, int]:
 
 # --- entry point --------------------------------------------------------------
 
-SUBCOMMANDS = [_add_diagnose, _add_export, _add_stats, _add_ckpts, _add_visuals, _add_compare, _add_scan,
+SUBCOMMANDS = [_add_diagnose, _add_export, _add_stats, _add_ckpts, _add_probe_cmd, _add_visuals, _add_compare, _add_scan,
                _add_query, _add_records, _add_install]
 
 

@@ -220,3 +220,27 @@ def checkpoint_table(cks: list[Checkpoint], hist, stage_stats: dict | None, onse
 
 def path_name(doc: dict) -> str | None:
     return Path(doc["path"]).name if doc.get("path") else None
+
+
+def apply_probe(doc: dict, probed: dict, verified: dict | None) -> None:
+    """What the probe says about the fallback: `resumable` on the document,
+    and a fallback that does not load strictly gives way to the newest older
+    candidate that does (or to a restart when none does)."""
+    if doc.get("step") is None:
+        return
+    mine = next((c for c in probed.get("checkpoints", []) if c["step"] == doc["step"]), None)
+    if mine is None:
+        return
+    if mine["resumable"] == "verified":
+        doc["resumable"] = {"status": "verified", "by": "probe"}
+        return
+    doc["resumable"] = {"status": "no", "by": "probe", "reason": mine.get("reason")}
+    moved_from = {"step": doc["step"], "path": doc["path"], "why": mine.get("reason")}
+    if verified is not None:
+        doc.update(step=verified["step"], path=verified["path"],
+                   reason=f"the newest candidate that loads into TinyWorlds' classes (the probe); step "
+                          f"{moved_from['step']} does not: {moved_from['why']}",
+                   resumable={"status": "verified", "by": "probe"}, moved_by_probe=moved_from)
+    else:
+        doc.update(step=None, path=None, restart=True, moved_by_probe=moved_from,
+                   reason=f"no probed candidate loads into TinyWorlds' classes: {moved_from['why']}")

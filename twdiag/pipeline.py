@@ -11,6 +11,7 @@ judged. Every script runs the parts it needs through `run`.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 import traceback
 from dataclasses import dataclass, field
 
@@ -38,6 +39,9 @@ class Analysis:
     data_findings: list = field(default_factory=list)      # crossstage.degenerate_data: bundle-wide
     lineage: dict = field(default_factory=dict)            # stage -> lineage document
     lineage_findings: dict = field(default_factory=dict)   # stage -> [Finding]
+    probe: dict | None = None                              # probe.analyse's document (--tinyworlds)
+    probe_findings: dict = field(default_factory=dict)     # stage -> [Finding]
+    probe_pictures: dict = field(default_factory=dict)     # name -> uint8 [B,T,H,W,3], for the probe sheet
     cross: dict = field(default_factory=lambda: {"findings": [], "facts": []})
     errors: list = field(default_factory=list)
     timings: dict = field(default_factory=dict)
@@ -52,6 +56,7 @@ class Analysis:
         out = list(((self.stats["stages"].get(stage) or {}).get("findings") or []))
         out += [f.to_dict() for f in self.state_findings.get(stage, [])]
         out += [f.to_dict() for f in self.lineage_findings.get(stage, [])]
+        out += [f.to_dict() for f in self.probe_findings.get(stage, [])]
         out += [f.to_dict() for f in self.data_findings if f.stage == stage]
         res = self.checkpoints.get(stage)
         if res is not None:
@@ -92,10 +97,12 @@ class _Guard:
 
 def run(b: bundle_mod.Bundle, thresholds: dict, parts: tuple[str, ...] = PARTS, deep: str = "auto",
         now: float | None = None, count: int | None = None, read_outside: bool = False,
-        progress=outputs.log, workers: int | None = None, decoder=None, cache: dict | None = None) -> Analysis:
+        progress=outputs.log, workers: int | None = None, decoder=None, cache: dict | None = None,
+        probe=None) -> Analysis:
     """`decoder(path) -> RunLog` replaces decoding (--follow keeps its logs
     live); `cache` keeps checked checkpoints and analysed images between
-    calls (keyed by path and file signature)."""
+    calls (keyed by path and file signature); `probe` (probe.ProbeOptions)
+    measures the models with TinyWorlds' own classes, in a child process."""
     a = Analysis(b, thresholds, time.time() if now is None else float(now), deep)
     started = time.perf_counter()
     with _Guard(a, "decode"):
@@ -125,6 +132,8 @@ def run(b: bundle_mod.Bundle, thresholds: dict, parts: tuple[str, ...] = PARTS, 
         a.cross["facts"] = crossstage.reconcile_visuals(a)
     if "checkpoints" in parts:
         _fallbacks(a)
+        with _Guard(a, "probe"):
+            _probe(a, probe, progress)
     with _Guard(a, "lineage"):
         _lineage(a)
     with _Guard(a, "crossstage"):
@@ -147,6 +156,24 @@ def _lineage(a: Analysis) -> None:
     note = lineage.folder_note(a.bundle.root, newest, a.thresholds)
     if note:
         a.bundle.notes.append(note)
+
+
+def _probe(a: Analysis, opts, progress) -> None:
+    """The models measured (opt-in); a probed fallback that does not load
+    gives way to the newest older candidate that does."""
+    from . import probe
+    if opts is None:
+        found = probe.find_checkout(a.bundle.root, Path.cwd())
+        if found is not None:
+            a.bundle.notes.append(f"a TinyWorlds checkout is at {found}: add --tinyworlds {found} to measure the "
+                                  "models with its own classes (resumability, fidelity, controllability)")
+        return
+    got = probe.analyse(a, opts, progress)
+    a.probe, a.probe_findings, a.probe_pictures = got.doc, got.findings, got.pictures
+    for stage, doc in (a.probe or {}).get("stages", {}).items():
+        fb = a.fallbacks.get(stage)
+        if fb is not None and doc.get("checkpoints"):
+            fallback.apply_probe(fb, doc, probe.verified_fallback(doc))
 
 
 def _fallbacks(a: Analysis) -> None:

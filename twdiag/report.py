@@ -38,6 +38,7 @@ def combine(a: Analysis, comparison: dict | None = None) -> dict:
         "deep_mode": a.deep,
         "skipped": a.bundle.skipped, "notes": a.bundle.notes, "errors": a.errors,
         "timings": a.timings,
+        "probe": _probe_summary(a),
     }
     if comparison is not None:
         doc["comparison"] = comparison
@@ -62,6 +63,7 @@ def stage_entry(a: Analysis, stage: str, comparison: dict | None) -> dict:
     findings += ((comparison or {}).get("stages", {}).get(stage) or {}).get("findings", [])
     has_ckpts = bool(res and res.checkpoints)
     has_images = bool(v and v["analysed"])
+    probed = ((a.probe or {}).get("stages") or {}).get(stage) or {}
     if not s and not has_ckpts and not has_images and stage in bundle_mod.STAGES:
         sev = a.thresholds["verdict"]["missing_stage"]
         findings = [Finding("stage_missing", sev, stage, None, None, None, [], None,
@@ -70,7 +72,7 @@ def stage_entry(a: Analysis, stage: str, comparison: dict | None) -> dict:
     else:
         enough = (s["verdict"] != "insufficient_data") if s else (has_ckpts or has_images)
         verdict = rules.verdict_of(findings, enough)
-        if verdict == "normal" and not s and not has_images:
+        if verdict == "normal" and not s and not has_images and not probed.get("measures"):
             # Intact checkpoints say nothing about how the training went.
             verdict = "unverified"
             findings.append(Finding("stage_unverified", "info", stage, None, None, None, [],
@@ -86,8 +88,51 @@ def stage_entry(a: Analysis, stage: str, comparison: dict | None) -> dict:
             "visuals": v, "findings": findings,
             "fallback": fb and {k: v for k, v in fb.items() if k != "checkpoints"},
             "lineage": a.lineage.get(stage),
+            "probe": probed or None,
             "numbers": key_numbers(stage, s, v, a.states.get(stage)),
             "evidence": _evidence(s, res, v)}
+
+
+def _probe_summary(a: Analysis) -> dict:
+    """The probe's run (per-stage results sit in each stage's `probe`); when it
+    did not run, what "resumable" then means."""
+    if a.probe is None:
+        return {"ran": False, "reason": "not asked for (--tinyworlds PATH measures the models)",
+                "resumable_means": RESUMABLE_WITHOUT_PROBE}
+    return {k: v for k, v in a.probe.items() if k != "stages"}
+
+
+RESUMABLE_WITHOUT_PROBE = ("without the probe, a fallback is intact (certified archive, allowlisted pickles, "
+                           "finite tensors) but not loaded into TinyWorlds' classes: `resumable` is not verified")
+
+
+def probe_line(stage: str, p: dict | None) -> str | None:
+    """The probe's numbers for one stage, in one line (compact stdout)."""
+    if not p:
+        return None
+    if p.get("error"):
+        return f"probe failed: {p['error']}"
+    parts = [f"step {c['step']} {'resumable' if c['resumable'] == 'verified' else 'NOT resumable: ' + str(c.get('reason'))}"
+             for c in p.get("checkpoints", [])]
+    m = p.get("measures") or {}
+    at = (p.get("measured_checkpoint") or {}).get("step")
+    if stage == "video_tokenizer" and m:
+        parts.append(f"at step {at}: recon PSNR {m['psnr_db']:.2f} dB vs mean frame {m['reference_mean_frame_psnr_db']:.2f} dB "
+                     f"({m['gain_over_mean_frame_db']:+.2f} dB), SSIM {m['ssim']:.3f}, codes {m['codes']['used']}/{m['codes']['of']}, "
+                     f"dead dims {len(m['dead_dims'])}")
+    elif stage == "latent_actions" and m:
+        mi = m.get("true_actions")
+        parts.append(f"at step {at}: actions used {m['usage']['used']}/{m['usage']['of']}, decoder gain inferred vs "
+                     f"shuffled actions {m['action_gain_db']:+.3f} dB"
+                     + (f", MI with true actions {mi['mi_nats']:.3f} nats (chance {mi['mi_shuffled_nats']:.3f})" if mi else ""))
+    elif stage == "dynamics" and m:
+        nf = m["next_frame"]
+        parts.append(f"at step {at}: next frame {nf['psnr_db']:.2f} dB (copy last {nf['copy_last_psnr_db']:.2f}, tokenizer "
+                     f"ceiling {nf['tokenizer_ceiling_psnr_db']:.2f}); ΔtPSNR "
+                     + ", ".join(f"t{r['t']} {r['delta_db']:+.3f}" for r in m["delta_t_psnr"]) + " dB")
+    if p.get("frames"):
+        parts.append(f"{p['frames']['sequences']} sequences from {p['frames']['source']}")
+    return "; ".join(parts)
 
 
 def _worth_resuming(stages: dict) -> None:
@@ -244,12 +289,15 @@ def compact(doc: dict) -> dict:
             "fallback": None if fb is None else {
                 "step": fb.get("step"), "path": fb.get("path"), "restart": fb.get("restart"),
                 "reason": fb.get("reason"), "verified": (fb.get("verified") or {}).get("level"),
+                "resumable": (fb.get("resumable") or {}).get("status", "not verified (no probe)"),
                 "worth_resuming": fb.get("worth_resuming"), "worth_resuming_reason": fb.get("worth_resuming_reason"),
                 "newest_intact": _newest(fb)},
             "findings": [{k: f[k] for k in ("rule_id", "severity", "value", "message", "evidence_path")}
                          for f in top[:MAX_COMPACT_FINDINGS]],
             "evidence": e["evidence"],
         }
+        if e.get("probe"):
+            stages[s]["probe"] = probe_line(s, e["probe"])
         lin = e.get("lineage")
         if lin:
             stages[s]["attempts"] = [_attempt_line(x) for x in lin["attempts"]]
@@ -273,6 +321,9 @@ def compact(doc: dict) -> dict:
         out["notes"] = doc["notes"][:10]
     if doc.get("overall_rests_on_unverified"):
         out["overall_rests_on_unverified"] = doc["overall_rests_on_unverified"]
+    probe = doc.get("probe") or {}
+    out["probe"] = ({k: probe.get(k) for k in ("ran", "tinyworlds", "seconds", "frames_source")} if probe.get("ran")
+                    else {"ran": False, "reason": probe.get("reason")})
     return out
 
 

@@ -81,6 +81,11 @@ def write_report(a, cmp: dict | None, out: Path, save_tables: bool = True) -> di
             image = visuals.sheet(a.visuals, a.thresholds) if a.visuals else None
             if image is not None:  # drawn now: after crossstage has reconciled the image findings
                 files["contact_sheet"] = str(outset.write_image("contact_sheet.png", image))
+            if a.probe_pictures:
+                from . import probe_sheet
+                pic = probe_sheet.sheet(a.probe_pictures)
+                if pic is not None:
+                    files["probe_sheet"] = str(outset.write_image("probe_sheet.png", pic))
             if cmp:
                 for name, fig in cmp["figures"].items():
                     files[name] = str(outset.write_image(name, fig))

@@ -1,0 +1,180 @@
+"""The model probe, with TinyWorlds' own classes from ../shared/tinyworlds-upstream
+on the example bundles, measured on frames from examples/tinyworlds_env/dataset.py.
+
+Each probe is a real child process (torch + upstream models/), so the
+bundle-level runs are shared per module."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import pickle
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import EXAMPLES, SHARED, cli, copy_fresh
+
+UPSTREAM = SHARED / "tinyworlds-upstream"
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not (UPSTREAM / "models" / "dynamics.py").is_file(), reason="../shared/tinyworlds-upstream absent"),
+    pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ("torch", "einops", "h5py")),
+                       reason="the probe needs torch, einops and h5py"),
+]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """TinyWorlds' PONG-format frames with the true actions beside them."""
+    sys.path.insert(0, str(EXAMPLES / "tinyworlds_env"))
+    try:
+        import dataset
+    finally:
+        sys.path.pop(0)
+    path = tmp_path_factory.mktemp("data") / "pong_frames.h5"
+    dataset.write(str(path), frames=600, seed=3)
+    return path
+
+
+@pytest.fixture(scope="module")
+def healthy(tmp_path_factory, data) -> dict:
+    out = tmp_path_factory.mktemp("probe-healthy")
+    code, doc, err = cli("diagnose", EXAMPLES / "bundle-healthy", "--out-dir", out, "--now", "1796169600",
+                         "--tinyworlds", UPSTREAM, "--data", data)
+    assert code == 0, err
+    return {"compact": doc, "full": json.loads((out / "diagnosis.json").read_text()), "out": out}
+
+
+@pytest.fixture(scope="module")
+def unhealthy(tmp_path_factory, data) -> dict:
+    out = tmp_path_factory.mktemp("probe-unhealthy")
+    code, doc, err = cli("probe", EXAMPLES / "bundle-unhealthy", "--tinyworlds", UPSTREAM, "--data", data,
+                         "--out-dir", out)
+    assert code == 0, err
+    return doc
+
+
+def test_resumable_checkpoints_verify_and_are_measured(healthy):
+    full = healthy["full"]
+    assert full["probe"]["ran"] and full["probe"]["torch"]
+    for stage in ("video_tokenizer", "latent_actions", "dynamics"):
+        p = full["stages"][stage]["probe"]
+        assert p["checkpoints"] and all(c["resumable"] == "verified" for c in p["checkpoints"]), p["checkpoints"]
+        c = p["checkpoints"][0]
+        assert c["weights"]["counts"] == {"missing": 0, "unexpected": 0, "mis_shaped": 0}
+        assert c["optimizer"]["optimizer"] == "AdamW" and c["optimizer"]["adam_step"] == c["step"] + 1
+        assert full["stages"][stage]["fallback"]["resumable"] == {"status": "verified", "by": "probe"}
+        assert p["frames"]["true_actions"] and p["frames"]["frame_skip"] == 4  # 60 // 15 fps, as the loader
+    tok = full["stages"]["video_tokenizer"]["probe"]["measures"]
+    assert tok["gain_over_mean_frame_db"] == pytest.approx(tok["psnr_db"] - tok["reference_mean_frame_psnr_db"], abs=1e-3)
+    assert 1 <= tok["codes"]["used"] <= tok["codes"]["of"] == 4 ** 5
+    dyn = full["stages"]["dynamics"]["probe"]["measures"]
+    assert [r["t"] for r in dyn["delta_t_psnr"]] == [1, 2, 3]  # context_length 4: t = 1..3
+    lam = full["stages"]["latent_actions"]["probe"]["measures"]
+    assert lam["true_actions"]["mi_nats"] >= 0 and lam["true_actions"]["true_entropy_nats"] > 1.0  # 4 actions
+
+
+def test_the_healthy_examples_actions_do_not_control_and_it_says_so(healthy):
+    """The example's action model is tiny and short-trained: the probe shows
+    its actions barely matter, and the report says so in numbers."""
+    stages = healthy["compact"]["stages"]
+    rules = {s: [f["rule_id"] for f in e["findings"]] for s, e in stages.items()}
+    assert "probe_actions_uninformative" in rules["latent_actions"]
+    assert "probe_not_controllable" in rules["dynamics"]
+    assert "ΔtPSNR t1" in stages["dynamics"]["probe"] and "MI with true actions" in stages["latent_actions"]["probe"]
+    sheet = Image.open(healthy["out"] / "probe_sheet.png")
+    assert sheet.width > 500 and sheet.height > 400
+    assert healthy["compact"]["probe"]["ran"] is True
+
+
+def test_a_collapsed_action_model_carries_nothing(unhealthy):
+    lam = unhealthy["stages"]["latent_actions"]
+    m = lam["probe"]["measures"]
+    assert m["usage"]["used"] == 1 and m["dead_bits"] == [0, 1]
+    assert abs(m["action_gain_db"]) < 0.01 and m["true_actions"]["mi_nats"] < 0.01
+    f = next(f for f in lam["findings"] if f["rule_id"] == "probe_actions_uninformative")
+    assert f["severity"] == "critical" and "same action" in f["message"]
+    deltas = [r["delta_db"] for r in unhealthy["stages"]["dynamics"]["probe"]["measures"]["delta_t_psnr"]]
+    assert all(abs(d) < 0.1 for d in deltas)
+    # dynamics' newest intact checkpoint (its 200 and 300 are damaged) is what was probed
+    assert [c["step"] for c in unhealthy["stages"]["dynamics"]["probe"]["checkpoints"]] == [100]
+
+
+def test_renamed_key_and_wrong_shape_do_not_load(tmp_path):
+    """The child's strict fit, on a real checkpoint re-saved with one key
+    renamed and one tensor of the wrong shape; neither is certified by the
+    parent either (the architecture check), so it never reaches the probe."""
+    import torch
+    from twdiag import checkpoints, probe_worker, ptfile, rules
+    probe_worker.torch = torch
+    models = probe_worker.import_models(str(UPSTREAM))
+    src = next((EXAMPLES / "bundle-healthy" / "results").glob("*/video_tokenizer/checkpoints/video_tokenizer_step_400"))
+    t = rules.load_thresholds()
+    cfg = checkpoints.config_of(checkpoints.check_checkpoint("video_tokenizer", 400, src, ptfile.Limits.from_thresholds(t)))
+    sd = torch.load(src / "model_state_dict.pt", weights_only=True)
+    for name, change in (("renamed", lambda d: d.__setitem__("encoder.renamed.weight", d.pop("encoder.latent_head.1.weight"))),
+                         ("reshaped", lambda d: d.__setitem__("decoder.latent_embed.weight", torch.zeros(3, 3)))):
+        ck = tmp_path / name / "video_tokenizer_step_400"
+        shutil.copytree(src, ck)
+        bad = dict(sd)
+        change(bad)
+        torch.save(bad, ck / "model_state_dict.pt")
+        r = probe_worker.check_resumable("video_tokenizer", {"step": 400, "path": str(ck), "role": "newest"}, cfg, models)
+        assert r["resumable"] == "no" and "do not fit" in r["reason"], r
+        counts = r["weights"]["counts"]
+        assert (counts["missing"], counts["unexpected"]) == ((1, 1) if name == "renamed" else (0, 0))
+        assert counts["mis_shaped"] == (name == "reshaped")
+        parent = checkpoints.check_checkpoint("video_tokenizer", 400, ck, ptfile.Limits.from_thresholds(t))
+        assert not parent.intact  # the parent's own architecture check refuses it too
+
+
+def test_a_hostile_state_pt_is_never_unpickled_and_never_probed(tmp_path):
+    stage = next((EXAMPLES / "bundle-healthy" / "results").glob("*/video_tokenizer"))
+    bundle = tmp_path / "b"
+    copy_fresh(stage, bundle / "results" / stage.parent.name / "video_tokenizer")  # one stage: one short probe
+    marker = tmp_path / "PWNED"
+    ck = next(bundle.glob("results/*/video_tokenizer/checkpoints/video_tokenizer_step_400"))
+
+    class Payload:
+        def __reduce__(self):
+            return (eval, (f"open({str(marker)!r}, 'w').write('x')",))
+
+    import torch
+    torch.save({"step": 400, "config": Payload(), "timestamp": "x", "scheduler_state_dict": None}, ck / "state.pt")
+    code, doc, err = cli("probe", bundle, "--tinyworlds", UPSTREAM, "--probe-seconds", "120")
+    assert code == 0, err
+    probed = [c["step"] for c in doc["stages"]["video_tokenizer"]["probe"]["checkpoints"]]
+    assert 400 not in probed and probed == [200]  # the fallback is the older, certified one
+    assert not marker.exists()
+
+
+def test_a_hang_in_model_code_is_cut_by_the_budget(tmp_path):
+    fake = tmp_path / "tinyworlds"
+    (fake / "models").mkdir(parents=True)
+    (fake / "models" / "__init__.py").write_text("")
+    for name in ("video_tokenizer", "latent_actions", "dynamics"):
+        (fake / "models" / f"{name}.py").write_text("import time\ntime.sleep(600)\n")
+    started = time.monotonic()
+    code, doc, err = cli("diagnose", EXAMPLES / "bundle-healthy", "--out-dir", tmp_path / "out",
+                         "--now", "1796169600", "--tinyworlds", fake, "--probe-seconds", "2")
+    assert time.monotonic() - started < 30
+    assert code == 0, err  # the report stands; the probe is one failed part
+    assert doc["probe"]["ran"] is False and "budget of 2 s" in doc["probe"]["reason"]
+    assert doc["overall"] == "normal"  # the example's own verdict, untouched by a failed probe
+
+
+def test_no_checkout_named_means_nothing_imported_but_a_note(tmp_path, monkeypatch):
+    from twdiag import probe
+    assert probe.find_checkout(tmp_path, UPSTREAM) == UPSTREAM
+    assert probe.find_checkout(tmp_path, tmp_path) is None
+    code, doc, _ = cli("diagnose", EXAMPLES / "bundle-healthy", "--tinyworlds", tmp_path, "--out-dir", tmp_path / "o")
+    assert code == 2 and "not a TinyWorlds checkout" in doc["error"]
+    monkeypatch.chdir(UPSTREAM)  # a checkout in the current directory: named in a note, not imported
+    from twdiag import bundle, pipeline, rules
+    t = rules.load_thresholds()
+    a = pipeline.run(bundle.discover([EXAMPLES / "bundle-healthy"], t), t, ("checkpoints",))
+    assert a.probe is None and any(f"--tinyworlds {UPSTREAM}" in n for n in a.bundle.notes)
