@@ -279,6 +279,23 @@ def diagnose_outputs(name: str) -> None:
                    cwd=HERE.parent, check=True, stdout=subprocess.DEVNULL)
 
 
+def probe_outputs(name: str, tinyworlds: Path) -> None:
+    """probe_models.py on the committed bundle, measured on the examples' own
+    data set (regenerated: same generator, frames and seed), into
+    examples/outputs/<name>/probe/."""
+    sys.path.insert(0, str(ENV_DIR))
+    import dataset
+    scratch = Path(tempfile.mkdtemp(prefix="tw-probe-data-"))
+    data = scratch / "pong_frames.h5"
+    dataset.write(str(data), DATA_FRAMES, DATA_SEED)
+    out = HERE / "outputs" / name / "probe"
+    shutil.rmtree(out, ignore_errors=True)
+    subprocess.run([sys.executable, str(HERE.parent / "scripts" / "probe_models.py"), f"examples/{name}",
+                    "--tinyworlds", str(tinyworlds), "--data", str(data), "--out-dir", f"examples/outputs/{name}/probe"],
+                   cwd=HERE.parent, check=True, stdout=subprocess.DEVNULL)
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tinyworlds", required=True, type=Path,
@@ -296,6 +313,7 @@ def main() -> None:
     if args.outputs_only:
         for name in names:
             diagnose_outputs(name)
+            probe_outputs(name, args.tinyworlds)
         return
     if args.facts_only:
         scratch = Path(tempfile.mkdtemp(prefix="tw-examples-"))
@@ -321,6 +339,7 @@ def main() -> None:
         if args.dest is None:
             write_model_facts(facts)
             diagnose_outputs(name)
+            probe_outputs(name, args.tinyworlds)
     if not args.keep_work:
         shutil.rmtree(scratch, ignore_errors=True)
 

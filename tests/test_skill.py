@@ -47,7 +47,7 @@ def test_every_script_has_help_with_examples_and_exit_codes():
     scripts = sorted(SCRIPTS.glob("*.py"))
     assert {s.name for s in scripts} == {"diagnose.py", "export_local_wandb_history.py", "stage_stats.py",
                                          "check_ckpts.py", "contact_sheet.py", "compare_runs.py",
-                                         "scan_bundles.py", "query.py", "dump_records.py"}
+                                         "scan_bundles.py", "query.py", "dump_records.py", "probe_models.py"}
     helps = ""
     for script in scripts:
         out = _help(script)

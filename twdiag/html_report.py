@@ -57,7 +57,8 @@ def render(doc: dict, outset) -> str:
            f"<div>{_e(doc['bundle'])} — judged {_e(doc.get('judged_at'))} by twdiag {_e(doc.get('version'))}"
            + (" — the bundle is a copy: file times were ignored" if doc.get("copied") else "")
            + "</div></header><main>"]
-    out += _stages_table(doc) + _actions(doc) + _findings(doc) + _pictures(doc, outset) + _checkpoints(doc)
+    out += (_stages_table(doc) + _actions(doc) + _findings(doc) + _probe(doc, outset) + _pictures(doc, outset)
+            + _checkpoints(doc))
     if doc.get("cross_stage"):
         out += ["<h2>Cross-stage</h2><ul>"] + [f"<li>{_e(x)}</li>" for x in doc["cross_stage"]] + ["</ul>"]
     if doc.get("skipped"):
@@ -113,6 +114,32 @@ def _findings(doc: dict) -> list[str]:
             out.append(f'<div class="finding">{_badge(f["severity"])} <code>{_e(f["rule_id"])}</code> '
                        f"{_e(f['message'])} <span class=muted>[value {_e(f['value'])}, threshold "
                        f"{_e(f['threshold'])}] <code>{_e(f.get('evidence_path'))}</code></span></div>")
+    return out
+
+
+def _probe(doc: dict, outset) -> list[str]:
+    """The models as measured (diagnose --tinyworlds): one line per stage,
+    ΔtPSNR per horizon, and the probe sheet."""
+    probe = doc.get("probe") or {}
+    if not probe.get("ran"):
+        return []
+    from .report import probe_line
+    out = [f"<h2>The models, measured (TinyWorlds' own classes from <code>{_e(probe.get('tinyworlds'))}</code>)</h2>",
+           f"<p class=muted>frames: {_e(probe.get('frames_source'))}</p><ul>"]
+    for stage, e in doc["stages"].items():
+        if e.get("probe"):
+            out.append(f"<li><b>{_e(stage)}</b>: {_e(probe_line(stage, e['probe']))}</li>")
+    out.append("</ul>")
+    dyn = ((doc["stages"].get("dynamics") or {}).get("probe") or {}).get("measures") or {}
+    if dyn.get("delta_t_psnr"):
+        out.append("<table><tr><th>t (frames ahead)</th><th>PSNR, inferred actions (dB)</th>"
+                   "<th>PSNR, random actions (dB)</th><th>ΔtPSNR (dB)</th></tr>")
+        out += [f"<tr><td>{_e(r['t'])}</td><td>{_e(r['psnr_inferred_db'])}</td><td>{_e(r['psnr_random_db'])}</td>"
+                f"<td><b>{_e(r['delta_db'])}</b></td></tr>" for r in dyn["delta_t_psnr"]]
+        out.append("</table>")
+    files = doc.get("outputs", {})
+    if files.get("probe_sheet"):
+        out.append(_img(outset, files["probe_sheet"], "probe sheet"))
     return out
 
 

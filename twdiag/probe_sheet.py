@@ -19,7 +19,9 @@ ROWS = (("real", "real frames (the probe's sample)"),
 
 def sheet(pictures: dict[str, np.ndarray], scale: int = 2, sequences: int = 2) -> Image.Image | None:
     from .visuals import _font
-    rows = [(label, pictures[key]) for key, label in ROWS if key in pictures and pictures[key].ndim == 5]
+    same = "dynamics_real" in pictures and "real" in pictures and np.array_equal(pictures["real"], pictures["dynamics_real"])
+    rows = [(label, pictures[key]) for key, label in ROWS
+            if key in pictures and pictures[key].ndim == 5 and not (same and key == "dynamics_real")]
     if not rows:
         return None
     gap, label_h = 8, 26

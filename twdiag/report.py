@@ -379,7 +379,8 @@ def markdown(doc: dict) -> str:
     out = [f"# TinyWorlds training diagnosis: **{doc['overall']}**", "",
            f"Bundle `{doc['bundle']}`, judged at {doc['judged_at']} by twdiag {doc['version']}"
            + (" (the bundle is a copy: file times were ignored)" if doc.get("copied") else "") + ".", ""]
-    out += _md_status(doc) + _md_numbers(doc) + _md_visuals(doc) + _md_checkpoints(doc) + _md_verdict(doc)
+    out += (_md_status(doc) + _md_numbers(doc) + _md_visuals(doc) + _md_checkpoints(doc) + _md_probe(doc)
+            + _md_verdict(doc))
     if doc.get("comparison"):
         out += _md_comparison(doc["comparison"])
     if doc["skipped"]:
@@ -389,6 +390,17 @@ def markdown(doc: dict) -> str:
         out += ["## Errors (the rest of the report still stands)", ""] + [
             f"- {e['step']}: {e['error']}" for e in doc["errors"][:20]] + [""]
     return "\n".join(out)
+
+
+def _md_probe(doc: dict) -> list[str]:
+    probe = doc.get("probe") or {}
+    if not probe.get("ran"):
+        return [f"Models not measured: {probe.get('reason')}.", ""] if probe.get("reason") else []
+    out = [f"### The models, measured (TinyWorlds' classes from `{probe.get('tinyworlds')}`)", "",
+           f"Frames: {probe.get('frames_source')}.", ""]
+    out += [f"- **{s}**: {probe_line(s, e['probe'])}" for s, e in doc["stages"].items() if e.get("probe")]
+    link = _link(doc, (doc.get("outputs") or {}).get("probe_sheet"))
+    return out + ([f"", f"![probe sheet]({link})"] if link else []) + [""]
 
 
 def _md_status(doc: dict) -> list[str]:
