@@ -105,6 +105,10 @@ def run(b: bundle_mod.Bundle, thresholds: dict, parts: tuple[str, ...] = PARTS, 
     measures the models with TinyWorlds' own classes, in a child process."""
     a = Analysis(b, thresholds, time.time() if now is None else float(now), deep)
     started = time.perf_counter()
+    child = None
+    if probe is not None and "checkpoints" in parts:
+        from . import probe as probe_mod
+        child = probe_mod.spawn(probe, thresholds)  # imports torch while the bundle is read
     with _Guard(a, "decode"):
         if b.wandb_files or b.tables:
             progress("decoding W&B logs")
@@ -133,7 +137,7 @@ def run(b: bundle_mod.Bundle, thresholds: dict, parts: tuple[str, ...] = PARTS, 
     if "checkpoints" in parts:
         _fallbacks(a)
         with _Guard(a, "probe"):
-            _probe(a, probe, progress)
+            _probe(a, probe, progress, child)
     with _Guard(a, "lineage"):
         _lineage(a)
     with _Guard(a, "crossstage"):
@@ -158,7 +162,7 @@ def _lineage(a: Analysis) -> None:
         a.bundle.notes.append(note)
 
 
-def _probe(a: Analysis, opts, progress) -> None:
+def _probe(a: Analysis, opts, progress, child) -> None:
     """The models measured (opt-in); a probed fallback that does not load
     gives way to the newest older candidate that does."""
     from . import probe
@@ -168,7 +172,7 @@ def _probe(a: Analysis, opts, progress) -> None:
             a.bundle.notes.append(f"a TinyWorlds checkout is at {found}: add --tinyworlds {found} to measure the "
                                   "models with its own classes (resumability, fidelity, controllability)")
         return
-    got = probe.analyse(a, opts, progress)
+    got = probe.analyse(a, opts, progress, child)
     a.probe, a.probe_findings, a.probe_pictures = got.doc, got.findings, got.pictures
     for stage, doc in (a.probe or {}).get("stages", {}).items():
         fb = a.fallbacks.get(stage)

@@ -175,15 +175,33 @@ def _limit(address_space: int):
     return apply
 
 
-def run_child(job: dict, seconds: float, address_space: int) -> tuple[dict | None, str | None]:
-    """(result, None) or (None, why the probe failed)."""
+def spawn(opts: ProbeOptions, thresholds: dict) -> subprocess.Popen:
+    """Start the child now: it imports torch and the checkout's models while
+    the parent reads the bundle, then waits for its job on stdin."""
+    p = thresholds["probe"]
     env = dict(os.environ)
     here = str(Path(__file__).resolve().parent.parent)  # twdiag's parent: a copied skill folder works too
     env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.setdefault("OMP_NUM_THREADS", str(job["threads"]))
-    proc = subprocess.Popen([sys.executable, "-m", "twdiag.probe_worker"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-                            preexec_fn=_limit(address_space), start_new_session=True)
+    env.setdefault("OMP_NUM_THREADS", str(int(p["threads"]) or os.cpu_count() or 1))
+    return subprocess.Popen([sys.executable, "-m", "twdiag.probe_worker", str(opts.tinyworlds)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            preexec_fn=_limit(int(p["max_address_space_bytes"])), start_new_session=True)
+
+
+def dismiss(proc: subprocess.Popen | None) -> None:
+    """A started child that gets no job: close its stdin (it exits), or kill it."""
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        proc.communicate(b"", timeout=5)
+    except (subprocess.TimeoutExpired, OSError):
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+
+
+def run_child(job: dict, seconds: float, proc: subprocess.Popen) -> tuple[dict | None, str | None]:
+    """(result, None) or (None, why the probe failed). The budget counts from
+    here, the job's start (the imports before it overlap the parent's work)."""
     try:
         out, err = proc.communicate(json.dumps(job).encode(), timeout=seconds)
     except subprocess.TimeoutExpired:
@@ -316,8 +334,15 @@ class ProbeResult:
     pictures: dict[str, np.ndarray]            # sample frames for the probe sheet, uint8 [B,T,H,W,3]
 
 
-def analyse(a, opts: ProbeOptions, progress=None) -> ProbeResult:
-    """The probe as one analysis."""
+def analyse(a, opts: ProbeOptions, progress=None, proc: subprocess.Popen | None = None) -> ProbeResult:
+    """The probe as one analysis; `proc` is a child `spawn` started earlier."""
+    try:
+        return _analyse(a, opts, progress, proc)
+    finally:
+        dismiss(proc)
+
+
+def _analyse(a, opts: ProbeOptions, progress, proc: subprocess.Popen | None) -> ProbeResult:
     p = a.thresholds["probe"]
     problem = checkout_problem(opts.tinyworlds)
     if problem:
@@ -334,7 +359,7 @@ def analyse(a, opts: ProbeOptions, progress=None) -> ProbeResult:
         if progress:
             progress(f"probe: TinyWorlds' classes from {opts.tinyworlds}, in a child process "
                      f"(budget {opts.seconds or p['seconds']:g} s)")
-        result, why = run_child(job, float(opts.seconds or p["seconds"]), int(p["max_address_space_bytes"]))
+        result, why = run_child(job, float(opts.seconds or p["seconds"]), proc or spawn(opts, a.thresholds))
         if result is not None and opts_pics.is_file():
             with np.load(opts_pics, allow_pickle=False) as z:
                 pictures = {k: z[k] for k in z.files}

@@ -87,51 +87,56 @@ def strict_fit(model, sd: dict) -> dict:
             "counts": {"missing": len(missing), "unexpected": len(unexpected), "mis_shaped": len(shapes)}}
 
 
-def _optimizers(model, cfg: dict, models):
-    """The optimizer(s) TinyWorlds' create_optimizer builds for this config
-    (utils/optimizer_utils.py): AdamW over decay / no-decay groups, or Muon
-    over 2-D non-embedding matrices plus AdamW over the rest."""
-    lr = float(cfg.get("learning_rate", 1e-3))
+def _groups(model, cfg: dict) -> list[list[str]]:
+    """Parameter names per group of the optimizer TinyWorlds saves first
+    (utils/optimizer_utils.py: optimizers[0] is optim_state_dict.pt): AdamW
+    over decay / no-decay, or for Muon its 2-D non-embedding matrices."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if cfg.get("optimizer", "adamw") == "muon":
-        import models.muon as muon
-        mu = [p for n, p in named if p.ndim == 2 and "embed" not in n]
-        nd = [p for n, p in named if not (p.ndim == 2 and "embed" not in n)
-              and (p.ndim == 1 or n.endswith(".bias") or "norm" in n)]
-        de = [p for n, p in named if not (p.ndim == 2 and "embed" not in n) and p not in nd]
-        opts = [muon.Muon(mu, lr=lr, momentum=cfg.get("muon_momentum", 0.95),
-                          backend_steps=cfg.get("muon_backend_steps", 5), weight_decay=0.01)] if mu else []
-        groups = [g for g in ({"params": de, "weight_decay": 0.01}, {"params": nd, "weight_decay": 0}) if g["params"]]
-        return opts + ([torch.optim.AdamW(groups, lr=lr)] if groups else [])
-    nd = [p for n, p in named if p.ndim == 1 or n.endswith(".bias") or "norm" in n]
-    ids = {id(p) for p in nd}
-    de = [p for n, p in named if id(p) not in ids]
-    return [torch.optim.AdamW([{"params": de, "weight_decay": 0.01}, {"params": nd, "weight_decay": 0}], lr=lr)]
+        muon = [n for n, p in named if p.ndim == 2 and "embed" not in n]
+        if muon:
+            return [muon]
+        named = [(n, p) for n, p in named if not (p.ndim == 2 and "embed" not in n)]
+    no_decay = [n for n, p in named if p.ndim == 1 or n.endswith(".bias") or "norm" in n]
+    decay = [n for n, p in named if n not in set(no_decay)]
+    return [decay, no_decay]
 
 
-def optimizer_fit(model, cfg: dict, ck: dict, models) -> dict:
-    """Load the saved optimizer state into the optimizer the config names
-    (TinyWorlds saves optimizers[0] as optim_state_dict.pt)."""
+def optimizer_fit(model, cfg: dict, ck: dict) -> dict:
+    """The saved optimizer state against the optimizer the config names,
+    checked the way torch's Optimizer.load_state_dict checks it (as many
+    groups, each as many parameters), plus what it does not check: every
+    state tensor the shape of its parameter. (Building a torch optimizer
+    would import torch._dynamo: over a second for nothing the check needs.)"""
     path = Path(ck["path"]) / "optim_state_dict.pt"
     if not path.is_file():
         return {"ok": False, "reason": "no optim_state_dict.pt"}
     saved = load_weights(path)
-    opt = _optimizers(model, cfg, models)[0]
-    try:
-        opt.load_state_dict(saved)
-    except (ValueError, KeyError, RuntimeError) as exc:
-        return {"ok": False, "reason": f"{type(opt).__name__} refuses it: {exc}"[:300]}
+    kind = "Muon" if cfg.get("optimizer", "adamw") == "muon" else "AdamW"
+    groups = _groups(model, cfg)
+    got = saved.get("param_groups") if isinstance(saved, dict) else None
+    state = saved.get("state") if isinstance(saved, dict) else None
+    if not isinstance(got, list) or not isinstance(state, dict):
+        return {"ok": False, "optimizer": kind, "reason": "not an optimizer state dict (no param_groups/state)"}
+    if len(got) != len(groups):
+        return {"ok": False, "optimizer": kind, "reason": f"{len(got)} parameter groups saved; {kind} over this "
+                                                           f"model has {len(groups)}"}
+    params = dict(model.named_parameters())
     wrong, steps = [], set()
-    for group in opt.param_groups:
-        for p in group["params"]:
-            st = opt.state.get(p, {})
+    for i, (g, names) in enumerate(zip(got, groups)):
+        ids = list(g.get("params", []))
+        if len(ids) != len(names):
+            return {"ok": False, "optimizer": kind, "reason": f"group {i} holds {len(ids)} parameters; {kind} "
+                                                               f"over this model puts {len(names)} there"}
+        for pid, name in zip(ids, names):
+            st = state.get(pid, {})
             for key in ("exp_avg", "exp_avg_sq", "momentum_buffer"):
-                if key in st and tuple(st[key].shape) != tuple(p.shape):
-                    wrong.append(f"{key} {tuple(st[key].shape)} for a parameter of {tuple(p.shape)}")
+                if key in st and tuple(st[key].shape) != tuple(params[name].shape):
+                    wrong.append(f"{key} of {name}: {tuple(st[key].shape)} for {tuple(params[name].shape)}")
             if "step" in st:
                 steps.add(int(float(st["step"])))
-    out = {"ok": not wrong, "optimizer": type(opt).__name__, "param_groups": len(opt.param_groups),
-           "adam_step": max(steps) if steps else None, "lr_restored": [g.get("lr") for g in opt.param_groups][:4]}
+    out = {"ok": not wrong, "optimizer": kind, "param_groups": len(got),
+           "adam_step": max(steps) if steps else None, "lr_restored": [g.get("lr") for g in got][:4]}
     if wrong:
         out["reason"] = f"{len(wrong)} state tensors do not fit their parameters, e.g. {wrong[0]}"
     return out
@@ -324,7 +329,7 @@ def check_resumable(stage: str, ck: dict, cfg: dict, models) -> dict:
     model = build(stage, cfg, sd, models)
     w = strict_fit(model, sd)
     out = {"step": ck["step"], "path": ck["path"], "role": ck["role"], "weights": w}
-    out["optimizer"] = optimizer_fit(model, cfg, ck, models) if w["ok"] else {"ok": False, "reason": "weights do not fit"}
+    out["optimizer"] = optimizer_fit(model, cfg, ck) if w["ok"] else {"ok": False, "reason": "weights do not fit"}
     reasons = []
     if not w["ok"]:
         c = w["counts"]
@@ -360,9 +365,11 @@ def run_stage(stage: str, job: dict, spec: dict, models, cache: dict, pictures: 
     target = spec.get("measure")
     if not target or not job.get("frames"):
         return out
-    rng = np.random.default_rng(job["seed"])
     gen = torch.Generator().manual_seed(job["seed"])
-    frames, true_actions, how = sample_frames(job["frames"], spec["config"], job["sequences"], rng)
+    key = (spec["config"].get("context_length"), spec["config"].get("fps"), spec["config"].get("dataset"))
+    if key not in cache:  # stages with the same sampling share one read of the data
+        cache[key] = sample_frames(job["frames"], spec["config"], job["sequences"], np.random.default_rng(job["seed"]))
+    frames, true_actions, how = cache[key]
     x = to_tensor(frames, spec["config"])
     out["frames"] = how
     out["measured_checkpoint"] = {"step": target["step"], "path": target["path"]}
@@ -393,20 +400,29 @@ def _save_pictures(pictures: dict, path: str | None) -> None:
 
 
 def main() -> int:
+    """argv[1]: the checkout. torch and the models are imported before the
+    job is read, so the parent can start this process early and finish its
+    own analyses meanwhile (the imports take about a second)."""
     global torch
-    job = json.loads(sys.stdin.read())
     started = time.perf_counter()
     import torch as _torch
     torch = _torch
-    torch.set_num_threads(max(1, int(job.get("threads", 1))))
-    torch.manual_seed(job["seed"])
     result = {"torch": torch.__version__, "stages": {}}
     try:
-        models = import_models(job["tinyworlds"])
+        models = import_models(sys.argv[1])
+        failure = None
     except Exception as exc:  # the checkout itself: nothing can be measured
-        result["error"] = f"could not import TinyWorlds' models from {job['tinyworlds']}: {type(exc).__name__}: {exc}"[:500]
+        failure = f"could not import TinyWorlds' models from {sys.argv[1]}: {type(exc).__name__}: {exc}"[:500]
+    text = sys.stdin.read()
+    if not text.strip():  # the parent needed no probe after all
+        return 0
+    job = json.loads(text)
+    if failure:
+        result["error"] = failure
         print(json.dumps(result))
         return 0
+    torch.set_num_threads(max(1, int(job.get("threads", 1))))
+    torch.manual_seed(job["seed"])
     cache, pictures = {}, {}
     for stage, spec in job["stages"].items():
         t0 = time.perf_counter()
