@@ -165,13 +165,13 @@ def sample_frames(src: dict, cfg: dict, n: int, rng: np.random.Generator) -> tup
                 # the action of a transition: the most frequent one applied between the two frames
                 acts = np.array([[np.bincount(raw[a + 1:b + 1]).argmax() for a, b in zip(row[:-1], row[1:])]
                                  for row in idx])
-        how = {"source": f"data file {src['path']}", "sequences": len(frames), "frames_per_sequence": T,
+        how = {"kind": "data", "source": f"data file {src['path']}", "sequences": len(frames), "frames_per_sequence": T,
                "frame_skip": skip, "fps": int(fps), "true_actions": acts is not None}
         return frames, acts, how
     grids = np.load(src["path"], allow_pickle=False)  # [B, 4, f, f, 3] uint8, from the bundle's grids
     if grids.shape[1] < T:
         raise ValueError(f"the grids hold sequences of {grids.shape[1]} frames; the stage needs {T}")
-    return grids[:n, :T], None, {"source": src["source"], "sequences": int(min(n, len(grids))),
+    return grids[:n, :T], None, {"kind": "grids", "source": src["source"], "sequences": int(min(n, len(grids))),
                                   "frames_per_sequence": T, "true_actions": False}
 
 

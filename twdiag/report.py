@@ -289,7 +289,8 @@ def compact(doc: dict) -> dict:
             "fallback": None if fb is None else {
                 "step": fb.get("step"), "path": fb.get("path"), "restart": fb.get("restart"),
                 "reason": fb.get("reason"), "verified": (fb.get("verified") or {}).get("level"),
-                "resumable": (fb.get("resumable") or {}).get("status", "not verified (no probe)"),
+                "resumable": (fb.get("resumable") or {}).get("status", "not verified (no probe)")
+                if fb.get("step") is not None else "no fallback to resume",
                 "worth_resuming": fb.get("worth_resuming"), "worth_resuming_reason": fb.get("worth_resuming_reason"),
                 "newest_intact": _newest(fb)},
             "findings": [{k: f[k] for k in ("rule_id", "severity", "value", "message", "evidence_path")}
