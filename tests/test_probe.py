@@ -159,12 +159,13 @@ def test_a_hang_in_model_code_is_cut_by_the_budget(tmp_path):
     for name in ("video_tokenizer", "latent_actions", "dynamics"):
         (fake / "models" / f"{name}.py").write_text("import time\ntime.sleep(600)\n")
     started = time.monotonic()
-    code, doc, err = cli("diagnose", EXAMPLES / "bundle-healthy", "--out-dir", tmp_path / "out",
-                         "--now", "1796169600", "--tinyworlds", fake, "--probe-seconds", "1")
+    code, doc, err = cli("ckpts", EXAMPLES / "bundle-healthy", "--tinyworlds", fake, "--probe-seconds", "1")
     assert time.monotonic() - started < 30
-    assert code == 0, err  # the report stands; the probe is one failed part
+    assert code == 0, err  # the checks stand; the probe is one failed part
     assert doc["probe"]["ran"] is False and "budget of 1 s" in doc["probe"]["reason"]
-    assert doc["overall"] == "normal"  # the example's own verdict, untouched by a failed probe
+    assert doc["resumable_means"].startswith("without the probe")
+    assert {s: e["fallback"]["step"] for s, e in doc["stages"].items()} == \
+        {"video_tokenizer": 400, "latent_actions": 600, "dynamics": 280}  # the examples' expected fallbacks
 
 
 def test_no_checkout_named_means_nothing_imported_but_a_note(tmp_path, monkeypatch):

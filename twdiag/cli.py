@@ -345,6 +345,8 @@ def _run_ckpts(args) -> tuple[dict, int]:
                          "fallback": {k: v for k, v in fb.items() if k != "checkpoints"},
                          "findings": sorted(findings, key=lambda f: rules.SEVERITY_ORDER[f["severity"]])}
     doc = {"torch": _torch_version(), "deep_mode": args.deep, "stages": stages,
+           "resumable_means": report.RESUMABLE_WITHOUT_PROBE if not (a.probe or {}).get("ran") else
+           report.RESUMABLE_WITH_PROBE, "probe": report.probe_summary(a),
            "dependencies": a.dependencies, "copied": a.copy.get("copied"),
            "skipped": a.bundle.skipped, "errors": a.errors, "seconds": a.timings.get("total_s")}
     doc["overall"] = rules.overall_of(stages, t)

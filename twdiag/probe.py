@@ -162,7 +162,7 @@ def plan(a, opts: ProbeOptions, work: Path) -> tuple[dict, list[str]]:
                          "checked for resumability only, not measured")
     job = {"tinyworlds": str(opts.tinyworlds), "device": opts.device, "seed": int(p["seed"]),
            "threads": int(p["threads"]) or os.cpu_count() or 1, "sequences": int(p["sequences"]),
-           "maskgit_steps": int(p["maskgit_steps"]), "frames": frames, "stages": stages, "pictures": None}
+           "maskgit_steps": int(p["maskgit_steps"]), "frames": frames, "stages": stages}
     return job, notes
 
 
@@ -378,7 +378,8 @@ def _analyse(a, opts: ProbeOptions, progress, proc: subprocess.Popen | None) -> 
 HOW = {
     "psnr": "mean over frames of per-frame PSNR, pixels in [0, 1]",
     "ssim": "mean SSIM on grey frames, 7x7 uniform windows",
-    "tokenizer": "frames -> VideoTokenizer.forward (eval); reference: the sample's mean frame",
+    "tokenizer": "frames -> encoder -> quantizer -> decoder (VideoTokenizer.forward's steps, eval); reference: "
+                 "the sample's mean frame",
     "latent_actions": "actions from LatentActionModel.encode; the decoder run as trained (every frame after "
                       "the first masked); gain = PSNR with inferred minus with shuffled actions",
     "dynamics": "DynamicsModel.forward_inference (MaskGIT, argmax); next frame from T-1 real frames; "

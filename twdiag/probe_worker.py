@@ -234,8 +234,8 @@ def _entropy(a: np.ndarray) -> float:
 
 def measure_tokenizer(model, x) -> tuple[dict, dict]:
     model.eval()
-    _, x_hat = model(x)
-    latents = model.quantizer(model.encoder(x))
+    latents = model.quantizer(model.encoder(x))  # VideoTokenizer.forward's steps, kept for the codes
+    x_hat = model.decoder(latents)
     digits = torch.round(model.quantizer.scale_and_shift(latents)).clamp(0, model.quantizer.num_bins - 1)
     idx = model.quantizer.get_indices_from_latents(latents).numpy()
     bins_per_dim = [int(torch.unique(digits[..., d]).numel()) for d in range(digits.shape[-1])]

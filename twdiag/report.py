@@ -38,7 +38,7 @@ def combine(a: Analysis, comparison: dict | None = None) -> dict:
         "deep_mode": a.deep,
         "skipped": a.bundle.skipped, "notes": a.bundle.notes, "errors": a.errors,
         "timings": a.timings,
-        "probe": _probe_summary(a),
+        "probe": probe_summary(a),
     }
     if comparison is not None:
         doc["comparison"] = comparison
@@ -93,7 +93,7 @@ def stage_entry(a: Analysis, stage: str, comparison: dict | None) -> dict:
             "evidence": _evidence(s, res, v)}
 
 
-def _probe_summary(a: Analysis) -> dict:
+def probe_summary(a: Analysis) -> dict:
     """The probe's run (per-stage results sit in each stage's `probe`); when it
     did not run, what "resumable" then means."""
     if a.probe is None:
@@ -104,6 +104,8 @@ def _probe_summary(a: Analysis) -> dict:
 
 RESUMABLE_WITHOUT_PROBE = ("without the probe, a fallback is intact (certified archive, allowlisted pickles, "
                            "finite tensors) but not loaded into TinyWorlds' classes: `resumable` is not verified")
+RESUMABLE_WITH_PROBE = ("`resumable: verified` (the probe): the weights loaded strictly into TinyWorlds' class built "
+                        "from the checkpoint's config, and the optimizer state fits the optimizer the config names")
 
 
 def probe_line(stage: str, p: dict | None) -> str | None:
