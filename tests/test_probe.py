@@ -41,19 +41,28 @@ def data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def healthy(tmp_path_factory, data) -> dict:
+def small(tmp_path_factory) -> Path:
+    """A smaller sample than the default (suite time); every assertion below
+    is a relation that holds at any sample size."""
+    path = tmp_path_factory.mktemp("thr") / "probe.yaml"
+    path.write_text("probe:\n  sequences: 8\n  maskgit_steps: 2\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def healthy(tmp_path_factory, data, small) -> dict:
     out = tmp_path_factory.mktemp("probe-healthy")
     code, doc, err = cli("diagnose", EXAMPLES / "bundle-healthy", "--out-dir", out, "--now", "1796169600",
-                         "--tinyworlds", UPSTREAM, "--data", data)
+                         "--tinyworlds", UPSTREAM, "--data", data, "--thresholds", small)
     assert code == 0, err
     return {"compact": doc, "full": json.loads((out / "diagnosis.json").read_text()), "out": out}
 
 
 @pytest.fixture(scope="module")
-def unhealthy(tmp_path_factory, data) -> dict:
+def unhealthy(tmp_path_factory, data, small) -> dict:
     out = tmp_path_factory.mktemp("probe-unhealthy")
     code, doc, err = cli("probe", EXAMPLES / "bundle-unhealthy", "--tinyworlds", UPSTREAM, "--data", data,
-                         "--out-dir", out)
+                         "--out-dir", out, "--thresholds", small)
     assert code == 0, err
     return doc
 
