@@ -94,14 +94,50 @@ def test_crash_then_checkpoint_resume_lists_both_attempts(tmp_path):
     lin = doc["stages"]["dynamics"]["lineage"]
     assert lin["count"] == 2
     a1, a2 = lin["attempts"]
-    assert a1["state"] == "crashed" and a1["rows"] == 200 and a1["superseded_rows"] == 200
+    # on the global axis the resume (counter reset to 0) starts at 140: attempt 1's steps 140-199 were run again
+    assert a1["state"] == "crashed" and a1["rows"] == 200 and a1["superseded_rows"] == 60
     assert "resumed from its checkpoint at step 140" in a1["why_superseded"]
     assert a2["relation"] == "resume" and a2["resumed_from"]["step"] == 140
-    assert "weights only" in a2["restored"]
+    assert (a2["first_step"], a2["global_first_step"]) == (0, 140)
+    assert a2["global_last_step"] == a2["last_step"] + 140
+    assert "weights only" in a2["restored"] and lin["steps_axis"].startswith("global")
+    assert doc["stages"]["dynamics"]["stats"]["metrics"]["step_max"] == a2["global_last_step"]
     lines = compact["stages"]["dynamics"]["attempts"]
-    assert lines[0].startswith("attempt 1: first run; steps 0–199") and "superseded (200 rows)" in lines[0]
-    assert "resume from step 140" in lines[1]
+    assert lines[0].startswith("attempt 1: first run; steps 0–199") and "superseded (60 rows)" in lines[0]
+    assert "resume from step 140" in lines[1] and "global 140–" in lines[1]
     assert any(f["rule_id"] == "attempt_crashed" for f in doc["stages"]["dynamics"]["findings"])
+
+
+def _resave_state(ck: Path, **config) -> None:
+    """state.pt again, as the resumed run saves it: the same keys, its config
+    holding `checkpoint=` (plain values: what our allowlist read of it gave)."""
+    import torch
+    from twdiag import checkpoints, ptfile, rules
+    step = int(ck.name.rsplit("_", 1)[1])
+    got = checkpoints.check_checkpoint("dynamics", step, ck, ptfile.Limits.from_thresholds(rules.load_thresholds()))
+    torch.save({"scheduler_state_dict": {"last_epoch": step + 1, "_step_count": step + 2, "base_lrs": [0.01]},
+                "config": {**checkpoints.config_of(got), **config}, "step": step,
+                "timestamp": got.fact("state.pt", "timestamp")}, ck / "state.pt")
+
+
+def test_a_resumed_runs_checkpoints_and_grids_sit_on_the_global_axis(tmp_path):
+    b = _copy(tmp_path / "b")
+    src = "results/2026_12_01_22_22_11/dynamics/checkpoints/dynamics_step_140"
+    _split_dynamics(b, 200, {"checkpoint": src})
+    for ck in sorted(b.glob("results/*/dynamics/checkpoints/dynamics_step_*")):
+        _resave_state(ck, checkpoint=src)  # the folders are the resumed run's: named by its own steps
+    # TinyWorlds saves step 0 after one update at lr 0 (the warm-up starts there): the source's weights
+    shutil.copyfile(b / src / "model_state_dict.pt", b / src.replace("_140", "_0") / "model_state_dict.pt")
+    compact, doc = _diagnose(b, tmp_path / "out")
+    dyn = doc["stages"]["dynamics"]
+    resumed = dyn["lineage"]["attempts"][1]
+    assert resumed["weights_match"].startswith("confirmed") and "33 storages" in resumed["weights_match"]
+    assert "warm-up again: " in resumed["restored"] and "at step 140" in resumed["restored"]
+    assert [r["step"] for r in dyn["checkpoints"]["table"]] == [140, 280, 420]
+    assert dyn["fallback"]["step"] == 420 and dyn["fallback"]["path"].endswith("dynamics_step_280")
+    assert dyn["lineage"]["final_checkpoint_saved"] is True  # global 420 is the resumed run's last step
+    assert any("resumed from step 140" in n for n in doc["notes"])
+    assert compact["stages"]["dynamics"]["fallback"]["step"] == 420
 
 
 def test_a_fresh_restart_supersedes_the_abandoned_attempt(tmp_path):

@@ -79,8 +79,9 @@ class WandbFile:
 @dataclass
 class ImageFile:
     stage: str
-    step: int
+    step: int          # on the stage's global axis once lineage.place_resumed ran (a resume's offset added)
     path: Path
+    local_step: int | None = None  # the step in the file's name, when it differs
 
 
 @dataclass

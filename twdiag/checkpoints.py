@@ -46,6 +46,13 @@ class Checkpoint:
     deep_files: list[str] = field(default_factory=list)  # files whose tensors were loaded
     weights: dict = field(default_factory=dict)  # model file: weight_norm, max_abs_weight
     key_signature: frozenset | None = None
+    local_step: int | None = None  # the step in the folder's name, when `step` is global (a resumed run)
+
+    def place(self, offset: int) -> None:
+        """Put the checkpoint on the stage's global axis (idempotent)."""
+        if self.local_step is None:
+            self.local_step = self.step
+        self.step = self.local_step + offset
 
     @property
     def status(self) -> str:
@@ -74,7 +81,8 @@ class Checkpoint:
         return fc.facts.get(key, default) if fc else default
 
     def summary(self) -> dict:
-        return {"step": self.step, "path": str(self.path), "status": self.status,
+        local = {"local_step": self.local_step} if self.local_step not in (None, self.step) else {}
+        return {"step": self.step, **local, "path": str(self.path), "status": self.status,
                 "deep_scan": self.deep, "deep_scanned_files": self.deep_files,
                 "evidence": [{"file": p.file, "status": p.status, "detail": p.detail}
                              for p in self.problems][:10]}

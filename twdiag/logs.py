@@ -11,6 +11,7 @@ and a `_source` column keeps each row's run id. Exported history tables
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +52,8 @@ class StageHistory:
     non_finite: dict
     logs: list[history.RunLog]
     superseded_rows: int = 0
+    superseded_by_log: list = field(default_factory=list)  # per log (same order): its rows a later one replaced
+    offsets: list = field(default_factory=list)            # per log: added to its steps (a resume's source step)
 
     @property
     def config(self) -> dict:
@@ -148,17 +151,39 @@ def _start_key(log: history.RunLog) -> tuple:
     return (log.meta.get("start_time") or 0.0, log.path)
 
 
+_STEP_IN_NAME = re.compile(r"_step_(\d+)")
+
+
+def resume_step(config: dict) -> int | None:
+    """The step of the checkpoint a TinyWorlds run resumed from (`checkpoint=`
+    in its config, `<stage>_step_<N>`), or None. TinyWorlds then counts from 0
+    again, so the run's global step is its own + N."""
+    ck = (config or {}).get("checkpoint")
+    if not isinstance(ck, str) or not ck.strip():
+        return None
+    found = _STEP_IN_NAME.search(Path(ck.rstrip("/")).name)
+    return int(found.group(1)) if found else None
+
+
 def merge_history(runs: StageRuns) -> StageHistory:
-    """Concatenate a stage's files in time order; later files win on overlap."""
-    frames, non_finite, superseded = [], {}, 0
+    """Concatenate a stage's files in time order on one global step axis (a
+    resumed run's steps are shifted by its source checkpoint's step); later
+    files win on overlap."""
+    frames, non_finite, superseded = [], {}, []
+    offsets = []
     offset = 0  # rows are labelled globally until the end, so non_finite can follow them
     for log in runs.logs:
         frame = log.history
+        shift = resume_step(log.config) or 0
+        offsets.append(shift)
+        if shift and len(frame) and "_step" in frame.columns:
+            frame = frame.assign(_step=frame["_step"] + shift)
         if frames and len(frame):
             first = frame["_step"].iloc[0]
             keep = [f[f["_step"] < first] for f in frames]
-            superseded += sum(len(a) - len(b) for a, b in zip(frames, keep))
+            superseded = [n + len(a) - len(b) for n, a, b in zip(superseded, frames, keep)]
             frames = keep
+        superseded.append(0)
         frame = frame.assign(_source=run_id(log))
         frame.index = np.arange(offset, offset + len(frame))
         for key, nf in log.non_finite.items():
@@ -175,7 +200,7 @@ def merge_history(runs: StageRuns) -> StageHistory:
         entry["values"] = [v for v, p in zip(entry["values"], pos) if p >= 0]
         entry["rows"] = [int(p) for p in pos if p >= 0]
     non_finite = {k: v for k, v in non_finite.items() if v["rows"]}
-    return StageHistory(runs.stage, frame, non_finite, runs.logs, superseded)
+    return StageHistory(runs.stage, frame, non_finite, runs.logs, sum(superseded), superseded, offsets)
 
 
 # --- exported tables ------------------------------------------------------------

@@ -118,20 +118,25 @@ def run(b: bundle_mod.Bundle, thresholds: dict, parts: tuple[str, ...] = PARTS, 
             a.stats = stats.analyse(a.histories, thresholds)
     with _Guard(a, "runstate"):
         a.copy, a.states, a.state_findings = runstate.judge(a.histories, a.now, thresholds)
+    if "checkpoints" in parts:
+        with _Guard(a, "checkpoints"):
+            progress("checkpoints: structure and allowlist, then deep scans where they decide")
+            a.checkpoints = checkpoints.check_all(b, thresholds, progress,
+                                                  cache=None if cache is None else cache.setdefault("ckpts", {}))
+        with _Guard(a, "global_steps"):
+            from . import lineage
+            for stage, offset in lineage.place_resumed(b, a.checkpoints).items():
+                b.notes.append(f"{stage}: its checkpoints and grids are from a run resumed from step {offset} "
+                               f"(checkpoint=): their steps are reported on the global axis (name + {offset})")
+        with _Guard(a, "dependencies"):
+            a.dependencies, a.dependency_findings = checkpoints.dependency_findings(
+                a.checkpoints, b.root, thresholds, read_outside)
     if "visuals" in parts:
         with _Guard(a, "visuals"):
             from . import visuals
             progress("visuals: image grids and contact sheet")
             a.visuals = visuals.analyse(b, thresholds, count, progress=progress,
                                         cache=None if cache is None else cache.setdefault("images", {}))
-    if "checkpoints" in parts:
-        with _Guard(a, "checkpoints"):
-            progress("checkpoints: structure and allowlist, then deep scans where they decide")
-            a.checkpoints = checkpoints.check_all(b, thresholds, progress,
-                                                  cache=None if cache is None else cache.setdefault("ckpts", {}))
-        with _Guard(a, "dependencies"):
-            a.dependencies, a.dependency_findings = checkpoints.dependency_findings(
-                a.checkpoints, b.root, thresholds, read_outside)
     with _Guard(a, "reconcile_visuals"):  # before the fallbacks: it moves visual onsets
         a.cross["facts"] = crossstage.reconcile_visuals(a)
     if "checkpoints" in parts:
@@ -153,7 +158,8 @@ def _lineage(a: Analysis) -> None:
     newest = None
     for stage, hist in a.histories.items():
         a.lineage[stage], a.lineage_findings[stage] = lineage.judge(
-            stage, hist, a.states.get(stage), a.checkpoints.get(stage), a.stats["stages"].get(stage), a.thresholds)
+            stage, hist, a.states.get(stage), a.checkpoints.get(stage), a.stats["stages"].get(stage), a.thresholds,
+            a.bundle.root)
         for log in hist.logs:
             t = runstate.record_times(log)["newest"]
             newest = t if newest is None or (t and t > newest) else newest

@@ -202,6 +202,22 @@ def _action_axes(ax, frame: pd.DataFrame, acts: dict, title: str, thresholds: di
     ax.set_title(title, fontsize=10, loc="left")
 
 
+def _attempt_marks(ax, entry: dict | None) -> None:
+    """Where each later attempt starts on the global axis, labelled with how
+    it relates to the one before (a resume, a fresh start)."""
+    atts = ((entry or {}).get("lineage") or {}).get("attempts") or []
+    for a in atts[1:]:
+        start = a.get("global_first_step")
+        if start is None:
+            continue
+        what = {"resume": f"resume from step {(a.get('resumed_from') or {}).get('step')}",
+                "fresh_start": "fresh start", "continuation": "continuation"}.get(a["relation"], a["relation"])
+        ax.axvline(start, color="tab:brown", lw=1.2, ls="-.", alpha=0.8,
+                   label=f"attempt {a['index']} starts: {what}")
+        ax.text(start, 0.98, f" attempt {a['index']}", transform=ax.get_xaxis_transform(), color="tab:brown",
+                fontsize=8, va="top")
+
+
 def stage_figure(stage: str, frame: pd.DataFrame, metrics: dict, entry: dict | None, thresholds: dict,
                  frozen: tuple[pd.DataFrame, dict] | None = None):
     """One figure for a stage; the caller saves and closes it."""
@@ -225,6 +241,7 @@ def stage_figure(stage: str, frame: pd.DataFrame, metrics: dict, entry: dict | N
         _loss_axes(ax, stage, frame, metrics, thresholds)
         ax2 = _lr_axes(ax, frame, metrics)
         _checkpoint_marks(ax, entry)
+        _attempt_marks(ax, entry)
         if ax2 is not None:
             h2, l2 = ax2.get_legend_handles_labels()
             handles = list(zip(h2, l2))

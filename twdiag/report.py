@@ -333,6 +333,8 @@ def compact(doc: dict) -> dict:
 def _attempt_line(a: dict) -> str:
     """One attempt in a line: what it was, how far it got, how it ended."""
     steps = f"steps {a['first_step']}–{a['last_step']}" if a["rows"] else "no history rows"
+    if a["rows"] and a.get("global_first_step") not in (None, a["first_step"]):
+        steps += f" (global {a['global_first_step']}–{a['global_last_step']})"
     prog = f" ({a['progress']:.0%} of n_updates {a['n_updates']})" if a.get("progress") is not None else ""
     how = {"first": "first run", "fresh_start": "fresh start", "continuation": "continuation",
            "resume": f"resume from step {(a.get('resumed_from') or {}).get('step')} (weights only, counter reset)"
