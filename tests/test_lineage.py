@@ -215,3 +215,21 @@ def test_a_folder_named_for_another_day_gets_a_note(tmp_path):
     b = _copy(tmp_path / "20261122_101500")
     compact, _ = _diagnose(b, tmp_path / "out")
     assert any("folder's name says 2026-11-22" in n for n in compact.get("notes", [])), compact.get("notes")
+
+
+def test_an_earlier_run_roots_checkpoints_are_listed_not_dropped(tmp_path):
+    """A restart into a newer run root: the stage is judged from the newest
+    root, and the older root's checkpoints and grids are named, with how to
+    judge them."""
+    b = _copy(tmp_path / "b")
+    old = next(b.glob("results/*/dynamics"))
+    new = b / "results" / "2026_12_02_08_00_00" / "dynamics"
+    shutil.copytree(old, new)
+    shutil.rmtree(new / "checkpoints" / "dynamics_step_280")
+    _, doc = _diagnose(b, tmp_path / "out")
+    lin = doc["stages"]["dynamics"]["lineage"]
+    assert lin["earlier_run_roots"] == [{"run_root": str(old.parent), "checkpoint_steps": [0, 140, 280],
+                                         "checkpoints": 3, "images": 3}]
+    assert [r["step"] for r in doc["stages"]["dynamics"]["checkpoints"]["table"]] == [0, 140]
+    note = next(n for n in doc["notes"] if n.startswith("dynamics: "))
+    assert "3 checkpoints (steps 0, 140, 280)" in note and f"--results {old.parent}" in note

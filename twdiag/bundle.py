@@ -101,6 +101,9 @@ class StageArtifacts:
     checkpoints: list[CheckpointRef] = field(default_factory=list)
     images: list[ImageFile] = field(default_factory=list)
     logs: list = field(default_factory=list)  # history.RunLog, filled by logs.load
+    # older run roots' artifacts of this stage that a newer run root replaced
+    # (an earlier attempt's): listed, never silently dropped
+    earlier: list = field(default_factory=list)
 
 
 @dataclass
@@ -288,6 +291,9 @@ def _use_stage_dir(w: _Walker, b: Bundle, stage: str, sdir: Path, run_root: Path
     if not ckpts and not images and stage in b.stages and b.stages[stage].stage_dir:
         return False
     a = b.stage(stage)
+    if a.checkpoints or a.images:
+        a.earlier.append({"run_root": str(a.run_root), "checkpoint_steps": [c.step for c in a.checkpoints][:50],
+                          "checkpoints": len(a.checkpoints), "images": len(a.images)})
     a.run_root, a.stage_dir = run_root, sdir
     a.checkpoints_dir = cdir if safefs.is_dir(cdir) else None
     a.checkpoints, a.images = ckpts, images

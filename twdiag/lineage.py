@@ -194,10 +194,11 @@ def _warmup_again(a: Attempt, frame, stats: dict | None, lt: dict) -> str | None
 
 
 def judge(stage: str, hist, stage_state: dict | None, res, stats: dict | None, t: dict,
-          root: Path | None = None) -> tuple[dict, list[Finding]]:
+          root: Path | None = None, b_stage=None) -> tuple[dict, list[Finding]]:
     """The stage's lineage document and its findings. `res`: the stage's
     checkpoints.StageResult (or None); `stats`: its stats document; `root`:
-    the bundle root (to find a resume's source checkpoint)."""
+    the bundle root (to find a resume's source checkpoint); `b_stage`: the
+    stage's bundle.StageArtifacts (older run roots it replaced)."""
     lt = t["lineage"]
     atts = attempts(hist, stage_state)
     for a in atts:
@@ -213,6 +214,9 @@ def judge(stage: str, hist, stage_state: dict | None, res, stats: dict | None, t
            "steps_axis": ("global: a resumed attempt's own steps + its source checkpoint's step (TinyWorlds "
                           "counts from 0 again on checkpoint=); findings, plots and the fallback use it")
            if any(a.relation == "resume" for a in atts) else "one axis: the attempts' steps as logged"}
+    art = b_stage
+    if art is not None and art.earlier:
+        doc["earlier_run_roots"] = art.earlier
     trained_before = False
     for a in atts:
         if a.state in ("crashed", "stalled_or_crashed") and a is not latest:

@@ -159,10 +159,17 @@ def _lineage(a: Analysis) -> None:
     for stage, hist in a.histories.items():
         a.lineage[stage], a.lineage_findings[stage] = lineage.judge(
             stage, hist, a.states.get(stage), a.checkpoints.get(stage), a.stats["stages"].get(stage), a.thresholds,
-            a.bundle.root)
+            a.bundle.root, a.bundle.stages.get(stage))
         for log in hist.logs:
             t = runstate.record_times(log)["newest"]
             newest = t if newest is None or (t and t > newest) else newest
+    for stage, art in a.bundle.stages.items():
+        for old in art.earlier:
+            a.bundle.notes.append(
+                f"{stage}: {old['run_root']} holds {old['checkpoints']} checkpoints (steps "
+                f"{', '.join(map(str, old['checkpoint_steps'][:8]))}) and {old['images']} grids of an earlier "
+                f"attempt; the report judges the newest run root's ({art.run_root}). To judge those: "
+                f"--results {old['run_root']}")
     note = lineage.folder_note(a.bundle.root, newest, a.thresholds)
     if note:
         a.bundle.notes.append(note)
