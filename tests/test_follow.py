@@ -88,3 +88,42 @@ def test_follow_a_live_run_then_a_killed_one(tmp_path):
         for p in (child,):
             if p.poll() is None:
                 p.kill()
+
+
+@pytest.mark.fast
+def test_follow_holds_a_bounded_window_of_rows(tmp_path):
+    """The live decoder thins what it holds: the newest rows whole, older rows
+    halved, every sparse-column row and every non-finite value kept, and the
+    values of the rows it keeps unchanged. The follower says so in notes."""
+    import argparse
+    import shutil
+
+    import numpy as np
+    from conftest import EXAMPLES
+    from twdiag import follow, history, rules
+    src = next(EXAMPLES.glob("bundle-healthy/wandb/*njp60fno/*.wandb"))  # dynamics, 281 rows
+    full = history.decode(src).history
+    live = history.LiveLog(src, summary=False)
+    dropped = live.bound(120, 50)
+    got = live.runlog().history
+    assert dropped == len(full) - len(got) > 0 and live.thinned == dropped
+    sparse = [c for c in full.columns if c != "_step" and full[c].notna().sum() < len(full) / 2]
+    allowed = 120 + sum(int(full[c].notna().sum()) for c in sparse)
+    assert len(got) <= allowed
+    assert got["_step"].tail(50).tolist() == full["_step"].tail(50).tolist()  # the window is whole
+    merged = got.merge(full, on="_step", suffixes=("", "_full"))
+    assert len(merged) == len(got)  # every kept row is a real row ...
+    for c in full.columns:
+        if c != "_step" and full[c].dtype.kind == "f":  # ... with its values unchanged
+            assert np.allclose(merged[c], merged[c + "_full"], equal_nan=True), c
+    for c in sparse:
+        assert got[c].notna().sum() == full[c].notna().sum(), c
+
+    bundle = tmp_path / "b"
+    shutil.copytree(EXAMPLES / "bundle-healthy", bundle)
+    t = rules.load_thresholds()
+    t["limits"].update(follow_max_rows=120, follow_window_rows=50)
+    args = argparse.Namespace(deep="auto", now=1796169600, count=None, read_outside_bundle=False)
+    a, doc = follow.Follower(bundle, {}, None, t, args, tmp_path / "out").poll()
+    assert any("--follow holds at most 120 history rows" in n for n in doc["notes"])
+    assert doc["stages"]["dynamics"]["verdict"] == "normal"

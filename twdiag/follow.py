@@ -45,6 +45,9 @@ class Follower:
             self.new_records += log.new_records
         else:
             self.new_records += log.poll()
+        lim = self.t["limits"]
+        # a bounded window: a run that logs for days must not grow the follower without end
+        log.bound(int(lim["follow_max_rows"]), int(lim["follow_window_rows"]))
         return log.runlog()
 
     def poll(self) -> tuple[pipeline.Analysis, dict]:
@@ -55,10 +58,17 @@ class Follower:
         a = pipeline.run(b, self.t, deep=self.args.deep, now=self.args.now, count=self.args.count,
                          read_outside=self.args.read_outside_bundle, progress=lambda m: None,
                          decoder=self._decoder, cache=self.cache)
+        lim = self.t["limits"]
         for path, log in self.live.items():
             for note in log.resets:
                 b.notes.append(f"{path}: {note}")
             log.resets.clear()
+            if log.thinned:
+                b.notes.append(f"{path}: --follow holds at most {int(lim['follow_max_rows']):,} history rows: "
+                               f"{log.thinned:,} older rows were thinned out (the last "
+                               f"{int(lim['follow_window_rows']):,} are whole; every sparse or non-finite row "
+                               "is kept). Windows and onsets before them are read on the thinned rows; a "
+                               "diagnose without --follow reads every row")
         return a, report.combine(a)
 
 

@@ -316,6 +316,37 @@ class _Decoder:
             for col in cols.values():
                 col.flush()
 
+    def thin(self, keep_last: int, stride: int) -> int:
+        """Bound the rows held (diagnose --follow): keep the last `keep_last`
+        rows whole and every `stride`-th row before them, plus every row that
+        holds a value of a sparse column (logged on fewer than half the rows:
+        action stats, images) or a non-finite value. Rows are renumbered;
+        returns how many were dropped. Called again as the log grows, older
+        rows thin out geometrically, so memory stays bounded."""
+        n = self.n_rows
+        if n <= keep_last:
+            return 0
+        keep = np.zeros(n, dtype=bool)
+        keep[n - keep_last:] = True
+        keep[::stride] = True
+        got = {key: col.values() for key, col in self.cols.items()}
+        for rows, vals in got.values():
+            if len(rows) < n / 2:
+                keep[rows] = True
+            elif vals.dtype.kind == "f":
+                keep[rows[~np.isfinite(vals)]] = True
+        new_index = np.cumsum(keep) - 1
+        for key, (rows, vals) in got.items():
+            m = keep[rows]
+            col = self.cols[key]
+            col.done_rows, col.done_vals = [new_index[rows[m]]], [vals[m]]
+        steps = np.asarray(self.steps, dtype=np.int64)
+        self.steps = steps[keep].tolist()
+        self.bad_steps = [(int(new_index[r]), t) for r, t in self.bad_steps if keep[r]]
+        self.n_bad_steps = int((steps[keep] < 0).sum())
+        self.n_rows = int(keep.sum())
+        return n - self.n_rows
+
     def _on_summary(self, s) -> None:
         self.summary.update(s.update)
         if s.remove:
@@ -664,6 +695,7 @@ class LiveLog:
     def __init__(self, path: str | Path, workers: int | None = None, summary: bool = True):
         self.path, self.workers, self.summary = str(path), workers, summary
         self.resets: list[str] = []
+        self.thinned = 0  # history rows dropped by bound() so far
         self._start()
 
     def _start(self) -> None:
@@ -703,6 +735,18 @@ class LiveLog:
             setattr(self.report, name, getattr(rep, name))  # the tail is this poll's
         self.offset = self.report.next_offset
         return n
+
+    def bound(self, max_rows: int, keep_last: int) -> int:
+        """Thin the held history (halving the rows before the last
+        `keep_last`) while it holds more than `max_rows`; returns rows dropped."""
+        dropped = 0
+        while self.dec.n_rows > max_rows:
+            gone = self.dec.thin(keep_last, 2)
+            if not gone:
+                break
+            dropped += gone
+        self.thinned += dropped
+        return dropped
 
     def runlog(self) -> RunLog:
         return build(self.path, self.dec, self.report)
