@@ -14,6 +14,14 @@ a live writer leaves it) and a few genuine-shaped checkpoints and grids.
       each poll; its peak RSS against (a)'s, both read the same way (see
       _common.measure)
 Prints medians and ratios: (b)/(a) (target <= 0.05), RSS (c)/(a) (<= 1.2).
+
+  python bench/bench_follow.py LOG.wandb --grow [--old-tree DIR]
+
+--grow: the attack case "--follow while the log grows by ~180 MB". The log
+starts at 5% of LOG and grows to all of it over 40 polls; prints the
+follower's peak RSS (process and children), for this tree and, with
+--old-tree (e.g. a `git worktree` of an earlier commit), for that one,
+measured in the same run (target: under 1 GB).
 """
 from __future__ import annotations
 
@@ -66,6 +74,45 @@ for i in range(100):
 """
 
 
+FOLLOW_GROW = """
+import sys, types
+sys.path.insert(0, sys.argv[1])
+from pathlib import Path
+from twdiag import follow, rules
+root, log, tail = Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]).read_bytes()
+args = types.SimpleNamespace(deep="auto", now=None, count=None, read_outside_bundle=False)
+t = rules.load_thresholds()
+if len(sys.argv) > 5:  # a smaller bound than the default, to see it work on a 300k-row log
+    t["limits"].update(follow_max_rows=int(sys.argv[5]), follow_window_rows=int(sys.argv[5]) // 4)
+f = follow.Follower(root, {}, None, t, args, root / "out")
+step = len(tail) // 40 + 1
+for i in range(41):
+    a, doc = f.poll()
+    with open(log, "ab") as fh:
+        fh.write(tail[i * step:(i + 1) * step])
+print(len(a.histories["dynamics"].frame), file=sys.stderr)
+"""
+
+
+def grow(big: Path, work: Path, trees: dict[str, Path], max_rows: int | None) -> None:
+    from twdiag import synth
+    data = big.read_bytes()
+    cut = int(len(data) * 0.05) // BLOCK * BLOCK
+    for name, tree in trees.items():
+        target = work / f"grow_{name}"
+        shutil.rmtree(target, ignore_errors=True)
+        log = target / "wandb" / big.parent.name / big.name
+        log.parent.mkdir(parents=True)
+        log.write_bytes(data[:cut])
+        (target / "tail.bin").write_bytes(data[cut:])
+        synth.write_checkpoint(target / "results" / synth.TS / "dynamics", "dynamics", 0)
+        secs, rss = measure([sys.executable, "-c", FOLLOW_GROW, str(tree), str(target), str(log),
+                             str(target / "tail.bin"), *([str(max_rows)] if max_rows else [])])
+        print(json.dumps({"tree": name, "follow_max_rows": max_rows or "default", "grew_mb": round((len(data) - cut) / 1e6, 1), "polls": 41,
+                          "seconds": round(secs, 1), "peak_rss_mb": round(rss, 1), "target_mb": 1000}))
+        shutil.rmtree(target)
+
+
 def build(big: Path, target: Path) -> tuple[Path, Path, Path]:
     """The bundle (log cut ~1,000 steps early), the log, and its missing tail."""
     from twdiag import synth
@@ -104,8 +151,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("wandb_file", type=Path)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--grow", action="store_true", help="the growing-log memory case (see above)")
+    ap.add_argument("--old-tree", type=Path, help="--grow: also measure this source tree")
+    ap.add_argument("--max-rows", type=int, help="--grow: limits.follow_max_rows for this tree's run")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench_follow_"))
+    if args.grow:
+        trees = {"this": ROOT, **({"old": args.old_tree} if args.old_tree else {})}
+        grow(args.wandb_file, work, trees, args.max_rows)
+        return
     a, b, c, rss_a, meta = [], [], [], [], {}
     for _ in range(args.repeat):
         bundle, log, tail = build(args.wandb_file, work / "bundle")

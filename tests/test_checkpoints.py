@@ -404,3 +404,14 @@ def test_examples_are_genuine_tinyworlds_output(name):
     for stage, h in hist.items():  # each stage's own config dataclass, as wandb.init(config=...) logs it
         assert common | own[stage] <= set(h.config), stage
         assert int(h.frame["_step"].max()) == int(h.config["n_updates"]) - 1, stage
+
+
+@pytest.mark.fast
+def test_a_state_timestamp_is_never_silently_null():
+    """TinyWorlds writes "%Y_%m_%d_%H_%M_%S"; a fork's epoch seconds become the
+    same text (and still give a throughput); anything else says its type."""
+    from twdiag.checkpoints import _parse_ts, _timestamp_text
+    assert _timestamp_text("2026_12_01_22_22_45") == "2026_12_01_22_22_45"
+    assert _timestamp_text(1764627765.0) == "2025_12_01_22_22_45"
+    assert _parse_ts(_timestamp_text(1764627765.0)) == 1764627765.0
+    assert _timestamp_text([1, 2]) == "<list>" and _timestamp_text(None) is None

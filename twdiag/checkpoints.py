@@ -13,7 +13,7 @@ import itertools
 import os
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 from . import bundle as bundle_mod, ptfile, safefs, safe_pickle
@@ -177,7 +177,7 @@ def _state_facts(content, fc: ptfile.FileCheck, step: int, max_items: int) -> No
     sched = obj.get("scheduler_state_dict")
     ts = obj.get("timestamp")
     fc.facts.update(step=saved if isinstance(saved, int) and not isinstance(saved, bool) else None,
-                    timestamp=ts[:40] if isinstance(ts, str) else None,
+                    timestamp=_timestamp_text(ts),
                     scheduler=None if sched is None else
                     {k: _num(sched.get(k)) for k in ("last_epoch", "_step_count")}
                     if isinstance(sched, dict) else type(sched).__name__,
@@ -363,9 +363,20 @@ def check_stage(a: bundle_mod.StageArtifacts, limits: ptfile.Limits, progress=No
     return StageResult(a.stage, a.checkpoints_dir, a.run_root, cks, throughput=throughput(cks))
 
 
+def _timestamp_text(ts) -> str | None:
+    """state.pt's `timestamp` as text: TinyWorlds writes readable_timestamp()
+    ("%Y_%m_%d_%H_%M_%S"); a fork's epoch seconds become ISO time; anything
+    else says what it is instead of vanishing."""
+    if isinstance(ts, str):
+        return ts[:40]
+    if isinstance(ts, (int, float)) and not isinstance(ts, bool) and 0 < ts < 1e11:
+        return datetime.fromtimestamp(ts, timezone.utc).strftime(_TS_FORMAT)
+    return None if ts is None else f"<{type(ts).__name__}>"
+
+
 def _parse_ts(text) -> float | None:
     try:
-        return datetime.strptime(str(text), _TS_FORMAT).timestamp()
+        return datetime.strptime(str(text), _TS_FORMAT).replace(tzinfo=timezone.utc).timestamp()
     except ValueError:
         return None
 
