@@ -154,11 +154,19 @@ def test_a_hostile_state_pt_is_never_unpickled_and_never_probed(tmp_path):
 
     import torch
     torch.save({"step": 400, "config": Payload(), "timestamp": "x", "scheduler_state_dict": None}, ck / "state.pt")
-    code, doc, err = cli("probe", bundle, "--tinyworlds", UPSTREAM, "--probe-seconds", "120")
+    import h5py
+    import numpy as np
+    bad = tmp_path / "bad.h5"  # channels first and float: not what TinyWorlds' loaders read
+    with h5py.File(bad, "w") as h5:
+        h5.create_dataset("frames", data=np.zeros((20, 3, 64, 64), np.float32))
+    code, doc, err = cli("probe", bundle, "--tinyworlds", UPSTREAM, "--probe-seconds", "120", "--data", bad)
     assert code == 0, err
-    probed = [c["step"] for c in doc["stages"]["video_tokenizer"]["probe"]["checkpoints"]]
-    assert 400 not in probed and probed == [200]  # the fallback is the older, certified one
+    tok = doc["stages"]["video_tokenizer"]
+    probed = [(c["step"], c["resumable"]) for c in tok["probe"]["checkpoints"]]
+    assert probed == [(200, "verified")]  # 400 never reaches the probe: the fallback is the older, certified one
     assert not marker.exists()
+    # bad frames cost the measures only, with the reason; resumability stands
+    assert "N x H x W x 3 uint8" in tok["probe"]["measure_error"] and "not measured" in tok["summary"]
 
 
 def test_a_hang_in_model_code_is_cut_by_the_budget(tmp_path):

@@ -152,7 +152,12 @@ def sample_frames(src: dict, cfg: dict, n: int, rng: np.random.Generator) -> tup
         fps = cfg.get("fps") or src["fps_by_dataset"].get(str(cfg.get("dataset", "")).upper(), src["fps_default"])
         skip = max(1, 60 // int(fps))
         with h5py.File(src["path"], "r") as h5:
+            if "frames" not in h5:
+                raise ValueError(f"{src['path']} has no dataset `frames` (TinyWorlds' loaders read that key)")
             ds = h5["frames"]
+            if ds.ndim != 4 or ds.shape[-1] != 3 or ds.dtype != np.uint8:
+                raise ValueError(f"{src['path']}: `frames` is {ds.dtype} {tuple(ds.shape)}; TinyWorlds' loaders "
+                                 "read N x H x W x 3 uint8")
             span = T * skip
             if len(ds) < span:
                 raise ValueError(f"{src['path']} holds {len(ds)} frames; one sequence needs {span}")
@@ -169,10 +174,12 @@ def sample_frames(src: dict, cfg: dict, n: int, rng: np.random.Generator) -> tup
                "frame_skip": skip, "fps": int(fps), "true_actions": acts is not None}
         return frames, acts, how
     grids = np.load(src["path"], allow_pickle=False)  # [B, 4, f, f, 3] uint8, from the bundle's grids
-    if grids.shape[1] < T:
-        raise ValueError(f"the grids hold sequences of {grids.shape[1]} frames; the stage needs {T}")
-    return grids[:n, :T], None, {"kind": "grids", "source": src["source"], "sequences": int(min(n, len(grids))),
-                                  "frames_per_sequence": T, "true_actions": False}
+    t = min(T, grids.shape[1])  # make_grid shows at most 4 frames; the models take any length
+    how = {"kind": "grids", "source": src["source"], "sequences": int(min(n, len(grids))),
+           "frames_per_sequence": t, "true_actions": False}
+    if t < T:
+        how["note"] = f"context_length is {T}; the grids show {t} frames per sequence, so {t} were used"
+    return grids[:n, :t], None, how
 
 
 def to_tensor(frames: np.ndarray, cfg: dict):
@@ -197,7 +204,7 @@ def psnr(a, b) -> float:
 
 def ssim(a, b) -> float:
     """Mean SSIM on grey frames, 7x7 uniform windows."""
-    g = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    g = torch.tensor([0.299, 0.587, 0.114], device=a.device).view(1, 3, 1, 1)
     a = (((a.clamp(-1, 1) + 1) / 2).reshape(-1, 3, *a.shape[-2:]) * g).sum(1, keepdim=True)
     b = (((b.clamp(-1, 1) + 1) / 2).reshape(-1, 3, *b.shape[-2:]) * g).sum(1, keepdim=True)
     pool = lambda x: torch.nn.functional.avg_pool2d(x, 7, 1)  # noqa: E731
@@ -237,7 +244,7 @@ def measure_tokenizer(model, x) -> tuple[dict, dict]:
     latents = model.quantizer(model.encoder(x))  # VideoTokenizer.forward's steps, kept for the codes
     x_hat = model.decoder(latents)
     digits = torch.round(model.quantizer.scale_and_shift(latents)).clamp(0, model.quantizer.num_bins - 1)
-    idx = model.quantizer.get_indices_from_latents(latents).numpy()
+    idx = model.quantizer.get_indices_from_latents(latents).cpu().numpy()
     bins_per_dim = [int(torch.unique(digits[..., d]).numel()) for d in range(digits.shape[-1])]
     mean_frame = x.mean(dim=(0, 1), keepdim=True).expand_as(x)
     out = {"psnr_db": round(psnr(x_hat, x), 3), "ssim": round(ssim(x_hat, x), 4),
@@ -262,11 +269,11 @@ def _decode_as_trained(model, x, actions):
 def measure_actions(model, x, true_actions: np.ndarray | None, gen: "torch.Generator") -> dict:
     model.eval()
     q = model.encode(x)  # [B, T-1, A] in {-1, 1}
-    idx = model.quantizer.get_indices_from_latents(q).numpy()
+    idx = model.quantizer.get_indices_from_latents(q).cpu().numpy()
     bits = (q > 0).float().reshape(-1, q.shape[-1]).mean(0).tolist()
     B = x.shape[0]
-    shuffled = q[torch.roll(torch.arange(B), 1)] if B > 1 else q
-    rand_idx = torch.randint(0, 2 ** q.shape[-1], q.shape[:2], generator=gen)
+    shuffled = torch.roll(q, 1, dims=0) if B > 1 else q  # each sequence gets its neighbour's actions
+    rand_idx = torch.randint(0, 2 ** q.shape[-1], q.shape[:2], generator=gen).to(q.device)
     rand = model.quantizer.get_latents_from_indices(rand_idx)
     target = x[:, 1:]
     p_inf = psnr(_decode_as_trained(model, x, q), target)
@@ -311,7 +318,8 @@ def measure_dynamics(dyn, vt, lam, x, steps: int, gen: "torch.Generator") -> tup
                           "psnr_db": round(psnr(pred_frame, x[:, -1:]), 3),
                           "copy_last_psnr_db": round(psnr(x[:, -2:-1], x[:, -1:]), 3),
                           "tokenizer_ceiling_psnr_db": round(psnr(vt.detokenize(latents[:, -1:]), x[:, -1:]), 3)}}
-    rand = lam.quantizer.get_latents_from_indices(torch.randint(0, 2 ** acts.shape[-1], acts.shape[:2], generator=gen))
+    rand = lam.quantizer.get_latents_from_indices(
+        torch.randint(0, 2 ** acts.shape[-1], acts.shape[:2], generator=gen).to(acts.device))
     gen_inf = rollout(dyn, vt, latents[:, :1], acts, steps)
     gen_rand = rollout(dyn, vt, latents[:, :1], rand, steps)
     per_t = []
@@ -343,7 +351,7 @@ def check_resumable(stage: str, ck: dict, cfg: dict, models) -> dict:
     return out
 
 
-def _model(stage: str, ref: dict, models, cache: dict):
+def _model(stage: str, ref: dict, models, cache: dict, device: str = "cpu"):
     key = (stage, ref["path"])
     if key not in cache:
         sd = load_weights(Path(ref["path"]) / "model_state_dict.pt")
@@ -351,50 +359,69 @@ def _model(stage: str, ref: dict, models, cache: dict):
         fit = strict_fit(m, sd)
         if not fit["ok"]:
             raise ValueError(f"{ref['path']} does not fit TinyWorlds' {type(m).__name__}")
-        cache[key] = m.eval()
+        cache[key] = m.to(device).eval()
     return cache[key]
 
 
 def run_stage(stage: str, job: dict, spec: dict, models, cache: dict, pictures: dict) -> dict:
-    out = {"checkpoints": []}
-    for ck in spec["checkpoints"]:
-        r = check_resumable(stage, ck, spec["config"], models)
-        out["checkpoints"].append(r)
-        if "fallback" in ck["role"] and r["resumable"] == "verified":
-            break  # the first verified candidate is the fallback: older ones need not be tried
+    """Resumability of each planned checkpoint, then the measures on frames.
+    A failure in either half is that half's error: the other half stands."""
+    out: dict = {"checkpoints": []}
+    try:
+        for ck in spec["checkpoints"]:
+            r = check_resumable(stage, ck, spec["config"], models)
+            out["checkpoints"].append(r)
+            if "fallback" in ck["role"] and r["resumable"] == "verified":
+                break  # the first verified candidate is the fallback: older ones need not be tried
+    except Exception as exc:
+        out["error"] = _error(exc, "resumability")
     target = spec.get("measure")
-    if not target or not job.get("frames"):
-        return out
+    if target and job.get("frames"):
+        try:
+            _measure_stage(stage, job, spec, target, models, cache, pictures, out)
+        except Exception as exc:
+            out["measure_error"] = _error(exc, "measures")
+    return out
+
+
+def _error(exc: Exception, part: str) -> str:
+    frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+    where = f" ({Path(frame.filename).name}:{frame.lineno})" if frame else ""
+    return f"{part}: {type(exc).__name__}: {exc}"[:400] + where
+
+
+def _measure_stage(stage: str, job: dict, spec: dict, target: dict, models, cache: dict, pictures: dict,
+                   out: dict) -> None:
     gen = torch.Generator().manual_seed(job["seed"])
     key = (spec["config"].get("context_length"), spec["config"].get("fps"), spec["config"].get("dataset"))
     if key not in cache:  # stages with the same sampling share one read of the data
         cache[key] = sample_frames(job["frames"], spec["config"], job["sequences"], np.random.default_rng(job["seed"]))
     frames, true_actions, how = cache[key]
-    x = to_tensor(frames, spec["config"])
+    dev = job.get("device") or "cpu"
+    x = to_tensor(frames, spec["config"]).to(dev)
     out["frames"] = how
     out["measured_checkpoint"] = {"step": target["step"], "path": target["path"]}
     pictures.setdefault("real", x[:4])
     with torch.no_grad():
         if stage == "video_tokenizer":
-            out["measures"], pics = measure_tokenizer(_model(stage, target, models, cache), x)
+            out["measures"], pics = measure_tokenizer(_model(stage, target, models, cache, dev), x)
             pictures["tokenizer_recon"] = pics["recon"][:4]
         elif stage == "latent_actions":
-            out["measures"] = measure_actions(_model(stage, target, models, cache), x, true_actions, gen)
+            out["measures"] = measure_actions(_model(stage, target, models, cache, dev), x, true_actions, gen)
         else:
-            vt = _model("video_tokenizer", spec["tokenizer"], models, cache)
-            lam = _model("latent_actions", spec["latent_actions"], models, cache)
+            vt = _model("video_tokenizer", spec["tokenizer"], models, cache, dev)
+            lam = _model("latent_actions", spec["latent_actions"], models, cache, dev)
             out["inputs"] = {"video_tokenizer": spec["tokenizer"]["path"], "latent_actions": spec["latent_actions"]["path"]}
-            out["measures"], pics = measure_dynamics(_model(stage, target, models, cache), vt, lam, x,
+            out["measures"], pics = measure_dynamics(_model(stage, target, models, cache, dev), vt, lam, x,
                                                      job["maskgit_steps"], gen)
             pictures["dynamics_real"] = x[:4]
             pictures.update({k: v[:4] for k, v in pics.items()})
-    return out
 
 
 def _save_pictures(pictures: dict, path: str | None) -> None:
     if not path or not pictures:
         return
-    arrays = {k: (((v.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 1, 3, 4, 2).numpy())
+    arrays = {k: (((v.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 1, 3, 4, 2).cpu().numpy())
               for k, v in pictures.items()}
     np.savez(path, **arrays)
 

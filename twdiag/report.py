@@ -112,10 +112,12 @@ def probe_line(stage: str, p: dict | None) -> str | None:
     """The probe's numbers for one stage, in one line (compact stdout)."""
     if not p:
         return None
-    if p.get("error"):
+    if p.get("error") and not p.get("checkpoints"):
         return f"probe failed: {p['error']}"
     parts = [f"step {c['step']} {'resumable' if c['resumable'] == 'verified' else 'NOT resumable: ' + str(c.get('reason'))}"
              for c in p.get("checkpoints", [])]
+    if p.get("measure_error"):
+        parts.append(f"not measured: {p['measure_error']}")
     m = p.get("measures") or {}
     at = (p.get("measured_checkpoint") or {}).get("step")
     if stage == "video_tokenizer" and m:
