@@ -102,7 +102,7 @@ def _add_probe(p, required: bool = False) -> None:
     g.add_argument("--probe-seconds", type=float, help="the probe's time budget (default: thresholds' probe.seconds)")
 
 
-def _probe_options(args):
+def _probe_options(args, t: dict):
     """ProbeOptions from the flags, or None; a bad checkout is a usage error,
     a missing torch/einops/h5py a dependency error (exit 6)."""
     path = getattr(args, "tinyworlds", None)
@@ -121,7 +121,10 @@ def _probe_options(args):
                        EXIT_DEPENDENCY)
     if args.data:
         _require_existing([Path(args.data)])
-    return probe.ProbeOptions(Path(path), Path(args.data) if args.data else None, args.device, args.probe_seconds)
+    opts = probe.ProbeOptions(Path(path), Path(args.data) if args.data else None, args.device, args.probe_seconds)
+    # started now, the child imports torch (about 1.5 s) while this process imports and reads the bundle
+    opts.child = probe.spawn(opts, t)
+    return opts
 
 
 def _inputs(args, narrow: bool) -> tuple[list[Path], dict]:
@@ -230,14 +233,14 @@ def _run_export(args) -> tuple[dict, int]:
 # --- the analysis subcommands ---------------------------------------------------
 
 def _analysis(args, parts, narrow: bool = True):
-    from . import pipeline
     t = _thresholds(args.thresholds)
+    probe = _probe_options(args, t)  # first: the probe's child imports torch while this process works
+    from . import pipeline
     paths, explicit = _inputs(args, narrow)
     b = _discover(paths, explicit, t)
     return pipeline.run(b, t, parts, deep=getattr(args, "deep", "auto"), now=getattr(args, "now", None),
                         count=getattr(args, "count", None),
-                        read_outside=getattr(args, "read_outside_bundle", False),
-                        probe=_probe_options(args)), t
+                        read_outside=getattr(args, "read_outside_bundle", False), probe=probe), t
 
 
 def _add_stats(sub) -> None:
@@ -556,8 +559,9 @@ def resolve_diagnose_input(arg: str | None, explicit: dict) -> tuple[Path, dict,
 
 
 def _run_diagnose(args) -> tuple[dict, int]:
-    from . import pipeline, report, report_files
     t = _thresholds(args.thresholds)
+    probe = None if args.follow else _probe_options(args, t)  # first: its child imports torch meanwhile
+    from . import pipeline, report, report_files
     explicit = _explicit(args.run)
     root, explicit, auto_results, notes = resolve_diagnose_input(args.bundle, explicit)
     baselines = [Path(b) for b in args.baseline]
@@ -577,7 +581,7 @@ def _run_diagnose(args) -> tuple[dict, int]:
         return {"error": f"no TinyWorlds logs, checkpoints or images under {root}",
                 "skipped": b.skipped, "notes": b.notes}, EXIT_NO_INPUT
     a = pipeline.run(b, t, deep=args.deep, now=args.now, count=args.count,
-                     read_outside=args.read_outside_bundle, probe=_probe_options(args))
+                     read_outside=args.read_outside_bundle, probe=probe)
     cmp = None
     if baselines:
         from . import compare

@@ -105,8 +105,8 @@ def run(b: bundle_mod.Bundle, thresholds: dict, parts: tuple[str, ...] = PARTS, 
     measures the models with TinyWorlds' own classes, in a child process."""
     a = Analysis(b, thresholds, time.time() if now is None else float(now), deep)
     started = time.perf_counter()
-    child = None
-    if probe is not None and "checkpoints" in parts:
+    child = probe.child if probe is not None else None
+    if probe is not None and child is None and "checkpoints" in parts:
         from . import probe as probe_mod
         child = probe_mod.spawn(probe, thresholds)  # imports torch while the bundle is read
     with _Guard(a, "decode"):

@@ -38,6 +38,7 @@ class ProbeOptions:
     data: Path | None = None       # an .h5 with `frames` (and optionally `actions`)
     device: str = "cpu"
     seconds: float | None = None   # budget; default from thresholds
+    child: object = None           # a worker `spawn` started early (subprocess.Popen), or None
 
 
 def checkout_problem(path: Path) -> str | None:
