@@ -30,27 +30,29 @@ def grids(tmp_path_factory) -> dict:
     degrading sequences in a bundle layout."""
     root = tmp_path_factory.mktemp("grids")
     orig = synth.pong_frames(16, seed=3)
+    jobs = []  # (path, original, prediction[, title]): drawn below, in forked workers when possible
     kinds = {}
     for kind in ("good", "flat", "texture", "stripes", "blurry"):
-        kinds[kind] = synth.write_grid_png(root / f"{kind}_step_0.png", orig,
-                                           synth.predictions(kind, orig, seed=1))
+        kinds[kind] = root / f"{kind}_step_0.png"
+        jobs.append((kinds[kind], orig, synth.predictions(kind, orig, seed=1)))
     bundle = root / "bundle"
     run = bundle / "results" / TS
     steps = [0, 100, 200, 300, 400, 500]
     for i, step in enumerate(steps):  # tokenizer: noise shrinking -> improving
         o = synth.pong_frames(16, seed=10 + i)
-        synth.write_grid_png(run / "video_tokenizer" / "visualizations" / f"video_tokenizer_recon_step_{step}.png",
-                             o, synth.predictions("good", o, seed=i, amount=0.5 * (1 - i / 5)))
+        jobs.append((run / "video_tokenizer" / "visualizations" / f"video_tokenizer_recon_step_{step}.png",
+                     o, synth.predictions("good", o, seed=i, amount=0.5 * (1 - i / 5))))
     for i, step in enumerate(steps):  # dynamics: good, then one texture for every input
         o = synth.pong_frames(16, seed=20 + i)
         pred = synth.predictions("good", o, seed=i) if i < 3 else synth.predictions("texture", o, seed=7)
-        synth.write_grid_png(run / "dynamics" / "visualizations" / f"dynamics_prediction_step_{step}.png",
-                             synth.masked(o, seed=i), pred)
+        jobs.append((run / "dynamics" / "visualizations" / f"dynamics_prediction_step_{step}.png",
+                     synth.masked(o, seed=i), pred))
     for i, step in enumerate(steps[:3]):  # latent actions: 12 predictions in 3 rows
         o = synth.pong_frames(16, seed=30 + i)
-        synth.write_grid_png(run / "latent_actions" / "visualizations" /
-                             f"reconstructions_latent_actions_step_{step}.png",
-                             o, synth.predictions("good", synth.lam_targets(o), seed=i), LAM_TITLE)
+        jobs.append((run / "latent_actions" / "visualizations" / f"reconstructions_latent_actions_step_{step}.png",
+                     o, synth.predictions("good", synth.lam_targets(o), seed=i), LAM_TITLE))
+    from twdiag import forking
+    forking.starmap(synth.write_grid_png, jobs)
     return {"kinds": kinds, "bundle": bundle, "run": run}
 
 
