@@ -233,3 +233,11 @@ def test_an_earlier_run_roots_checkpoints_are_listed_not_dropped(tmp_path):
     assert [r["step"] for r in doc["stages"]["dynamics"]["checkpoints"]["table"]] == [0, 140]
     note = next(n for n in doc["notes"] if n.startswith("dynamics: "))
     assert "3 checkpoints (steps 0, 140, 280)" in note and f"--results {old.parent}" in note
+
+    # the newest root's only trained checkpoint broken: no fallback there, the earlier attempt's is offered
+    (new / "checkpoints" / "dynamics_step_140" / "model_state_dict.pt").write_bytes(b"")
+    compact, doc = _diagnose(b, tmp_path / "out2")
+    fb = compact["stages"]["dynamics"]["fallback"]
+    assert fb["step"] is None and fb["restart"] is True
+    assert fb["earlier_attempt"]["step"] == 280 and fb["earlier_attempt"]["path"] == str(old / "checkpoints" / "dynamics_step_280")
+    assert "offered" in fb["reason"]

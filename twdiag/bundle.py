@@ -104,6 +104,7 @@ class StageArtifacts:
     # older run roots' artifacts of this stage that a newer run root replaced
     # (an earlier attempt's): listed, never silently dropped
     earlier: list = field(default_factory=list)
+    earlier_checkpoints: list = field(default_factory=list)  # (run root, [CheckpointRef]) per `earlier` entry
 
 
 @dataclass
@@ -294,6 +295,7 @@ def _use_stage_dir(w: _Walker, b: Bundle, stage: str, sdir: Path, run_root: Path
     if a.checkpoints or a.images:
         a.earlier.append({"run_root": str(a.run_root), "checkpoint_steps": [c.step for c in a.checkpoints][:50],
                           "checkpoints": len(a.checkpoints), "images": len(a.images)})
+        a.earlier_checkpoints.append((a.run_root, a.checkpoints))
     a.run_root, a.stage_dir = run_root, sdir
     a.checkpoints_dir = cdir if safefs.is_dir(cdir) else None
     a.checkpoints, a.images = ckpts, images

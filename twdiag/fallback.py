@@ -244,3 +244,31 @@ def apply_probe(doc: dict, probed: dict, verified: dict | None) -> None:
     else:
         doc.update(step=None, path=None, restart=True, moved_by_probe=moved_from,
                    reason=f"no probed candidate loads into TinyWorlds' classes: {moved_from['why']}")
+
+
+def earlier_attempt(doc: dict, stage: str, earlier: list, thresholds: dict) -> None:
+    """No fallback in the newest run root: name the newest intact checkpoint
+    (after step 0, weights deep-scanned) that an earlier attempt left in an
+    older run root. It is not judged against the newest attempt's history
+    (that attempt's log replaced it), so it is offered, not chosen."""
+    if doc.get("step") is not None or not earlier:
+        return
+    limits = ptfile.Limits.from_thresholds(thresholds)
+    chunk = int(thresholds["checkpoints"]["deep_chunk_elements"])
+    for run_root, refs in reversed(earlier):
+        for ref in sorted(refs, key=lambda r: -r.step):
+            if ref.step <= 0:
+                continue
+            ck = checkpoints.check_checkpoint(stage, ref.step, ref.path, limits)
+            if ck.status != "valid":
+                continue
+            checkpoints.deep_scan(ck, limits, chunk, model_only=True)
+            if not ck.intact:
+                continue
+            doc["earlier_attempt"] = {
+                "step": ck.step, "path": str(ck.path), "run_root": str(run_root), "verified": _verified(ck),
+                "note": "the newest intact checkpoint an earlier attempt left in an older run root; it is not "
+                        "judged against the newest attempt's history, so it is offered, not chosen as the fallback"}
+            doc["reason"] = (f"{doc.get('reason')}; an earlier attempt left an intact checkpoint: "
+                             f"{ck.path.name} in {run_root} (offered, see earlier_attempt)")
+            return

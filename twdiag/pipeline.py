@@ -203,5 +203,8 @@ def _fallbacks(a: Analysis) -> None:
                 onsets["data_degenerate"] = 0
             a.fallbacks[stage] = fallback.decide(res, a.histories.get(stage), a.stats["stages"].get(stage),
                                                  onsets, a.thresholds, a.deep, live)
+            art = a.bundle.stages.get(stage)
+            if art is not None and art.earlier_checkpoints and not a.data_findings:
+                fallback.earlier_attempt(a.fallbacks[stage], stage, art.earlier_checkpoints, a.thresholds)
         with _Guard(a, f"checkpoint_findings_{stage}"):
             res.findings = checkpoints.stage_findings(res, a.fallbacks.get(stage, {}), a.thresholds)

@@ -296,7 +296,9 @@ def compact(doc: dict) -> dict:
                 "resumable": (fb.get("resumable") or {}).get("status", "not verified (no probe)")
                 if fb.get("step") is not None else "no fallback to resume",
                 "worth_resuming": fb.get("worth_resuming"), "worth_resuming_reason": fb.get("worth_resuming_reason"),
-                "newest_intact": _newest(fb)},
+                "newest_intact": _newest(fb),
+                **({"earlier_attempt": {k: fb["earlier_attempt"][k] for k in ("step", "path", "note")}}
+                   if fb.get("earlier_attempt") else {})},
             "findings": [{k: f[k] for k in ("rule_id", "severity", "value", "message", "evidence_path")}
                          for f in top[:MAX_COMPACT_FINDINGS]],
             "evidence": e["evidence"],
