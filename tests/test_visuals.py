@@ -245,3 +245,24 @@ def test_visuals_json_has_one_shape_from_diagnose_and_contact_sheet(tmp_path):
     assert {"stages", "images", "skipped"} <= set(a) and {"stages", "images", "skipped"} <= set(b)
     assert a["images"] == b["images"]
     assert set(a["stages"]) == set(b["stages"]) and a["stages"]["dynamics"]["images"] == b["stages"]["dynamics"]["images"]
+
+
+@pytest.mark.fast
+def test_low_fidelity_is_a_gain_below_the_grids_own_references():
+    """Outputs are judged against painting the same grid's mean frame,
+    background or black: a noisy copy well below them is low_fidelity (value
+    = the gain, threshold = min_gain_db); a faithful one is not, whatever its
+    absolute PSNR on dark Pong frames."""
+    import numpy as np
+    orig = (synth.pong_frames(16, seed=5) * 255).astype(np.float32)  # cells as the grid sampler gives them
+    rng = np.random.default_rng(0)
+    noisy = np.clip(orig + rng.normal(0, 60, orig.shape), 0, 255)
+    close = np.clip(orig + rng.normal(0, 4, orig.shape), 0, 255)
+    m_in = visuals.panel_metrics(orig)
+    for pred, expect in ((noisy, True), (close, False)):
+        fid = visuals.fidelity(orig, pred, mask_grey=False)
+        flags, why = visuals.image_flags(m_in, visuals.panel_metrics(pred), fid, T)
+        assert ("low_fidelity" in flags) is expect, (fid, flags)
+        if expect:
+            assert fid["gain_over_best_reference_db"] < T["min_gain_db"]
+            assert f"gain {fid['gain_over_best_reference_db']:+.1f} dB" in why["low_fidelity"]

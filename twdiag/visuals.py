@@ -412,7 +412,7 @@ def image_flags(m_in: dict, m_out: dict, fid: dict, t: dict) -> tuple[list[str],
             parts.append(f"each output matches its own input no better than the others "
                          f"(input dependence {dep:.3f} < {t['min_input_dependence']})")
         why["input_independent_output"] = "; ".join(parts)
-    if fid and not flags and (fid["psnr_db"] < t["psnr_min_db"] or fid["ssim"] < t["ssim_min"]):
+    if fid and not flags and (fid["gain_over_best_reference_db"] < t["min_gain_db"] or fid["ssim"] < t["ssim_min"]):
         flags.append("low_fidelity")
         why["low_fidelity"] = (f"PSNR {fid['psnr_db']:.1f} dB, SSIM {fid['ssim']:.2f}; on the same pixels the "
                                f"{fid['best_reference'].replace('_', ' ')} scores "
@@ -534,14 +534,14 @@ _FLAG_TEXT = {
     "flat_color": "output cells are flat colour blocks",
     "striping": "output is dominated by one spatial frequency (stripes or a repeated pattern)",
     "input_independent_output": "outputs do not follow their inputs",
-    "low_fidelity": "reconstructions are far from the originals (low PSNR/SSIM)",
+    "low_fidelity": "outputs score below what painting the grid's mean frame, background or black scores (or low SSIM)",
 }
 
 
 def _flag_metric(flag: str) -> str:
     return {"flat_color": "output.flat_share", "striping": "output.stripe_score",
             "input_independent_output": "fidelity.input_dependence (or output/original cross_cell_spread)",
-            "low_fidelity": "fidelity.psnr_db"}[flag]
+            "low_fidelity": "fidelity.gain_over_best_reference_db"}[flag]
 
 
 def _flag_value(flag: str, r: ImageResult):
@@ -555,12 +555,12 @@ def _flag_value(flag: str, r: ImageResult):
         if "input_dependence" in fid:
             return fid["input_dependence"]
         return round(m["output"]["cross_cell_spread"] / max(m["original"]["cross_cell_spread"], 1e-9), 4)
-    return (m.get("fidelity") or {}).get("psnr_db")
+    return (m.get("fidelity") or {}).get("gain_over_best_reference_db")
 
 
 def _flag_threshold(flag: str, t: dict):
     return {"flat_color": t["flat_share"], "striping": t["stripe_score"],
-            "input_independent_output": t["min_input_dependence"], "low_fidelity": t["psnr_min_db"]}[flag]
+            "input_independent_output": t["min_input_dependence"], "low_fidelity": t["min_gain_db"]}[flag]
 
 
 # --- contact sheet ---------------------------------------------------------------------------
