@@ -196,3 +196,29 @@ def test_no_checkout_named_means_nothing_imported_but_a_note(tmp_path, monkeypat
     t = rules.load_thresholds()
     a = pipeline.run(bundle.discover([EXAMPLES / "bundle-healthy"], t), t, ("checkpoints",))
     assert a.probe is None and any(f"--tinyworlds {UPSTREAM}" in n for n in a.bundle.notes)
+
+
+def test_dynamics_trained_without_actions_gets_no_delta_t(data):
+    """use_actions: false means no conditioning in training: the next frame is
+    measured without actions, and ΔtPSNR is said not to apply (no finding)."""
+    import numpy as np
+    import torch
+    from twdiag import checkpoints, probe, probe_worker, ptfile, rules
+    probe_worker.torch = torch
+    models = probe_worker.import_models(str(UPSTREAM))
+    t = rules.load_thresholds()
+    lim = ptfile.Limits.from_thresholds(t)
+    refs = {}
+    for stage, step in (("video_tokenizer", 400), ("latent_actions", 600), ("dynamics", 280)):
+        path = next((EXAMPLES / "bundle-healthy" / "results").glob(f"*/{stage}/checkpoints/{stage}_step_{step}"))
+        refs[stage] = {"path": str(path), "config": checkpoints.config_of(checkpoints.check_checkpoint(stage, step, path, lim))}
+    cache = {}
+    vt, lam, dyn = (probe_worker._model(s, refs[s], models, cache) for s in refs)
+    src = {"kind": "h5", "path": str(data), "fps_default": 15, "fps_by_dataset": {}}
+    frames, _, _ = probe_worker.sample_frames(src, refs["dynamics"]["config"], 4, np.random.default_rng(0))
+    x = probe_worker.to_tensor(frames, refs["dynamics"]["config"])
+    with torch.no_grad():
+        m, pics = probe_worker.measure_dynamics(dyn, vt, lam, x, 2, torch.Generator().manual_seed(0), use_actions=False)
+    assert m["delta_t_psnr"] == [] and "use_actions: false" in m["delta_t_psnr_not_applicable"]
+    assert m["next_frame"]["psnr_db"] > 0 and pics == {}
+    assert probe._dynamics_findings(m, "p", 280, t["probe"], {}) == []

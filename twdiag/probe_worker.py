@@ -302,11 +302,14 @@ def rollout(dyn, vt, first, actions, steps: int):
     return vt.detokenize(cur)
 
 
-def measure_dynamics(dyn, vt, lam, x, steps: int, gen: "torch.Generator") -> tuple[dict, dict]:
+def measure_dynamics(dyn, vt, lam, x, steps: int, gen: "torch.Generator",
+                     use_actions: bool = True) -> tuple[dict, dict]:
+    """Next frame and ΔtPSNR. A model trained with use_actions: false saw no
+    conditioning, so it gets none here and ΔtPSNR does not apply."""
     dyn.eval(), vt.eval(), lam.eval()
     tokens = vt.tokenize(x)
     latents = vt.quantizer.get_latents_from_indices(tokens, dim=-1)
-    acts = lam.encode(x)
+    acts = lam.encode(x) if use_actions else None
     T = x.shape[1]
     # next frame, teacher-forced context of T-1 real frames
     to_latents = lambda i: vt.quantizer.get_latents_from_indices(i, dim=-1)  # noqa: E731
@@ -318,6 +321,10 @@ def measure_dynamics(dyn, vt, lam, x, steps: int, gen: "torch.Generator") -> tup
                           "psnr_db": round(psnr(pred_frame, x[:, -1:]), 3),
                           "copy_last_psnr_db": round(psnr(x[:, -2:-1], x[:, -1:]), 3),
                           "tokenizer_ceiling_psnr_db": round(psnr(vt.detokenize(latents[:, -1:]), x[:, -1:]), 3)}}
+    if acts is None:
+        out["delta_t_psnr"] = []
+        out["delta_t_psnr_not_applicable"] = "trained with use_actions: false (no action conditioning)"
+        return out, {}
     rand = lam.quantizer.get_latents_from_indices(
         torch.randint(0, 2 ** acts.shape[-1], acts.shape[:2], generator=gen).to(acts.device))
     gen_inf = rollout(dyn, vt, latents[:, :1], acts, steps)
@@ -413,7 +420,8 @@ def _measure_stage(stage: str, job: dict, spec: dict, target: dict, models, cach
             lam = _model("latent_actions", spec["latent_actions"], models, cache, dev)
             out["inputs"] = {"video_tokenizer": spec["tokenizer"]["path"], "latent_actions": spec["latent_actions"]["path"]}
             out["measures"], pics = measure_dynamics(_model(stage, target, models, cache, dev), vt, lam, x,
-                                                     job["maskgit_steps"], gen)
+                                                     job["maskgit_steps"], gen,
+                                                     spec["config"].get("use_actions", True) is not False)
             pictures["dynamics_real"] = x[:4]
             pictures.update({k: v[:4] for k, v in pics.items()})
 

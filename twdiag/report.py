@@ -132,8 +132,9 @@ def probe_line(stage: str, p: dict | None) -> str | None:
     elif stage == "dynamics" and m:
         nf = m["next_frame"]
         parts.append(f"at step {at}: next frame {nf['psnr_db']:.2f} dB (copy last {nf['copy_last_psnr_db']:.2f}, tokenizer "
-                     f"ceiling {nf['tokenizer_ceiling_psnr_db']:.2f}); ΔtPSNR "
-                     + ", ".join(f"t{r['t']} {r['delta_db']:+.3f}" for r in m["delta_t_psnr"]) + " dB")
+                     f"ceiling {nf['tokenizer_ceiling_psnr_db']:.2f}); "
+                     + ("ΔtPSNR " + ", ".join(f"t{r['t']} {r['delta_db']:+.3f}" for r in m["delta_t_psnr"]) + " dB"
+                        if m["delta_t_psnr"] else f"ΔtPSNR not applicable: {m.get('delta_t_psnr_not_applicable')}"))
     if p.get("frames"):
         parts.append(f"{p['frames']['sequences']} sequences from {p['frames']['source']}")
     return "; ".join(parts)
