@@ -138,6 +138,9 @@ def test_a_resumed_runs_checkpoints_and_grids_sit_on_the_global_axis(tmp_path):
     assert dyn["lineage"]["final_checkpoint_saved"] is True  # global 420 is the resumed run's last step
     assert any("resumed from step 140" in n for n in doc["notes"])
     assert compact["stages"]["dynamics"]["fallback"]["step"] == 420
+    from twdiag import report
+    md = report.markdown(doc)  # the report a person reads lists the attempts and the fallback's global step
+    assert "Attempts of dynamics" in md and "(global 140–420)" in md and "step 420: `" in md
 
 
 def test_a_fresh_restart_supersedes_the_abandoned_attempt(tmp_path):

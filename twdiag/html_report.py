@@ -57,8 +57,8 @@ def render(doc: dict, outset) -> str:
            f"<div>{_e(doc['bundle'])} — judged {_e(doc.get('judged_at'))} by twdiag {_e(doc.get('version'))}"
            + (" — the bundle is a copy: file times were ignored" if doc.get("copied") else "")
            + "</div></header><main>"]
-    out += (_stages_table(doc) + _actions(doc) + _findings(doc) + _probe(doc, outset) + _pictures(doc, outset)
-            + _checkpoints(doc))
+    out += (_stages_table(doc) + _attempts(doc) + _actions(doc) + _findings(doc) + _probe(doc, outset)
+            + _pictures(doc, outset) + _checkpoints(doc))
     if doc.get("cross_stage"):
         out += ["<h2>Cross-stage</h2><ul>"] + [f"<li>{_e(x)}</li>" for x in doc["cross_stage"]] + ["</ul>"]
     if doc.get("skipped"):
@@ -77,7 +77,8 @@ def _stages_table(doc: dict) -> list[str]:
     for stage, e in doc["stages"].items():
         fb = e.get("fallback") or {}
         if fb.get("path"):
-            fb_cell = f"<code>{_e(Path(fb['path']).name)}</code><br><span class=muted>{_e(fb.get('reason'))}</span>"
+            fb_cell = (f"step {_e(fb['step'])}: <code>{_e(Path(fb['path']).name)}</code><br>"
+                       f"<span class=muted>{_e(fb.get('reason'))}</span>")
         elif fb.get("restart"):
             fb_cell = f"<b>none: restart</b><br><span class=muted>{_e(fb.get('reason'))}</span>"
         else:
@@ -90,6 +91,22 @@ def _stages_table(doc: dict) -> list[str]:
                    f"<td>{_e(e['status'].get('state'))}</td><td>{fb_cell}</td>"
                    f"<td class=muted>{_numbers(e.get('numbers') or {})}</td></tr>")
     return out + ["</table>"]
+
+
+def _attempts(doc: dict) -> list[str]:
+    """Stages run more than once (a crash and a resume, a fresh start), or
+    with an earlier run root: each attempt in a line."""
+    from .report import _attempt_line
+    out = []
+    for stage, e in doc["stages"].items():
+        lin = e.get("lineage") or {}
+        if lin.get("count", 0) > 1 or lin.get("earlier_run_roots"):
+            out.append(f"<p><b>{_e(stage)}</b> <span class=muted>({_e(lin.get('steps_axis'))})</span></p><ul>")
+            out += [f"<li>{_e(_attempt_line(a))}</li>" for a in lin.get("attempts", [])]
+            out += [f"<li>earlier run root <code>{_e(r['run_root'])}</code>: {_e(r['checkpoints'])} checkpoints, "
+                    f"{_e(r['images'])} grids (not judged here)</li>" for r in lin.get("earlier_run_roots", [])]
+            out.append("</ul>")
+    return (["<h2>Attempts</h2>"] + out) if out else []
 
 
 def _actions(doc: dict) -> list[str]:

@@ -423,7 +423,16 @@ def _md_status(doc: dict) -> list[str]:
         st = e["status"]
         out.append(f"| {stage} | {e['verdict']} | {st.get('state')} | {_v(st.get('exit_code'))} | "
                    f"{_v(st.get('last_record_time'))} | `{e['evidence'].get('wandb_log', 'none')}` |")
-    return out + [""]
+    out.append("")
+    for stage, e in doc["stages"].items():
+        lin = e.get("lineage") or {}
+        if lin.get("count", 0) > 1 or lin.get("earlier_run_roots"):
+            out += [f"Attempts of {stage} ({lin.get('steps_axis')}):", ""]
+            out += [f"- {_attempt_line(a)}" for a in lin.get("attempts", [])]
+            out += [f"- earlier run root `{r['run_root']}`: {r['checkpoints']} checkpoints, {r['images']} grids "
+                    "(not judged here)" for r in lin.get("earlier_run_roots", [])]
+            out.append("")
+    return out
 
 
 def _md_numbers(doc: dict) -> list[str]:
@@ -509,7 +518,7 @@ def _md_checkpoints(doc: dict) -> list[str]:
             continue
         latest = c.get("latest") or {}
         newest = fb.get("newest_intact") or {}
-        fb_cell = (f"`{fb['path']}` ({(fb.get('verified') or {}).get('level')})" if fb.get("path") else
+        fb_cell = (f"step {fb['step']}: `{fb['path']}` ({(fb.get('verified') or {}).get('level')})" if fb.get("path") else
                    "**none: restart**" if fb.get("restart") else "**none**")
         out.append(f"| {stage} | {c['valid']} / {c['total']} | step {latest.get('step')}: "
                    f"{latest.get('status')} | {fb_cell} | {_v(newest.get('step'))} |")
