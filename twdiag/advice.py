@@ -16,10 +16,9 @@ import functools
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from . import bundle as bundle_mod, stats
-from .rules import IMAGE_RULES, SEVERITY_ORDER
+from .rules import IMAGE_RULES, SEVERITY_ORDER, read_yaml
 
 ACTIONS_FILE = Path(__file__).with_name("actions.yaml")
 MAX_ACTIONS = 12
@@ -34,7 +33,7 @@ def load_actions() -> dict:
     """The action table, parsed once per process (a --follow run judges every
     poll; the YAML parse was an eighth of a poll). Read-only: do not mutate."""
     with open(ACTIONS_FILE, encoding="utf-8") as fh:
-        return yaml.safe_load(fh)["actions"]
+        return read_yaml(fh)["actions"]
 
 
 class _Safe(dict):

@@ -17,7 +17,8 @@ import math
 import operator
 from pathlib import Path
 
-import yaml
+from .rules import read_yaml
+
 
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv,
         ast.Pow: operator.pow}
@@ -26,7 +27,7 @@ _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, as
 @functools.lru_cache(maxsize=1)
 def spec() -> dict:
     with open(Path(__file__).with_name("architectures.yaml"), encoding="utf-8") as fh:
-        return yaml.safe_load(fh)["stages"]
+        return read_yaml(fh)["stages"]
 
 
 def _fields(config: dict) -> dict:

@@ -24,14 +24,20 @@ class ThresholdError(Exception):
     pass
 
 
+def read_yaml(fh):
+    """yaml.safe_load, by libyaml's C parser where PyYAML has it (6-10x
+    faster: the three YAML files were about 40 ms of every run)."""
+    return yaml.load(fh, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
 def load_thresholds(path: str | Path | None = None) -> dict:
     """The default YAML, with an override file merged on top (deeply)."""
     with open(DEFAULT_THRESHOLDS, encoding="utf-8") as fh:
-        base = yaml.safe_load(fh)
+        base = read_yaml(fh)
     if path:
         try:
             with open(path, encoding="utf-8") as fh:
-                override = yaml.safe_load(fh) or {}
+                override = read_yaml(fh) or {}
         except (OSError, yaml.YAMLError) as exc:
             raise ThresholdError(f"cannot read thresholds {path}: {exc}") from exc
         if not isinstance(override, dict):
