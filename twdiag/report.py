@@ -135,8 +135,10 @@ def probe_line(stage: str, p: dict | None) -> str | None:
                      f"ceiling {nf['tokenizer_ceiling_psnr_db']:.2f}); "
                      + ("ΔtPSNR " + ", ".join(f"t{r['t']} {r['delta_db']:+.3f}" for r in m["delta_t_psnr"]) + " dB"
                         if m["delta_t_psnr"] else f"ΔtPSNR not applicable: {m.get('delta_t_psnr_not_applicable')}"))
-    if p.get("frames"):
-        parts.append(f"{p['frames']['sequences']} sequences from {p['frames']['source']}")
+    if p.get("frames"):  # where they came from is said once, in the top-level probe.frames_source
+        f = p["frames"]
+        parts.append(f"on {f['sequences']} sequences of {f['frames_per_sequence']} frames "
+                     f"({'the data file' if f.get('kind') == 'data' else 'recovered from the grids'})")
     return "; ".join(parts)
 
 
