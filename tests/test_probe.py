@@ -45,7 +45,9 @@ def small(tmp_path_factory) -> Path:
     """A smaller sample than the default (suite time); every assertion below
     is a relation that holds at any sample size."""
     path = tmp_path_factory.mktemp("thr") / "probe.yaml"
-    path.write_text("probe:\n  sequences: 8\n  maskgit_steps: 2\n")
+    # and a grid rule made strict enough to fire on the healthy tokenizer's grids, for the probe to overrule
+    path.write_text("probe:\n  sequences: 8\n  maskgit_steps: 2\n"
+                    "visuals:\n  min_gain_db: 5.0\n  improving_downgrades: []\n")
     return path
 
 
@@ -85,6 +87,16 @@ def test_resumable_checkpoints_verify_and_are_measured(healthy):
     assert [r["t"] for r in dyn["delta_t_psnr"]] == [1, 2, 3]  # context_length 4: t = 1..3
     lam = full["stages"]["latent_actions"]["probe"]["measures"]
     assert lam["true_actions"]["mi_nats"] >= 0 and lam["true_actions"]["true_entropy_nats"] > 1.0  # 4 actions
+
+
+def test_measured_fidelity_overrules_the_grid_heuristic(healthy):
+    """The (made strict) grid rule flags the tokenizer; measured on real frames
+    it beats the mean frame, so the grid finding is info and says why."""
+    tok = healthy["full"]["stages"]["video_tokenizer"]
+    grid = [f for f in tok["findings"] if f["rule_id"] == "low_fidelity"]
+    assert grid and all(f["severity"] == "info" for f in grid)
+    assert any("overruled by the probe" in f["message"] for f in grid)
+    assert tok["verdict"] == "normal"
 
 
 def test_the_healthy_examples_actions_do_not_control_and_it_says_so(healthy):

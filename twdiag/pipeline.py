@@ -191,6 +191,7 @@ def _probe(a: Analysis, opts, progress, child) -> None:
         fb = a.fallbacks.get(stage)
         if fb is not None and doc.get("checkpoints"):
             fallback.apply_probe(fb, doc, probe.verified_fallback(doc))
+    probe.overrule_grid_fidelity(a.visual_stages, a.probe, a.thresholds)
 
 
 def _fallbacks(a: Analysis) -> None:

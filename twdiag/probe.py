@@ -322,6 +322,28 @@ def findings(result: dict, thresholds: dict) -> dict[str, list[Finding]]:
     return out
 
 
+_GRID_FIDELITY = ("low_fidelity", "recon_fidelity_low")
+
+
+def overrule_grid_fidelity(visual_stages: dict, doc: dict | None, thresholds: dict) -> None:
+    """Measured facts replace the heuristics they measure better: when the
+    probe measured the tokenizer on real frames (--data) above its reference,
+    the grid-based tokenizer fidelity findings become `info`, saying so."""
+    tok = ((doc or {}).get("stages") or {}).get("video_tokenizer") or {}
+    m, frames = tok.get("measures"), tok.get("frames") or {}
+    vis = visual_stages.get("video_tokenizer")
+    if not m or frames.get("kind") != "data" or not vis:
+        return
+    if m["gain_over_mean_frame_db"] < thresholds["probe"]["tokenizer_min_gain_db"]:
+        return  # the probe's own finding says it, with the measured numbers
+    for f in vis.get("findings", []):
+        if f["rule_id"] in _GRID_FIDELITY and f["severity"] != "info":
+            f["severity"] = "info"
+            f["message"] += (f" — overruled by the probe: measured on {frames['sequences']} sequences of real "
+                             f"frames, the tokenizer reconstructs at {m['psnr_db']:.2f} dB, "
+                             f"{m['gain_over_mean_frame_db']:+.2f} dB over the mean frame")
+
+
 def verified_fallback(doc: dict) -> dict | None:
     """The newest probed fallback candidate that verified (None when none did)."""
     return next((c for c in doc.get("checkpoints") or [] if "fallback" in c.get("role", "")
