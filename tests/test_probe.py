@@ -234,3 +234,26 @@ def test_dynamics_trained_without_actions_gets_no_delta_t(data):
     assert m["delta_t_psnr"] == [] and "use_actions: false" in m["delta_t_psnr_not_applicable"]
     assert m["next_frame"]["psnr_db"] > 0 and pics == {}
     assert probe._dynamics_findings(m, "p", 280, t["probe"], {}) == []
+
+
+def test_a_forged_config_asking_for_gigabytes_is_not_probed(tmp_path):
+    """Positional encodings are built from frame_size and patch_size alone
+    (no saved tensor depends on frame_size): a state.pt asking for 100,000 px
+    frames (156M patches) is refused before any model code runs, with the
+    reason in the notes."""
+    import torch
+    from twdiag import checkpoints, ptfile, rules
+    stage = next((EXAMPLES / "bundle-healthy" / "results").glob("*/video_tokenizer"))
+    bundle = tmp_path / "b"
+    copy_fresh(stage, bundle / "results" / stage.parent.name / "video_tokenizer")
+    t = rules.load_thresholds()
+    for ck in bundle.glob("results/*/video_tokenizer/checkpoints/video_tokenizer_step_*"):
+        step = int(ck.name.rsplit("_", 1)[1])
+        got = checkpoints.check_checkpoint("video_tokenizer", step, ck, ptfile.Limits.from_thresholds(t))
+        torch.save({"scheduler_state_dict": None, "step": step, "timestamp": "2026_12_01_22_22_45",
+                    "config": {**checkpoints.config_of(got), "frame_size": 100000}}, ck / "state.pt")
+        # the saved tensors do not depend on frame_size: the architecture check passes it
+        assert checkpoints.check_checkpoint("video_tokenizer", step, ck, ptfile.Limits.from_thresholds(t)).intact
+    code, doc, err = cli("probe", bundle, "--tinyworlds", UPSTREAM)
+    assert code == 4 and doc["ran"] is False, err  # nothing was left to probe
+    assert doc["stages"] == {} and any("not probed: its config says frame_size 100000" in n for n in doc["notes"])

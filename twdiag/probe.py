@@ -133,6 +133,24 @@ def grid_frames(a, out: Path) -> dict | None:
     return None
 
 
+def implausible(cfg: dict, p: dict) -> str | None:
+    """Config values that would make the class allocate more than any
+    TinyWorlds model: the architecture check matches the saved tensors to the
+    config, but positional encodings are built from frame_size and
+    patch_size alone, so a forged state.pt could ask for gigabytes."""
+    try:
+        frame, patch = int(cfg.get("frame_size", 128)), int(cfg.get("patch_size", 8))
+        context = int(cfg.get("context_length", 4))
+    except (TypeError, ValueError):
+        return "a frame_size, patch_size or context_length that is not a number"
+    if not 0 < frame <= p["max_frame_size"] or not 0 < patch <= frame:
+        return f"frame_size {frame}, patch_size {patch} (probe.max_frame_size = {p['max_frame_size']})"
+    if (frame // patch) ** 2 > p["max_patches"] or not 0 < context <= p["max_context"]:
+        return (f"{(frame // patch) ** 2} patches per frame and context_length {context} "
+                f"(probe.max_patches = {p['max_patches']}, probe.max_context = {p['max_context']})")
+    return None
+
+
 def plan(a, opts: ProbeOptions, work: Path) -> tuple[dict, list[str]]:
     """The child's job, and notes on what could not be planned."""
     p = a.thresholds["probe"]
@@ -143,6 +161,10 @@ def plan(a, opts: ProbeOptions, work: Path) -> tuple[dict, list[str]]:
         if not refs:
             if res is not None:
                 notes.append(f"{stage}: no intact checkpoint directory after step 0 to probe")
+            continue
+        odd = implausible(refs[0]["config"], p)
+        if odd:  # buffers the class builds from these (positional encodings) would not fit any budget
+            notes.append(f"{stage}: not probed: its config says {odd}")
             continue
         spec = {"config": refs[0]["config"], "checkpoints": refs, "measure": _measured(refs)}
         if stage == "dynamics":
