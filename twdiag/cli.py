@@ -322,6 +322,13 @@ def _add_ckpts(sub) -> None:
               %(prog)s results/2026_02_06_00_44_34/dynamics/checkpoints --deep all
               %(prog)s results/RUN/dynamics/checkpoints/dynamics_step_52000
               %(prog)s RUN_BUNDLE_ROOT --out-dir docs/action   # + checkpoints.json (every checkpoint)
+              %(prog)s RUN_BUNDLE_ROOT --tinyworlds ~/tinyworlds   # + load them into TinyWorlds' classes
+
+            "resumable": without --tinyworlds a fallback is intact (certified archive,
+            allowlisted pickles, finite tensors) but was never loaded into TinyWorlds'
+            classes (fallback.resumable: "not verified (no probe)"); with it, "verified"
+            means its weights loaded strictly into the stage's class built from its own
+            config and its optimizer state fits the configured optimizer.
             """)
     _add_common(p, "bundle root, run root, stage dir, checkpoints dir or one checkpoint")
     p.add_argument("--deep", choices=("auto", "all", "torch", "none"), default="auto",
@@ -490,6 +497,7 @@ def _add_diagnose(sub) -> None:
               %(prog)s wandb/run-X/run-X.wandb          # one log: that stage's --run
               %(prog)s RUN_BUNDLE_ROOT --follow --interval 60   # watch a live run (NDJSON)
               RUN_BUNDLE_ROOT=/data/run %(prog)s --deep all
+              %(prog)s RUN_BUNDLE_ROOT --tinyworlds ~/tinyworlds --data frames.h5   # measure the models
 
             files written to --out-dir (default: <bundle>/docs/action/ when the bundle is
             writable, else ./twdiag-<bundle name>/):
@@ -498,6 +506,7 @@ def _add_diagnose(sub) -> None:
               diagnosis.html   the same, self-contained: open or mail one file
               loss_<stage>.png loss, lr, checkpoints and fallback; action panel for latent_actions
               contact_sheet.png  first/middle/latest image grids per stage
+              probe_sheet.png  with --tinyworlds: real frames, reconstructions, rollouts
               checkpoints.json, visuals.json  per-checkpoint and per-image details
 
             --follow: one JSON object per line on stdout whenever a stage's verdict,
