@@ -544,7 +544,7 @@ def dependency_findings(results: dict[str, StageResult], bundle_root: Path, thre
                                "dynamics", key, recorded, "exists", [], str(src.path / "state.pt"),
                                f"dynamics was trained from {recorded}, which is not in this bundle ({how})"))
         else:
-            ck = _find_checked(results.get(stage), path) or _check_one(stage, path, limits)
+            ck = find_checked(results.get(stage), path) or check_one(stage, path, limits)
             fact["status"] = ck.status
             if ck.status != "valid":
                 out.append(Finding("ckpt_dependency_invalid", t["dependency_invalid_severity"], "dynamics",
@@ -557,14 +557,16 @@ def dependency_findings(results: dict[str, StageResult], bundle_root: Path, thre
     return facts, out
 
 
-def _find_checked(res: StageResult | None, path: Path) -> Checkpoint | None:
+def find_checked(res: StageResult | None, path: Path) -> Checkpoint | None:
+    """The stage's already checked checkpoint at `path` (symlinks resolved), if any."""
     if res is None:
         return None
     real = safefs.resolve(path)
     return next((c for c in res.checkpoints if safefs.resolve(c.path) == real), None)
 
 
-def _check_one(stage: str, path: Path, limits: ptfile.Limits) -> Checkpoint:
+def check_one(stage: str, path: Path, limits: ptfile.Limits) -> Checkpoint:
+    """Check one checkpoint found by path (its step from its name)."""
     parsed = bundle_mod.parse_checkpoint_name(path.name)
     return check_checkpoint(stage, parsed[1] if parsed else -1, path, limits)
 

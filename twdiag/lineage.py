@@ -163,7 +163,7 @@ def confirm_resume(stage: str, a: Attempt, res, root: Path, t: dict) -> str | No
     path, how = checkpoints.resolve_recorded_path(src, root, res.run_root, False)
     if path is None:
         return f"not confirmed: the source checkpoint is not in the bundle ({how})"
-    source = checkpoints._find_checked(res, path) or checkpoints._check_one(
+    source = checkpoints.find_checked(res, path) or checkpoints.check_one(
         stage, path, ptfile.Limits.from_thresholds(t))
     mine, theirs = _storage_crcs(first), _storage_crcs(source)
     if not mine or not theirs:

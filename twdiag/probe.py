@@ -91,11 +91,11 @@ def _measured(refs: list) -> dict | None:
 def _upstream(a, stage: str, key: str) -> dict | None:
     """The tokenizer / action checkpoint dynamics trained on: the path its config
     records when it resolves to an intact file, else the stage's own choice."""
-    from .checkpoints import _find_checked
+    from .checkpoints import find_checked
     dep = next((d for d in a.dependencies if d.get("key") == key and d.get("status") == "valid"), None)
     res = a.checkpoints.get(stage)
     if dep and res is not None:
-        ck = _find_checked(res, Path(dep["resolved"]))
+        ck = find_checked(res, Path(dep["resolved"]))
         if ck is not None and ck.intact:
             return _ref(ck, "dependency")
     refs = _candidates(res, a.fallbacks.get(stage), 1) if res is not None else []
