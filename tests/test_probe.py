@@ -203,6 +203,9 @@ def test_no_checkout_named_means_nothing_imported_but_a_note(tmp_path, monkeypat
     assert probe.find_checkout(tmp_path, tmp_path) is None
     code, doc, _ = cli("diagnose", EXAMPLES / "bundle-healthy", "--tinyworlds", tmp_path, "--out-dir", tmp_path / "o")
     assert code == 2 and "not a TinyWorlds checkout" in doc["error"]
+    code, doc, _ = cli("diagnose", EXAMPLES / "bundle-healthy", "--follow", "--tinyworlds", UPSTREAM,
+                       "--out-dir", tmp_path / "o")
+    assert code == 2 and "without --follow" in doc["error"]
     monkeypatch.chdir(UPSTREAM)  # a checkout in the current directory: named in a note, not imported
     from twdiag import bundle, pipeline, rules
     t = rules.load_thresholds()

@@ -569,6 +569,9 @@ def resolve_diagnose_input(arg: str | None, explicit: dict) -> tuple[Path, dict,
 
 def _run_diagnose(args) -> tuple[dict, int]:
     t = _thresholds(args.thresholds)
+    if args.follow and args.tinyworlds:
+        raise CliError("--tinyworlds measures the models once: run it without --follow (a live run's newest "
+                       "checkpoint changes under it)", EXIT_USAGE)
     probe = None if args.follow else _probe_options(args, t)  # first: its child imports torch meanwhile
     from . import pipeline, report, report_files
     explicit = _explicit(args.run)
