@@ -348,12 +348,17 @@ def _run_ckpts(args) -> tuple[dict, int]:
     stages = {}
     for stage, res in a.checkpoints.items():
         body = report.stage_checkpoints(res, a.fallbacks.get(stage))
+        # a checkpoint that does not load into TinyWorlds' class (--tinyworlds) is a checkpoint finding
         findings = [f.to_dict() for f in res.findings] + \
-                   [f.to_dict() for f in a.dependency_findings if f.stage == stage]
+                   [f.to_dict() for f in a.dependency_findings if f.stage == stage] + \
+                   [f.to_dict() for f in a.probe_findings.get(stage, []) if f.rule_id == "probe_not_resumable"]
         fb = a.fallbacks.get(stage) or {}
         stages[stage] = {"verdict": rules.verdict_of(findings, bool(res.checkpoints)), **body,
                          "fallback": {k: v for k, v in fb.items() if k != "checkpoints"},
                          "findings": sorted(findings, key=lambda f: rules.SEVERITY_ORDER[f["severity"]])}
+        probed = ((a.probe or {}).get("stages") or {}).get(stage)
+        if probed:
+            stages[stage]["probe"] = report.probe_line(stage, probed)
     doc = {"torch": _torch_version(), "deep_mode": args.deep, "stages": stages,
            "resumable_means": report.RESUMABLE_WITHOUT_PROBE if not (a.probe or {}).get("ran") else
            report.RESUMABLE_WITH_PROBE, "probe": report.probe_summary(a),
