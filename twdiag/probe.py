@@ -91,12 +91,14 @@ def _measured(refs: list) -> dict | None:
 def _upstream(a, stage: str, key: str) -> dict | None:
     """The tokenizer / action checkpoint dynamics trained on: the path its config
     records when it resolves to an intact file, else the stage's own choice."""
-    from .checkpoints import find_checked
+    from . import ptfile
+    from .checkpoints import check_one, find_checked
     dep = next((d for d in a.dependencies if d.get("key") == key and d.get("status") == "valid"), None)
     res = a.checkpoints.get(stage)
-    if dep and res is not None:
-        ck = find_checked(res, Path(dep["resolved"]))
-        if ck is not None and ck.intact:
+    if dep:  # it may lie in an older run root than the stage's own checkpoints
+        path = Path(dep["resolved"])
+        ck = find_checked(res, path) or check_one(stage, path, ptfile.Limits.from_thresholds(a.thresholds))
+        if ck.intact:
             return _ref(ck, "dependency")
     refs = _candidates(res, a.fallbacks.get(stage), 1) if res is not None else []
     return _measured(refs)
