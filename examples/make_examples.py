@@ -285,7 +285,9 @@ def probe_outputs(name: str, tinyworlds: Path) -> None:
     examples/outputs/<name>/probe/."""
     sys.path.insert(0, str(ENV_DIR))
     import dataset
-    scratch = Path(tempfile.mkdtemp(prefix="tw-probe-data-"))
+    # a fixed path, so the committed probe.json names the same file on every regeneration
+    scratch = Path(tempfile.gettempdir()) / "twdiag-examples-data"
+    scratch.mkdir(exist_ok=True)
     data = scratch / "pong_frames.h5"
     dataset.write(str(data), DATA_FRAMES, DATA_SEED)
     out = HERE / "outputs" / name / "probe"
