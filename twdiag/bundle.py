@@ -91,6 +91,19 @@ class CheckpointRef:
 
 
 @dataclass
+class EarlierRoot:
+    """A stage's checkpoints and grids in an older run root that a newer one replaced."""
+
+    run_root: Path | None
+    checkpoints: list[CheckpointRef]
+    images: int
+
+    def summary(self) -> dict:
+        return {"run_root": str(self.run_root), "checkpoint_steps": [c.step for c in self.checkpoints][:50],
+                "checkpoints": len(self.checkpoints), "images": self.images}
+
+
+@dataclass
 class StageArtifacts:
     """What the bundle holds for one stage."""
 
@@ -103,8 +116,7 @@ class StageArtifacts:
     logs: list = field(default_factory=list)  # history.RunLog, filled by logs.load
     # older run roots' artifacts of this stage that a newer run root replaced
     # (an earlier attempt's): listed, never silently dropped
-    earlier: list = field(default_factory=list)
-    earlier_checkpoints: list = field(default_factory=list)  # (run root, [CheckpointRef]) per `earlier` entry
+    earlier: list[EarlierRoot] = field(default_factory=list)
 
 
 @dataclass
@@ -293,9 +305,7 @@ def _use_stage_dir(w: _Walker, b: Bundle, stage: str, sdir: Path, run_root: Path
         return False
     a = b.stage(stage)
     if a.checkpoints or a.images:
-        a.earlier.append({"run_root": str(a.run_root), "checkpoint_steps": [c.step for c in a.checkpoints][:50],
-                          "checkpoints": len(a.checkpoints), "images": len(a.images)})
-        a.earlier_checkpoints.append((a.run_root, a.checkpoints))
+        a.earlier.append(EarlierRoot(a.run_root, a.checkpoints, len(a.images)))
     a.run_root, a.stage_dir = run_root, sdir
     a.checkpoints_dir = cdir if safefs.is_dir(cdir) else None
     a.checkpoints, a.images = ckpts, images

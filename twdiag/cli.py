@@ -102,6 +102,13 @@ def _add_probe(p, required: bool = False) -> None:
     g.add_argument("--probe-seconds", type=float, help="the probe's time budget (default: thresholds' probe.seconds)")
 
 
+def _require_modules(modules: list[str], who: str, install: str) -> None:
+    """A subcommand's optional dependencies: exit 6 naming what is missing."""
+    lacking = [m for m in modules if importlib.util.find_spec(m) is None]
+    if lacking:
+        raise CliError(f"{who} needs {', '.join(lacking)}: {install}", EXIT_DEPENDENCY)
+
+
 def _probe_options(args, t: dict):
     """ProbeOptions from the flags, or None; a bad checkout is a usage error,
     a missing torch/einops/h5py a dependency error (exit 6)."""
@@ -113,12 +120,9 @@ def _probe_options(args, t: dict):
     problem = probe.checkout_problem(Path(path))
     if problem:
         raise CliError(problem, EXIT_USAGE)
-    need = ["torch", "einops"] + (["h5py"] if args.data else [])
-    lacking = [m for m in need if importlib.util.find_spec(m) is None]
-    if lacking:
-        raise CliError(f"the probe needs {', '.join(lacking)}: python -m pip install "
-                       f"'tinyworlds-training-diagnostics[probe]' (and torch, as TinyWorlds trains with it)",
-                       EXIT_DEPENDENCY)
+    _require_modules(["torch", "einops"] + (["h5py"] if args.data else []), "the probe",
+                     "python -m pip install 'tinyworlds-training-diagnostics[probe]' (and torch, as TinyWorlds "
+                     "trains with it)")
     if args.data:
         _require_existing([Path(args.data)])
     opts = probe.ProbeOptions(Path(path), Path(args.data) if args.data else None, args.device, args.probe_seconds)
@@ -707,8 +711,7 @@ def _add_scan(sub) -> None:
 
 
 def _run_scan(args) -> tuple[dict, int]:
-    if importlib.util.find_spec("pyarrow") is None:
-        raise CliError("scan writes Parquet: it needs pyarrow (python -m pip install pyarrow)", EXIT_DEPENDENCY)
+    _require_modules(["pyarrow"], "scan (it writes Parquet)", "python -m pip install pyarrow")
     from . import scan
     t = _thresholds(args.thresholds)
     m = re.fullmatch(r"(\d+)/(\d+)", args.shard or "")
@@ -750,8 +753,7 @@ def _add_query(sub) -> None:
 
 
 def _run_query(args) -> tuple[dict, int]:
-    if importlib.util.find_spec("duckdb") is None:
-        raise CliError("query needs duckdb (python -m pip install duckdb)", EXIT_DEPENDENCY)
+    _require_modules(["duckdb"], "query", "python -m pip install duckdb")
     from . import query
     target = Path(args.target)
     _require_existing([target])

@@ -246,7 +246,7 @@ def apply_probe(doc: dict, probed: dict, verified: dict | None) -> None:
                    reason=f"no probed candidate loads into TinyWorlds' classes: {moved_from['why']}")
 
 
-def earlier_attempt(doc: dict, stage: str, earlier: list, thresholds: dict) -> None:
+def earlier_attempt(doc: dict, stage: str, earlier: list, thresholds: dict) -> None:  # earlier: [bundle.EarlierRoot]
     """No fallback in the newest run root: name the newest intact checkpoint
     (after step 0, weights deep-scanned) that an earlier attempt left in an
     older run root. It is not judged against the newest attempt's history
@@ -255,8 +255,9 @@ def earlier_attempt(doc: dict, stage: str, earlier: list, thresholds: dict) -> N
         return
     limits = ptfile.Limits.from_thresholds(thresholds)
     chunk = int(thresholds["checkpoints"]["deep_chunk_elements"])
-    for run_root, refs in reversed(earlier):
-        for ref in sorted(refs, key=lambda r: -r.step):
+    for root in reversed(earlier):
+        run_root = root.run_root
+        for ref in sorted(root.checkpoints, key=lambda r: -r.step):
             if ref.step <= 0:
                 continue
             ck = checkpoints.check_checkpoint(stage, ref.step, ref.path, limits)

@@ -96,16 +96,13 @@ def _stages_table(doc: dict) -> list[str]:
 def _attempts(doc: dict) -> list[str]:
     """Stages run more than once (a crash and a resume, a fresh start), or
     with an earlier run root: each attempt in a line."""
-    from .report import _attempt_line
+    from .report import lineage_lines
     out = []
     for stage, e in doc["stages"].items():
-        lin = e.get("lineage") or {}
-        if lin.get("count", 0) > 1 or lin.get("earlier_run_roots"):
-            out.append(f"<p><b>{_e(stage)}</b> <span class=muted>({_e(lin.get('steps_axis'))})</span></p><ul>")
-            out += [f"<li>{_e(_attempt_line(a))}</li>" for a in lin.get("attempts", [])]
-            out += [f"<li>earlier run root <code>{_e(r['run_root'])}</code>: {_e(r['checkpoints'])} checkpoints, "
-                    f"{_e(r['images'])} grids (not judged here)</li>" for r in lin.get("earlier_run_roots", [])]
-            out.append("</ul>")
+        lines = lineage_lines(e)
+        if lines:
+            out.append(f"<p><b>{_e(stage)}</b> <span class=muted>({_e(e['lineage'].get('steps_axis'))})</span></p><ul>")
+            out += [f"<li>{_e(line)}</li>" for line in lines] + ["</ul>"]
     return (["<h2>Attempts</h2>"] + out) if out else []
 
 

@@ -216,7 +216,7 @@ def judge(stage: str, hist, stage_state: dict | None, res, stats: dict | None, t
            if any(a.relation == "resume" for a in atts) else "one axis: the attempts' steps as logged"}
     art = b_stage
     if art is not None and art.earlier:
-        doc["earlier_run_roots"] = art.earlier
+        doc["earlier_run_roots"] = [e.summary() for e in art.earlier]
     trained_before = False
     for a in atts:
         if a.state in ("crashed", "stalled_or_crashed") and a is not latest:

@@ -11,9 +11,9 @@ judged. Every script runs the parts it needs through `run`.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from . import bundle as bundle_mod, checkpoints, crossstage, fallback, logs, outputs, runstate, stats
 
@@ -164,7 +164,7 @@ def _lineage(a: Analysis) -> None:
             t = runstate.record_times(log)["newest"]
             newest = t if newest is None or (t and t > newest) else newest
     for stage, art in a.bundle.stages.items():
-        for old in art.earlier:
+        for old in (e.summary() for e in art.earlier):
             a.bundle.notes.append(
                 f"{stage}: {old['run_root']} holds {old['checkpoints']} checkpoints (steps "
                 f"{', '.join(map(str, old['checkpoint_steps'][:8]))}) and {old['images']} grids of an earlier "
@@ -205,7 +205,7 @@ def _fallbacks(a: Analysis) -> None:
             a.fallbacks[stage] = fallback.decide(res, a.histories.get(stage), a.stats["stages"].get(stage),
                                                  onsets, a.thresholds, a.deep, live)
             art = a.bundle.stages.get(stage)
-            if art is not None and art.earlier_checkpoints and not a.data_findings:
-                fallback.earlier_attempt(a.fallbacks[stage], stage, art.earlier_checkpoints, a.thresholds)
+            if art is not None and art.earlier and not a.data_findings:
+                fallback.earlier_attempt(a.fallbacks[stage], stage, art.earlier, a.thresholds)
         with _Guard(a, f"checkpoint_findings_{stage}"):
             res.findings = checkpoints.stage_findings(res, a.fallbacks.get(stage, {}), a.thresholds)

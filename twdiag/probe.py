@@ -6,7 +6,7 @@ bundle already certified (configs read through the allowlist, checkpoints
 whose archives passed the strict reader), runs `probe_worker` in a child
 process under a time and address-space budget, and turns the child's numbers
 into findings. A crash, hang or memory blow-up in model code costs only the
-probe: it becomes one `probe_failed` note and the rest of the report stands.
+probe: `probe.ran` is false with the reason, and the rest of the report stands.
 
 What a probe result means for the fallback: a fallback whose weights do not
 load strictly into the stage's class (or whose optimizer state does not load)
@@ -185,13 +185,16 @@ def plan(a, opts: ProbeOptions, work: Path) -> tuple[dict, list[str]]:
         if frames is None:
             notes.append("no --data and no readable latent_actions or video_tokenizer grid: the models are "
                          "checked for resumability only, not measured")
-    job = {"tinyworlds": str(opts.tinyworlds), "device": opts.device, "seed": int(p["seed"]),
-           "threads": int(p["threads"]) or os.cpu_count() or 1, "sequences": int(p["sequences"]),
+    job = {"device": opts.device, "seed": int(p["seed"]), "threads": _threads(p), "sequences": int(p["sequences"]),
            "maskgit_steps": int(p["maskgit_steps"]), "frames": frames, "stages": stages}
     return job, notes
 
 
 # --- the child ----------------------------------------------------------------------------
+
+def _threads(p: dict) -> int:
+    return int(p["threads"]) or os.cpu_count() or 1  # 0 = every CPU
+
 
 def _limit(address_space: int):
     def apply() -> None:  # in the child, before exec
@@ -207,7 +210,7 @@ def spawn(opts: ProbeOptions, thresholds: dict) -> subprocess.Popen:
     env = dict(os.environ)
     here = str(Path(__file__).resolve().parent.parent)  # twdiag's parent: a copied skill folder works too
     env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.setdefault("OMP_NUM_THREADS", str(int(p["threads"]) or os.cpu_count() or 1))
+    env.setdefault("OMP_NUM_THREADS", str(_threads(p)))
     return subprocess.Popen([sys.executable, "-m", "twdiag.probe_worker", str(opts.tinyworlds)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
                             preexec_fn=_limit(int(p["max_address_space_bytes"])), start_new_session=True)

@@ -401,9 +401,10 @@ def _measure_stage(stage: str, job: dict, spec: dict, target: dict, models, cach
                    out: dict) -> None:
     gen = torch.Generator().manual_seed(job["seed"])
     key = (spec["config"].get("context_length"), spec["config"].get("fps"), spec["config"].get("dataset"))
-    if key not in cache:  # stages with the same sampling share one read of the data
-        cache[key] = sample_frames(job["frames"], spec["config"], job["sequences"], np.random.default_rng(job["seed"]))
-    frames, true_actions, how = cache[key]
+    sampled = cache.setdefault("frames", {})  # stages with the same sampling share one read of the data
+    if key not in sampled:
+        sampled[key] = sample_frames(job["frames"], spec["config"], job["sequences"], np.random.default_rng(job["seed"]))
+    frames, true_actions, how = sampled[key]
     dev = job.get("device") or "cpu"
     x = to_tensor(frames, spec["config"]).to(dev)
     out["frames"] = how
@@ -463,10 +464,8 @@ def main() -> int:
         t0 = time.perf_counter()
         try:
             result["stages"][stage] = run_stage(stage, job, spec, models, cache, pictures)
-        except Exception as exc:
-            frame = traceback.extract_tb(exc.__traceback__)[-1]
-            result["stages"][stage] = {"error": f"{type(exc).__name__}: {exc}"[:400],
-                                       "where": f"{Path(frame.filename).name}:{frame.lineno}"}
+        except Exception as exc:  # run_stage guards its parts; this is anything else
+            result["stages"][stage] = {"error": _error(exc, stage)}
         result["stages"][stage]["seconds"] = round(time.perf_counter() - t0, 3)
     try:
         _save_pictures(pictures, job.get("pictures"))

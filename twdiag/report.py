@@ -310,7 +310,7 @@ def compact(doc: dict) -> dict:
             stages[s]["probe"] = probe_line(s, e["probe"])
         lin = e.get("lineage")
         if lin:
-            stages[s]["attempts"] = [_attempt_line(x) for x in lin["attempts"]]
+            stages[s]["attempts"] = [attempt_line(x) for x in lin["attempts"]]
             if lin.get("final_checkpoint_saved") is False:
                 stages[s]["final_checkpoint_saved"] = False
                 stages[s]["steps_not_saved"] = lin.get("steps_not_saved")
@@ -337,7 +337,7 @@ def compact(doc: dict) -> dict:
     return out
 
 
-def _attempt_line(a: dict) -> str:
+def attempt_line(a: dict) -> str:
     """One attempt in a line: what it was, how far it got, how it ended."""
     steps = f"steps {a['first_step']}–{a['last_step']}" if a["rows"] else "no history rows"
     if a["rows"] and a.get("global_first_step") not in (None, a["first_step"]):
@@ -427,14 +427,22 @@ def _md_status(doc: dict) -> list[str]:
                    f"{_v(st.get('last_record_time'))} | `{e['evidence'].get('wandb_log', 'none')}` |")
     out.append("")
     for stage, e in doc["stages"].items():
-        lin = e.get("lineage") or {}
-        if lin.get("count", 0) > 1 or lin.get("earlier_run_roots"):
-            out += [f"Attempts of {stage} ({lin.get('steps_axis')}):", ""]
-            out += [f"- {_attempt_line(a)}" for a in lin.get("attempts", [])]
-            out += [f"- earlier run root `{r['run_root']}`: {r['checkpoints']} checkpoints, {r['images']} grids "
-                    "(not judged here)" for r in lin.get("earlier_run_roots", [])]
-            out.append("")
+        lines = lineage_lines(e)
+        if lines:
+            out += [f"Attempts of {stage} ({e['lineage'].get('steps_axis')}):", ""]
+            out += [f"- {line}" for line in lines] + [""]
     return out
+
+
+def lineage_lines(entry: dict) -> list[str]:
+    """A stage's attempts and earlier run roots, one line each, for the
+    reports; empty when there was one attempt and no earlier root."""
+    lin = entry.get("lineage") or {}
+    if lin.get("count", 0) <= 1 and not lin.get("earlier_run_roots"):
+        return []
+    return ([attempt_line(a) for a in lin.get("attempts", [])]
+            + [f"earlier run root {r['run_root']}: {r['checkpoints']} checkpoints, {r['images']} grids "
+               "(not judged here)" for r in lin.get("earlier_run_roots", [])])
 
 
 def _md_numbers(doc: dict) -> list[str]:
