@@ -211,16 +211,46 @@ def test_numpy_scan_flags_planted_nan_and_inf(tmp_path, dtype):
     assert math.isclose(facts["weight_norm"], theirs["weight_norm"], rel_tol=1e-9)
 
 
+@pytest.mark.parametrize("where", ["sole", "before_offset", "after_view", "shared"])
+def test_one_flipped_byte_in_any_storage_is_a_bad_crc(tmp_path, where):
+    """Storages viewed by one contiguous tensor are CRC-checked while the
+    tensor is measured (one pass); bytes of the storage outside the view,
+    and storages shared by several views, must be checked all the same."""
+    base = torch.randn(400)
+    shared = torch.randn(20, 30)
+    sd = {"sole": torch.randn(300), "tail": base[100:300],  # a view: bytes before and after it are stored too
+          "shared": shared, "shared_t": shared.t()}
+    path = tmp_path / "model_state_dict.pt"
+    torch.save(sd, path)
+    fc = ptfile.check_file(path, LIMITS, allow_config=False)
+    clean, problem = ptfile.scan(path, fc, LIMITS, 1 << 20)
+    assert problem is None
+    theirs, _ = ptfile.load_and_scan(path, LIMITS.max_nodes, 1 << 20)
+    assert math.isclose(clean["weight_norm"], theirs["weight_norm"], rel_tol=1e-12)
+    keys = {r.key: r.storage_key for r in fc.tensors}
+    entry = {"sole": keys["sole"], "before_offset": keys["tail"], "after_view": keys["tail"],
+             "shared": keys["shared"]}[where]
+    e = fc.layout[f"{fc.prefix}data/{entry}"]
+    at = {"sole": 4 * 150, "before_offset": 4 * 50, "after_view": 4 * 350, "shared": 4 * 333}[where]
+    data = bytearray(path.read_bytes())
+    data[e.data_offset + at] ^= 0x01  # a low mantissa bit: the value stays finite and plausible
+    path.write_bytes(bytes(data))
+    facts, problem = ptfile.scan(path, fc, LIMITS, 1 << 20)
+    assert problem is not None and problem.status == "corrupt", (where, problem)
+    assert "bad CRC" in problem.detail and f"data/{entry}" in problem.detail
+    assert facts == {}  # measures of bytes that failed their CRC are not reported
+
+
 def test_deep_scan_needs_no_torch(tmp_path):
-    """check_ckpts with torch hidden from the import system still gives the
-    full deep scan, and diagnose never imports torch."""
+    """check_ckpts with torch (and ISA-L's CRC) hidden from the import
+    system still gives the full deep scan, and diagnose never imports torch."""
     bundle = EXAMPLES / "bundle-unhealthy"
     code = f"""
 import sys, json
 class Hide:
     def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ImportError("torch hidden")
+        if name.split(".")[0] in ("torch", "isal"):
+            raise ImportError("hidden")
 sys.meta_path.insert(0, Hide())
 sys.path.insert(0, {str(ROOT)!r})
 from twdiag import cli
@@ -229,13 +259,14 @@ buf = io.StringIO()
 with contextlib.redirect_stdout(buf):
     code = cli.main(["ckpts", {str(bundle)!r}, "--deep", "all"])
 doc = json.loads(buf.getvalue())
+from twdiag import checksum
 print(json.dumps({{"code": code, "torch": doc["torch"], "deep": [s["deep_scanned"] for s in doc["stages"].values()],
-                   "loaded": "torch" in sys.modules}}))
+                   "loaded": "torch" in sys.modules, "crc": checksum.IMPLEMENTATION}}))
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert out["code"] == 0 and out["torch"] is None and not out["loaded"]
+    assert out["code"] == 0 and out["torch"] is None and not out["loaded"] and out["crc"] == "zlib"
     assert out["deep"] and all(steps for steps in out["deep"]), out
     r = subprocess.run([sys.executable, "-c", f"""
 import sys, contextlib, io
@@ -246,6 +277,15 @@ with contextlib.redirect_stdout(io.StringIO()):
 print("torch" in sys.modules)
 """], capture_output=True, text=True, timeout=120)
     assert r.stdout.strip().splitlines()[-1] == "False", r.stderr[-2000:]
+
+
+def test_isal_crc_is_zlib_crc():
+    isal_zlib = pytest.importorskip("isal.isal_zlib")
+    import zlib
+    data = np.random.default_rng(0).bytes(3 << 20)
+    for piece in (data[:0], data[:1], data[:4097], data):
+        assert isal_zlib.crc32(piece) == zlib.crc32(piece)
+        assert isal_zlib.crc32(piece, 12345) == zlib.crc32(piece, 12345)
 
 
 def _pickle_zip(path: Path, data: bytes) -> Path:

@@ -27,7 +27,7 @@ import io
 import itertools
 import mmap
 import pickle
-import zlib
+from .checksum import crc32
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -272,7 +272,7 @@ def _read_entry(fh, e: ziparchive.Entry, cap: int) -> bytes:
     data = fh.read(e.size)
     if len(data) != e.size:
         raise EOFError(f"entry {e.name!r} runs past the end of the file")
-    if zlib.crc32(data) != e.crc:
+    if crc32(data) != e.crc:
         raise ValueError(f"bad CRC in entry {e.name!r}")
     return data
 
@@ -406,8 +406,9 @@ def scan(path: Path, fc: FileCheck, limits: Limits, chunk_elems: int) -> tuple[d
 
 
 def _scan_mapped(mm: mmap.mmap, fc: FileCheck, chunk_elems: int) -> tuple[dict, Problem | None]:
-    for e in fc.layout.values():
-        if not tensors.crc_ok(mm, e.data_offset, e.size, e.crc):
+    fused = _fused_entries(fc)
+    for e in fc.layout.values():  # the rest is checked as its tensor is measured
+        if e.name not in fused and not tensors.crc_ok(mm, e.data_offset, e.size, e.crc):
             return {}, Problem("corrupt", fc.name, f"bad CRC in entry {e.name!r}")
     measure = tensors.Measure()
     for rec in fc.tensors:
@@ -416,16 +417,38 @@ def _scan_mapped(mm: mmap.mmap, fc: FileCheck, chunk_elems: int) -> tuple[dict, 
             return {}, Problem("corrupt", fc.name, f"tensor storage data/{rec.storage_key} is missing")
         try:
             arr, floating, bf16 = tensors.tensor_view(mm, rec, e.data_offset, e.size, fc.big_endian)
+            if e.name in fused:
+                start = e.data_offset + rec.offset * arr.itemsize
+                measure.add(rec.key, tensors.checked_chunks(mm, arr, bf16, start, e.data_offset, e.size, e.crc))
+            elif floating:
+                measure.add(rec.key, tensors.chunks(arr, bf16, chunk_elems))
+        except tensors.CrcError:
+            return {}, Problem("corrupt", fc.name, f"bad CRC in entry {e.name!r}")
         except tensors.ScanError as exc:
             return {}, Problem("corrupt", fc.name, str(exc))
-        if floating:
-            measure.add(rec.key, tensors.chunks(arr, bf16, chunk_elems))
         del arr
     facts = measure.facts()
     if measure.bad:
         shown = ", ".join(f"{k} ({c})" for k, c in measure.bad[:5])
         return facts, Problem("non_finite", fc.name, f"{len(measure.bad)} tensors hold NaN/Inf: {shown}")
     return facts, None
+
+
+def _fused_entries(fc: FileCheck) -> set[str]:
+    """Storage entries whose CRC is checked while their one tensor is
+    measured: entries viewed by exactly one contiguous float tensor (what
+    torch.save writes for a state dict of parameters). Shared or strided
+    storages are checked in a pass of their own."""
+    views: dict[str, int] = {}
+    for rec in fc.tensors:
+        views[rec.storage_key] = views.get(rec.storage_key, 0) + 1
+    fused = set()
+    for rec in fc.tensors:
+        found = tensors.numpy_dtype(rec.dtype)
+        contiguous = rec.stride is None or tuple(rec.stride) == safe_pickle.contiguous(tuple(rec.shape))
+        if views[rec.storage_key] == 1 and found is not None and found[1] and contiguous:
+            fused.add(f"{fc.prefix}data/{rec.storage_key}")
+    return fused
 
 
 # --- a second opinion: torch's own loader (--deep torch) --------------------------

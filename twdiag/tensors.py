@@ -16,12 +16,12 @@ tensors the L2 norm and max |w| of the finite elements, in float64.
 from __future__ import annotations
 
 import mmap
-import zlib
 from dataclasses import dataclass
 
 import numpy as np
 
 from . import safe_pickle
+from .checksum import crc32
 
 # storage class name (or v3 dtype name) -> (numpy dtype code, floating?)
 _DTYPES = {
@@ -69,12 +69,16 @@ def as_float(chunk: np.ndarray, bf16: bool) -> np.ndarray:
     return chunk
 
 
+class CrcError(ScanError):
+    pass
+
+
 def crc_ok(mm: mmap.mmap, offset: int, size: int, crc: int, chunk: int = 1 << 22) -> bool:
     value = 0
     view = memoryview(mm)
     try:
         for i in range(offset, offset + size, chunk):
-            value = zlib.crc32(view[i:min(i + chunk, offset + size)], value)
+            value = crc32(view[i:min(i + chunk, offset + size)], value)
     finally:
         view.release()
     return value == crc
@@ -154,6 +158,36 @@ def tensor_view(mm: mmap.mmap, rec: TensorRecord, data_offset: int, entry_size: 
     arr = np.ndarray(shape, dtype=dt, buffer=mm, offset=data_offset + rec.offset * dt.itemsize,
                      strides=tuple(s * dt.itemsize for s in stride))
     return arr, floating, bf16
+
+
+def checked_chunks(mm: mmap.mmap, arr: np.ndarray, bf16: bool, start: int, data_offset: int,
+                   entry_size: int, crc: int, chunk_elems: int = _SQ_BLOCK):
+    """A contiguous tensor's chunks, each one CRC-checked as part of its
+    storage entry just before it is measured; the entry's bytes outside
+    the tensor are checked too. One pass over memory instead of two (a
+    CRC pass, then a measuring pass): a chunk of `_SQ_BLOCK` elements is
+    still in cache when it is measured. Raises CrcError at the end when the
+    entry's CRC does not match (the caller then discards the measures).
+    `start` is the tensor's first byte in the file."""
+    flat = arr.reshape(-1)
+    step = flat.itemsize
+    end_entry = data_offset + entry_size
+    view = memoryview(mm)
+    try:
+        value = crc32(view[data_offset:start]) if start > data_offset else 0
+        done = start
+        for i in range(0, flat.size, chunk_elems):
+            part = flat[i:i + chunk_elems]
+            stop = start + (i + part.size) * step
+            value = crc32(view[done:stop], value)
+            done = stop
+            yield as_float(part, bf16)
+        if done < end_entry:
+            value = crc32(view[done:end_entry], value)
+    finally:
+        view.release()
+    if value != crc:
+        raise CrcError("bad CRC")
 
 
 def chunks(arr: np.ndarray, bf16: bool, chunk_elems: int):

@@ -16,11 +16,11 @@ from __future__ import annotations
 import itertools
 import os
 import struct
-import zlib
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
+from .checksum import crc32
 from .rules import default_limits
 
 BLOCK = 32768
@@ -34,7 +34,7 @@ SLAB_BLOCKS = 64
 # Records past this many bytes are skipped unparsed (thresholds: limits.max_record_bytes).
 MAX_RECORD_BYTES = int(default_limits()["max_record_bytes"])
 # Type byte CRC seeds, precomputed once (CRC covers type byte + payload).
-_TYPE_CRC = {t: zlib.crc32(bytes([t])) for t in (FULL, FIRST, MIDDLE, LAST)}
+_TYPE_CRC = {t: crc32(bytes([t])) for t in (FULL, FIRST, MIDDLE, LAST)}
 
 
 @dataclass
@@ -121,7 +121,7 @@ def _chain_fits(buf: bytes, start: int, limit: int) -> bool | None:
             return False
         if end > len(buf):
             return None
-        if zlib.crc32(buf[p + CHUNK.size:end], _TYPE_CRC[ctype]) != crc:
+        if crc32(buf[p + CHUNK.size:end], _TYPE_CRC[ctype]) != crc:
             return None
         p = end
     return True
@@ -255,7 +255,7 @@ def _read_block(slab: bytes, rel: int, pos: int, block_end: int,
             return pos
         payload = slab[start - rel:end - rel]
         chunk_at = pos
-        if zlib.crc32(payload, _TYPE_CRC[ctype]) != crc:
+        if crc32(payload, _TYPE_CRC[ctype]) != crc:
             if not past:
                 report.corrupt_chunks += 1
                 report.corrupt_detail.append([pos, "crc mismatch"])
