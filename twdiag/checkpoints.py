@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import bundle as bundle_mod, ptfile, safefs, safe_pickle
+from . import bundle as bundle_mod, forking, ptfile, safefs, safe_pickle
 from .ptfile import STATUSES, UNUSABLE, Problem  # noqa: F401  (re-exported)
 from .rules import Finding
 
@@ -280,29 +280,62 @@ def deep_scan(ck: Checkpoint, limits: ptfile.Limits, chunk_elems: int, model_onl
     loads them with torch.load(weights_only=True) (`--deep torch`), where
     torch is installed. `model_only` scans just the weights file (enough
     for a reference point)."""
+    for name in _unscanned(ck, model_only):
+        facts, problem = ptfile.scan(ck.file_path(name), ck.files[name], limits, chunk_elems)
+        _record(ck, name, facts, problem, limits, chunk_elems, second_opinion)
+    _settle(ck)
+
+
+def deep_scan_all(cks: list[Checkpoint], limits: ptfile.Limits, chunk_elems: int,
+                  second_opinion: bool = False) -> None:
+    """deep_scan of many checkpoints (`--deep all`), their files spread over
+    forked workers: a scan is bound by reading memory, which each core does
+    at its own pace. What a worker returns is small (facts, a problem); the
+    checkpoints are updated here, in order, as deep_scan would."""
+    global _SCAN_JOBS
+    jobs = [(ck, name) for ck in cks for name in _unscanned(ck, False)]
+    _SCAN_JOBS = [(ck.file_path(name), ck.files[name], limits, chunk_elems) for ck, name in jobs]
+    try:
+        results = forking.starmap(_scan_job, [(i,) for i in range(len(jobs))])
+    finally:
+        _SCAN_JOBS = []
+    for (ck, name), (facts, problem) in zip(jobs, results):
+        _record(ck, name, facts, problem, limits, chunk_elems, second_opinion)
+    for ck in cks:
+        _settle(ck)
+
+
+_SCAN_JOBS: list = []  # read by forked workers (inherited, not pickled)
+
+
+def _scan_job(i: int) -> tuple[dict, Problem | None]:
+    return ptfile.scan(*_SCAN_JOBS[i])
+
+
+def _unscanned(ck: Checkpoint, model_only: bool) -> list[str]:
     names = [ck.model_file] if model_only else [n for n in ck.files if n != "state.pt"]
-    failed = False
-    for name in names:
-        if name in ck.deep_files:
-            continue
-        fc = ck.files[name]
-        path = ck.file_path(name)
-        facts, problem = ptfile.scan(path, fc, limits, chunk_elems)
-        if problem is None:
-            fc.crc_checked = "all"
-            if second_opinion and torch_available():
-                torch_facts, problem = ptfile.load_and_scan(path, limits.max_nodes, chunk_elems)
-                fc.facts["torch"] = {k: torch_facts.get(k) for k in ("non_finite_tensors", "weight_norm")}
-        fc.facts.update(facts)
-        if name == ck.model_file and facts:
-            ck.weights = {k: facts[k] for k in ("weight_norm", "max_abs_weight")}
-        if problem:
-            ck.problems.append(problem)
-            failed = True
-        ck.deep_files.append(name)
-    if failed or ck.deep == "failed":
+    return [n for n in names if n not in ck.deep_files]
+
+
+def _record(ck: Checkpoint, name: str, facts: dict, problem: Problem | None, limits: ptfile.Limits,
+            chunk_elems: int, second_opinion: bool) -> None:
+    fc = ck.files[name]
+    if problem is None:
+        fc.crc_checked = "all"
+        if second_opinion and torch_available():
+            torch_facts, problem = ptfile.load_and_scan(ck.file_path(name), limits.max_nodes, chunk_elems)
+            fc.facts["torch"] = {k: torch_facts.get(k) for k in ("non_finite_tensors", "weight_norm")}
+    fc.facts.update(facts)
+    if name == ck.model_file and facts:
+        ck.weights = {k: facts[k] for k in ("weight_norm", "max_abs_weight")}
+    if problem:
+        ck.problems.append(problem)
         ck.deep = "failed"
-    elif ck.deep_files:
+    ck.deep_files.append(name)
+
+
+def _settle(ck: Checkpoint) -> None:
+    if ck.deep != "failed" and ck.deep_files:
         ck.deep = "passed"
 
 

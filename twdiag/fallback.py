@@ -69,9 +69,7 @@ def decide(res: StageResult, hist, stage_stats: dict | None, visual_onsets: dict
     valid = [c for c in cks if c.status == "valid"]
     ref = valid[0] if valid else None  # the earliest weights: what growth is measured against
     if deep in ("all", "torch"):
-        for c in cks:
-            if c.usable:
-                checkpoints.deep_scan(c, limits, chunk, second_opinion=deep == "torch")
+        checkpoints.deep_scan_all([c for c in cks if c.usable], limits, chunk, second_opinion=deep == "torch")
     elif deep == "auto":
         if ref is not None and len(valid) > 1:
             checkpoints.deep_scan(ref, limits, chunk, model_only=True)
