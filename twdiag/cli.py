@@ -14,7 +14,12 @@ import sys
 import textwrap
 from pathlib import Path
 
-from . import __version__, outputs
+from . import forking
+
+forking.serial_blas()  # before numpy is imported (outputs imports it): see forking
+
+from . import __version__, outputs  # noqa: E402
+from .drawer import Drawer  # noqa: E402
 
 # Exit codes, shared by every subcommand and script (documented in --help,
 # SKILL.md and the README): `exits`.
@@ -582,6 +587,15 @@ def _run_diagnose(args) -> tuple[dict, int]:
         raise CliError("--tinyworlds measures the models once: run it without --follow (a live run's newest "
                        "checkpoint changes under it)", EXIT_USAGE)
     probe = None if args.follow else _probe_options(args, t)  # first: its child imports torch meanwhile
+    drawer = None if args.follow else Drawer.start()  # imports matplotlib meanwhile, then draws
+    try:
+        return _diagnose(args, t, probe, drawer)
+    finally:
+        if drawer is not None:
+            drawer.close()
+
+
+def _diagnose(args, t: dict, probe, drawer) -> tuple[dict, int]:
     from . import pipeline, report, report_files
     explicit = _explicit(args.run)
     root, explicit, auto_results, notes = resolve_diagnose_input(args.bundle, explicit)
@@ -607,7 +621,7 @@ def _run_diagnose(args) -> tuple[dict, int]:
     if baselines:
         from . import compare
         cmp = _guarded_compare(a, compare, baselines, t, args.count)
-    doc = report_files.write_report(a, cmp, out)
+    doc = report_files.write_report(a, cmp, out, drawer=drawer)
     if all(e["verdict"] == "missing" for e in doc["stages"].values()):
         return {"error": f"no TinyWorlds logs, checkpoints or images could be read under {root}",
                 "skipped": doc["skipped"], "outputs": doc.get("outputs")}, EXIT_UNREADABLE

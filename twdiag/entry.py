@@ -12,7 +12,9 @@ REQUIRED = {"numpy": "numpy", "pandas": "pandas", "yaml": "pyyaml", "PIL": "pill
             "matplotlib": "matplotlib", "google.protobuf": "protobuf", "wandb": "wandb"}
 # Declared dependencies the scripts run without (the export is slower):
 # an environment that lacks them is not stopped.
-OPTIONAL = {"orjson": "orjson", "duckdb": "duckdb"}  # duckdb: only `query` needs it (exit 6 there)
+# isal: the deep scan's CRC-32 at 5-6x zlib's speed (zlib's without it).
+OPTIONAL = {"orjson": "orjson", "duckdb": "duckdb",  # duckdb: only `query` needs it (exit 6 there)
+            "isal": "isal"}
 from .exits import EXIT_DEPENDENCY  # noqa: E402  (exits imports nothing third-party)
 
 

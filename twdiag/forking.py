@@ -20,6 +20,32 @@ import threading
 from typing import Callable, Iterable
 
 MAX_WORKERS = 4
+# Set by `serial_blas` (so a child that wants its own threads can drop it).
+BLAS_ENV = "OPENBLAS_NUM_THREADS"
+_blas_env_set = False
+
+
+def serial_blas() -> None:
+    """Keep numpy's OpenBLAS on the calling thread; call before numpy is
+    imported (the command line does, first thing). OpenBLAS runs large
+    products on a thread pool whose threads then spin-wait for more work:
+    they took the second core from every forked worker and from the drawer,
+    which made forked image analysis twice as slow as serial. twdiag's
+    parallelism is its own forked processes; its products are small. A
+    value the user set is kept."""
+    global _blas_env_set
+    if BLAS_ENV not in os.environ:
+        os.environ[BLAS_ENV] = "1"
+        _blas_env_set = True
+
+
+def child_env() -> dict:
+    """This process's environment without what `serial_blas` added (for a
+    subprocess that should use its own threads, like the model probe)."""
+    env = dict(os.environ)
+    if _blas_env_set:
+        env.pop(BLAS_ENV, None)
+    return env
 
 
 def can_fork() -> bool:

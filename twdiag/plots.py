@@ -269,6 +269,12 @@ def loss_figure_names(a) -> list[str]:
 
 def loss_figure(a, doc: dict, name: str):
     """The figure of one stage (`name` from loss_figure_names)."""
+    return stage_figure(*figure_inputs(a, doc, name))
+
+
+def figure_inputs(a, doc: dict, name: str) -> tuple:
+    """stage_figure's arguments for one stage: plain data (frames and dicts),
+    which a drawing process can receive pickled."""
     stage = name.removeprefix("loss_").removesuffix(".png")
     hist = a.histories[stage]
     dyn = a.histories.get("dynamics")
@@ -281,4 +287,4 @@ def loss_figure(a, doc: dict, name: str):
         frozen = (dyn.frame, {**dyn_acts, "n_actions": n})
     if stage == "latent_actions" and metrics.get("actions") and not metrics["actions"].get("n_actions"):
         metrics = {**metrics, "actions": {**metrics["actions"], "n_actions": hist.config.get("n_actions")}}
-    return stage_figure(stage, hist.frame, metrics, doc["stages"].get(stage), a.thresholds, frozen)
+    return stage, hist.frame, metrics, doc["stages"].get(stage), a.thresholds, frozen

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import bundle as bundle_mod
+from . import bundle as bundle_mod, forking
 from .rules import Finding
 
 MODEL_FILES = ("models/video_tokenizer.py", "models/latent_actions.py", "models/dynamics.py")
@@ -207,7 +207,7 @@ def spawn(opts: ProbeOptions, thresholds: dict) -> subprocess.Popen:
     """Start the child now: it imports torch and the checkout's models while
     the parent reads the bundle, then waits for its job on stdin."""
     p = thresholds["probe"]
-    env = dict(os.environ)
+    env = forking.child_env()  # the probe's torch keeps its own threads
     here = str(Path(__file__).resolve().parent.parent)  # twdiag's parent: a copied skill folder works too
     env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("OMP_NUM_THREADS", str(_threads(p)))

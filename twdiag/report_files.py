@@ -24,10 +24,25 @@ def _render(name: str) -> bytes:
     return plots.png_bytes(plots.loss_figure(a, doc, name))
 
 
-def _loss_pngs(a, doc: dict) -> dict[str, bytes]:
+def _send_figures(a, doc: dict, drawer) -> bool:
+    """Hand the loss figures' inputs to the drawer, which draws them while
+    the other outputs are written; False without one."""
+    from . import plots
+    if drawer is None:
+        return False
+    return drawer.send([plots.figure_inputs(a, doc, n) for n in plots.loss_figure_names(a)])
+
+
+def _loss_pngs(a, doc: dict, drawer=None) -> dict[str, bytes]:
+    """The loss figures' PNGs: from the drawer they were sent to, else drawn
+    here (in forked children when that is worth it)."""
     global _DRAWING
     from . import plots
     names = plots.loss_figure_names(a)
+    if drawer is not None:
+        pngs = drawer.receive()
+        if pngs is not None:
+            return dict(zip(names, pngs))
     if len(names) > 1 and forking.can_fork():
         plots.prepare()  # import matplotlib once, before the children inherit it
     _DRAWING = (a, doc)
@@ -64,9 +79,11 @@ def visuals_document(a) -> dict:
     return {**res["doc"], "skipped": a.bundle.skipped, "images": res.get("details", {})}
 
 
-def write_report(a, cmp: dict | None, out: Path, save_tables: bool = True) -> dict:
+def write_report(a, cmp: dict | None, out: Path, save_tables: bool = True, drawer=None) -> dict:
     """Every output of a diagnosis, as one set; returns the diagnosis document.
-    `save_tables=False`: no tables/ (a scan writes them into its dataset)."""
+    `save_tables=False`: no tables/ (a scan writes them into its dataset).
+    `drawer`: a `drawer.Drawer` forked earlier, which draws the loss figures
+    while the other outputs are written here."""
     from . import html_report, plots, report, visuals
     doc = None
     with outputs.OutputSet(out) as outset:
@@ -75,9 +92,8 @@ def write_report(a, cmp: dict | None, out: Path, save_tables: bool = True) -> di
                  "diagnosis_html": str(outset.final("diagnosis.html"))}
         try:
             doc = report.combine(a, cmp["doc"] if cmp else None)
-            for name, data in _loss_pngs(a, doc).items():
-                files.setdefault("loss_plots", {})[name.removeprefix("loss_").removesuffix(".png")] = \
-                    str(outset.write_bytes(name, data))
+            sent = _send_figures(a, doc, drawer)
+            files["loss_plots"] = {}  # drawn meanwhile; written below
             image = visuals.sheet(a.visuals, a.thresholds) if a.visuals else None
             if image is not None:  # drawn now: after crossstage has reconciled the image findings
                 files["contact_sheet"] = str(outset.write_image("contact_sheet.png", image))
@@ -98,6 +114,10 @@ def write_report(a, cmp: dict | None, out: Path, save_tables: bool = True) -> di
             files["checkpoints"] = str(outset.write_json(
                 "checkpoints.json", {s: [c.details() for c in r.checkpoints] for s, r in a.checkpoints.items()}))
             files["visuals"] = str(outset.write_json("visuals.json", visuals_document(a)))
+            for name, data in _loss_pngs(a, doc, drawer if sent else None).items():
+                files["loss_plots"][name.removeprefix("loss_").removesuffix(".png")] = str(outset.write_bytes(name, data))
+            if not files["loss_plots"]:
+                del files["loss_plots"]
             doc["outputs"] = files
             outset.write_text("diagnosis.md", report.markdown(doc))
             outset.write_text("diagnosis.html", html_report.render(doc, outset))
@@ -110,6 +130,11 @@ def write_report(a, cmp: dict | None, out: Path, save_tables: bool = True) -> di
             doc = doc or {"overall": None, "bundle": str(a.bundle.root), "stages": {}, "skipped": a.bundle.skipped,
                           "notes": a.bundle.notes, "next_actions": [], "run_status": {}, "cross_stage": []}
             doc["errors"] = a.errors
+            if not files.get("loss_plots"):
+                files.pop("loss_plots", None)
             doc["outputs"] = files
+        finally:
+            if drawer is not None:
+                drawer.close()
         outset.write_json("diagnosis.json", doc)
     return doc
