@@ -7,7 +7,14 @@ pandas, PIL.Image"`, interleaved, REPEATS times each, in one run; prints
 the medians, their ratio (target <= 3) and diagnose's peak RSS (target
 <= 250 MiB):
 
-    python bench/bench_diagnose.py [--repeat N] [BUNDLE]
+    python bench/bench_diagnose.py [--repeat N] [--against OLD_CHECKOUT] [BUNDLE]
+
+Both sides run with compiled bytecode cached, as after `pip install` or
+any earlier run (a private PYTHONPYCACHEPREFIX, warmed by one untimed run
+each): an environment with PYTHONDONTWRITEBYTECODE would otherwise compile
+twdiag's 13k lines on every run (about 0.2 s) while the yardstick's
+packages are cached. `--against DIR` also times DIR/scripts/diagnose.py
+(e.g. a `git worktree` of an older commit) in the same interleaved loop.
 
 With --big: diagnose.py vs the step scripts it combines, run alone.
 Assembles (with symlinks, nothing copied) a bundle holding a 300,000-step
@@ -27,6 +34,7 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -52,29 +60,49 @@ def assemble(big_run: Path, target: Path) -> Path:
     return target
 
 
+def _option(argv: list[str], name: str, default=None):
+    if name not in argv:
+        return argv, default
+    i = argv.index(name)
+    return argv[:i] + argv[i + 2:], argv[i + 1]
+
+
 def yardstick(argv: list[str]) -> None:
-    repeats = 5
-    if "--repeat" in argv:
-        i = argv.index("--repeat")
-        repeats = int(argv[i + 1])
-        argv = argv[:i] + argv[i + 2:]
+    argv, repeats = _option(argv, "--repeat", 5)
+    argv, against = _option(argv, "--against")
+    repeats = int(repeats)
     bundle = Path(argv[0]) if argv else ROOT / "examples" / "bundle-unhealthy"
     out = Path(tempfile.mkdtemp(prefix="bench_diag_"))
-    diag, yard, rss = [], [], []
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    os.environ["PYTHONPYCACHEPREFIX"] = tempfile.mkdtemp(prefix="bench_pyc_")
+    commands = {"diagnose": [sys.executable, ROOT / "scripts" / "diagnose.py", bundle, "--out-dir", out],
+                "yardstick": [sys.executable, "-c", "import numpy, pandas, PIL.Image"]}
+    if against:
+        commands["against"] = [sys.executable, Path(against) / "scripts" / "diagnose.py", bundle,
+                               "--out-dir", out / "against"]
+    for cmd in commands.values():  # warm the bytecode cache
+        measure(cmd)
+    times: dict = {k: [] for k in commands}
+    rss: dict = {k: [] for k in commands}
     for _ in range(repeats):
-        t, peak = measure([sys.executable, ROOT / "scripts" / "diagnose.py", bundle, "--out-dir", out])
-        diag.append(t)
-        rss.append(peak)
-        yard.append(measure([sys.executable, "-c", "import numpy, pandas, PIL.Image"])[0])
+        for k, cmd in commands.items():
+            t, peak = measure(cmd)
+            times[k].append(t)
+            rss[k].append(peak)
     med = statistics.median
     doc = json.loads((out / "diagnosis.json").read_text())
-    print(json.dumps({"bundle": str(bundle), "repeats": repeats,
-                      "diagnose_s": round(med(diag), 3), "yardstick_import_numpy_pandas_pil_s": round(med(yard), 3),
-                      "ratio": round(med(diag) / med(yard), 3), "target_ratio": 3.0,
-                      "diagnose_peak_rss_mib": round(max(rss), 1), "target_rss_mib": 250,
-                      "diagnose_internal_timings": doc["timings"],
-                      "runs_diagnose": [round(x, 3) for x in diag], "runs_yardstick": [round(x, 3) for x in yard]},
-                     indent=2))
+    result = {"bundle": str(bundle), "repeats": repeats, "bytecode": "cached (PYTHONPYCACHEPREFIX, warmed)",
+              "diagnose_s": round(med(times["diagnose"]), 3),
+              "yardstick_import_numpy_pandas_pil_s": round(med(times["yardstick"]), 3),
+              "ratio": round(med(times["diagnose"]) / med(times["yardstick"]), 3), "target_ratio": 3.0,
+              "diagnose_peak_rss_mib": round(max(rss["diagnose"]), 1), "target_rss_mib": 250}
+    if against:
+        result.update({"against": str(against), "against_s": round(med(times["against"]), 3),
+                       "against_ratio": round(med(times["against"]) / med(times["yardstick"]), 3),
+                       "against_peak_rss_mib": round(max(rss["against"]), 1)})
+    result["diagnose_internal_timings"] = doc["timings"]
+    result["runs"] = {k: [round(x, 3) for x in v] for k, v in times.items()}
+    print(json.dumps(result, indent=2))
 
 
 def main() -> None:
