@@ -587,6 +587,7 @@ def _run_diagnose(args) -> tuple[dict, int]:
         raise CliError("--tinyworlds measures the models once: run it without --follow (a live run's newest "
                        "checkpoint changes under it)", EXIT_USAGE)
     probe = None if args.follow else _probe_options(args, t)  # first: its child imports torch meanwhile
+    from . import pipeline  # noqa: F401  (pandas, numpy, PIL: imported once, inherited by the drawer)
     drawer = None if args.follow else Drawer.start()  # imports matplotlib meanwhile, then draws
     try:
         return _diagnose(args, t, probe, drawer)

@@ -117,7 +117,7 @@ def _serve(jobs_r: int, res_w: int) -> None:
             _INPUTS = pickle.load(jobs)
         # several figures: drawn side by side in workers forked from here
         # (matplotlib already imported), while the parent writes its outputs
-        answers = forking.starmap(_draw, [(i,) for i in range(len(_INPUTS))])
+        answers = forking.starmap(_draw, [(i,) for i in range(len(_INPUTS))], workers=len(_INPUTS))
         with os.fdopen(res_w, "wb") as res:
             pickle.dump(answers, res, protocol=pickle.HIGHEST_PROTOCOL)
     except BaseException:  # the parent's input closed early, or it is gone: nothing to tell

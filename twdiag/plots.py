@@ -199,7 +199,7 @@ def _action_axes(ax, frame: pd.DataFrame, acts: dict, title: str, thresholds: di
                label=f"unique-actions watch ({th['unique_fraction_watch']})")
     ax.set_ylim(-0.02, 1.05)
     ax.set_ylabel("fraction of max")
-    ax.set_title(title, fontsize=10, loc="left")
+    ax.set_title(title, fontsize=10, loc="left", y=1.0)  # y given: no tight-bbox pass to place it
 
 
 def _attempt_marks(ax, entry: dict | None) -> None:
@@ -246,7 +246,7 @@ def stage_figure(stage: str, frame: pd.DataFrame, metrics: dict, entry: dict | N
             h2, l2 = ax2.get_legend_handles_labels()
             handles = list(zip(h2, l2))
     verdict = (entry or {}).get("verdict")
-    ax.set_title(f"{stage}: {key or 'loss'}" + (f"  —  verdict {verdict}" if verdict else ""), loc="left")
+    ax.set_title(f"{stage}: {key or 'loss'}" + (f"  —  verdict {verdict}" if verdict else ""), loc="left", y=1.0)
     h1, l1 = ax.get_legend_handles_labels()
     ax.legend([h for h, _ in zip(h1, l1)] + [h for h, _ in handles], l1 + [lab for _, lab in handles],
               loc="upper left", bbox_to_anchor=(1.09, 1.0), fontsize=8, frameon=False)
