@@ -3,12 +3,15 @@
 Importing matplotlib and drawing the figures are a third of a fresh
 `diagnose`, and neither needs the analyses until their results are known.
 So, when the process may fork (`forking.can_fork`), a child is forked before
-the analyses: it imports matplotlib while the parent reads the bundle, then
-draws whatever figures it is sent, while the parent writes the other
-outputs. On two cores that takes matplotlib off the answer's critical path.
+the analyses (after pandas, numpy and PIL are imported, which it inherits):
+it imports matplotlib while the parent reads the bundle, then draws the
+figures it is sent, each in a worker of its own, while the parent writes
+the other outputs. On two cores that takes matplotlib off the answer's
+critical path.
 
 The protocol is two pipes. The parent sends one pickled list of figure
-inputs (`plots.figure_inputs`: a DataFrame and dicts, no Analysis); the
+inputs (`plots.figure_inputs`: the plotted columns and dicts, no Analysis;
+the send waits while the child is still importing); the
 child answers with one pickled list of ("png", bytes) or ("error", text).
 The parent sends (`send`), writes its own outputs, then collects (`receive`).
 The child exits when its input closes (the parent finished or died) and

@@ -284,7 +284,16 @@ def figure_inputs(a, doc: dict, name: str) -> tuple:
     if stage == "latent_actions" and dyn is not None and dyn_acts:
         n = dyn_acts.get("n_actions") or (metrics.get("actions") or {}).get("n_actions") \
             or hist.config.get("n_actions")
-        frozen = (dyn.frame, {**dyn_acts, "n_actions": n})
+        frozen = (_plotted(dyn.frame, {}), {**dyn_acts, "n_actions": n})
     if stage == "latent_actions" and metrics.get("actions") and not metrics["actions"].get("n_actions"):
         metrics = {**metrics, "actions": {**metrics["actions"], "n_actions": hist.config.get("n_actions")}}
-    return stage, hist.frame, metrics, doc["stages"].get(stage), a.thresholds, frozen
+    return stage, _plotted(hist.frame, metrics), metrics, doc["stages"].get(stage), a.thresholds, frozen
+
+
+def _plotted(frame: pd.DataFrame, metrics: dict) -> pd.DataFrame:
+    """Only the columns a figure draws (the step, the loss, the learning rate
+    and the action statistics): a long run's frame has dozens more, and
+    these inputs are pickled to the drawing process."""
+    keys = ["_step", metrics.get("loss_key"), (metrics.get("learning_rate") or {}).get("key"),
+            "action_entropy", "unique_actions"]
+    return frame[[k for k in dict.fromkeys(keys) if k and k in frame.columns]]

@@ -27,12 +27,12 @@ import io
 import itertools
 import mmap
 import pickle
-from .checksum import crc32
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from . import safefs, safe_pickle, tensors, ziparchive
+from .checksum import crc32
 
 # Worst first: a checkpoint's status is its worst problem.
 STATUSES = ("unsafe_pickle", "missing_files", "truncated", "corrupt", "empty",
