@@ -260,3 +260,22 @@ def test_a_forged_config_asking_for_gigabytes_is_not_probed(tmp_path):
     code, doc, err = cli("probe", bundle, "--tinyworlds", UPSTREAM)
     assert code == 4 and doc["ran"] is False, err  # nothing was left to probe
     assert doc["stages"] == {} and any("not probed: its config says frame_size 100000" in n for n in doc["notes"])
+
+
+def test_probe_beside_the_drawer_in_a_fresh_process(tmp_path, data, small):
+    """A fresh diagnose forks its drawer after the probe's child started:
+    the drawer must not keep the probe's stdin open (the probe reads its job
+    to end of file, and waited out its whole budget before this was fixed)."""
+    import subprocess
+    out = tmp_path / "out"
+    t = time.perf_counter()
+    r = subprocess.run([sys.executable, str(Path(__file__).resolve().parent.parent / "scripts" / "diagnose.py"),
+                        str(EXAMPLES / "bundle-healthy"), "--out-dir", str(out), "--tinyworlds", str(UPSTREAM),
+                        "--data", str(data), "--thresholds", str(small), "--probe-seconds", "120"],
+                       capture_output=True, text=True, timeout=300)
+    took = time.perf_counter() - t
+    full = json.loads((out / "diagnosis.json").read_text())
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert full["probe"]["ran"], full["probe"]
+    assert took < 100, took
+    assert sorted(full["outputs"]["loss_plots"]) == ["dynamics", "latent_actions", "video_tokenizer"]
