@@ -76,10 +76,9 @@ def test_a_drawer_that_died_costs_nothing(tmp_path):
     assert all((tmp_path / "k" / f"loss_{s}.png").stat().st_size > 10_000 for s in out["plots"])
 
 
-def test_usage_error_stops_the_drawer(tmp_path):
-    """A missing input found after the drawer was forked: the exit code is
-    the input error's, and the drawer is stopped, not waited for (nothing is
-    left)."""
+def test_a_missing_input_returns_before_the_heavy_imports(tmp_path):
+    """A missing input is found before anything heavy is imported or forked:
+    exit 3, no pandas, matplotlib or torch in the process, and no child."""
     code = f"""
 import json, os, sys, contextlib, io
 sys.path.insert(0, {str(ROOT)!r})
@@ -88,14 +87,15 @@ with contextlib.redirect_stdout(io.StringIO()):
     rc = cli.main(["diagnose", {str(tmp_path / 'missing')!r}, "--out-dir", {str(tmp_path / 'o')!r}])
 try:
     os.waitpid(-1, os.WNOHANG)
-    left = True
+    child = True
 except ChildProcessError:
-    left = False
-print(json.dumps({{"rc": rc, "left": left}}))
+    child = False
+print(json.dumps({{"rc": rc, "child": child,
+                  "heavy": sorted(m for m in ("pandas", "matplotlib", "torch") if m in sys.modules)}}))
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert out == {"rc": 3, "left": False}, (out, r.stderr[-2000:])  # 3: the input path does not exist
+    assert out == {"rc": 3, "child": False, "heavy": []}, (out, r.stderr[-2000:])  # 3: the input does not exist
 
 
 def test_command_line_keeps_blas_serial_and_the_probe_does_not_inherit_it():
@@ -116,3 +116,29 @@ print(json.dumps({{"set": os.environ.get("OPENBLAS_NUM_THREADS"),
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                        env={**env, "OPENBLAS_NUM_THREADS": "3"})
     assert json.loads(r.stdout) == {"set": "3", "child": "3"}, r.stderr[-2000:]
+
+
+def test_a_drawer_not_needed_is_stopped_not_waited_for():
+    """Closed before anything was sent (the run failed on the way): the
+    drawer is killed mid-import and reaped, and close() does not wait for
+    matplotlib's import to finish."""
+    code = f"""
+import json, os, sys, time
+sys.path.insert(0, {str(ROOT)!r})
+from twdiag import drawer
+d = drawer.Drawer.start()
+pid = d.pid
+t = time.perf_counter()
+d.close()
+took = time.perf_counter() - t
+try:
+    os.kill(pid, 0)
+    alive = True
+except ProcessLookupError:
+    alive = False
+print(json.dumps({{"took": took, "alive": alive, "imported": "matplotlib" in sys.modules}}))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert not out["alive"] and not out["imported"], out
+    assert out["took"] < 0.2, out  # matplotlib's import alone takes longer

@@ -405,3 +405,20 @@ def discover(paths: list[Path] | Path, explicit: dict[Path, str] | None = None,
         if not _add_narrow(w, b, Path(results)):
             _add_results(w, b, Path(results))
     return b
+
+
+def parse_run_args(values: list[str]) -> dict[Path, str]:
+    """`--run stage=path` pairs -> {path: canonical stage}; unknown stage names
+    raise ValueError listing the valid ones."""
+    out = {}
+    for v in values or []:
+        stage, sep, path = v.partition("=")
+        if not sep or not path:
+            raise ValueError(f"--run expects STAGE=PATH, got {v!r}")
+        canon = canonical_stage(stage)
+        if canon is None:
+            raise ValueError(f"--run {v!r}: unknown stage {stage!r}; valid stages are "
+                             f"{', '.join(STAGES)} (aliases: "
+                             f"{', '.join(a for a in ALIASES if a not in STAGES)})")
+        out[Path(path)] = canon
+    return out

@@ -12,6 +12,7 @@ import os
 import re
 import sys
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import forking
@@ -72,9 +73,9 @@ def _thresholds(path: str | None) -> dict:
 
 
 def _explicit(values: list[str]) -> dict:
-    from . import logs
+    from . import bundle
     try:
-        return logs.parse_run_args(values)
+        return bundle.parse_run_args(values)
     except ValueError as exc:
         raise CliError(str(exc), EXIT_USAGE)
 
@@ -587,17 +588,31 @@ def _run_diagnose(args) -> tuple[dict, int]:
         raise CliError("--tinyworlds measures the models once: run it without --follow (a live run's newest "
                        "checkpoint changes under it)", EXIT_USAGE)
     probe = None if args.follow else _probe_options(args, t)  # first: its child imports torch meanwhile
+    where = _diagnose_inputs(args)  # a usage error returns before any heavy import
+    if args.follow:
+        from . import follow
+        return None, follow.run(where.root, where.explicit, where.results, t, args, where.out)
     from . import pipeline  # noqa: F401  (pandas, numpy, PIL: imported once, inherited by the drawer)
-    drawer = None if args.follow else Drawer.start()  # imports matplotlib meanwhile, then draws
+    drawer = Drawer.start()  # imports matplotlib meanwhile, then draws
     try:
-        return _diagnose(args, t, probe, drawer)
+        return _diagnose(args, t, probe, drawer, where)
     finally:
         if drawer is not None:
             drawer.close()
 
 
-def _diagnose(args, t: dict, probe, drawer) -> tuple[dict, int]:
-    from . import pipeline, report, report_files
+@dataclass
+class _Inputs:
+    """What diagnose reads and where it writes, checked before any work."""
+    root: Path
+    explicit: list
+    results: Path | None
+    baselines: list
+    out: Path
+    notes: list
+
+
+def _diagnose_inputs(args) -> _Inputs:
     explicit = _explicit(args.run)
     root, explicit, auto_results, notes = resolve_diagnose_input(args.bundle, explicit)
     baselines = [Path(b) for b in args.baseline]
@@ -605,13 +620,15 @@ def _diagnose(args, t: dict, probe, drawer) -> tuple[dict, int]:
     _require_existing([*[p for p in explicit], *baselines, *([results] if results else [])])
     notes_out: list = []
     out = _out_dir(args, root, others=[*explicit, *baselines, *([results] if results else [])], notes=notes_out)
-    notes += notes_out
-    if args.follow:
-        from . import follow
-        return None, follow.run(root, explicit, results, t, args, out)
-    b = _discover([root], explicit, t, results=results, root=root)
-    b.notes[:0] = notes
-    for note in notes:
+    return _Inputs(root, explicit, results, baselines, out, notes + notes_out)
+
+
+def _diagnose(args, t: dict, probe, drawer, where: _Inputs) -> tuple[dict, int]:
+    from . import pipeline, report, report_files
+    root = where.root
+    b = _discover([root], where.explicit, t, results=where.results, root=root)
+    b.notes[:0] = where.notes
+    for note in where.notes:
         outputs.log(f"note: {note}")
     if b.empty:
         return {"error": f"no TinyWorlds logs, checkpoints or images under {root}",
@@ -619,10 +636,10 @@ def _diagnose(args, t: dict, probe, drawer) -> tuple[dict, int]:
     a = pipeline.run(b, t, deep=args.deep, now=args.now, count=args.count,
                      read_outside=args.read_outside_bundle, probe=probe)
     cmp = None
-    if baselines:
+    if where.baselines:
         from . import compare
-        cmp = _guarded_compare(a, compare, baselines, t, args.count)
-    doc = report_files.write_report(a, cmp, out, drawer=drawer)
+        cmp = _guarded_compare(a, compare, where.baselines, t, args.count)
+    doc = report_files.write_report(a, cmp, where.out, drawer=drawer)
     if all(e["verdict"] == "missing" for e in doc["stages"].values()):
         return {"error": f"no TinyWorlds logs, checkpoints or images could be read under {root}",
                 "skipped": doc["skipped"], "outputs": doc.get("outputs")}, EXIT_UNREADABLE

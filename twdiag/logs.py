@@ -67,23 +67,6 @@ class StageHistory:
         return self.logs[-1]
 
 
-def parse_run_args(values: list[str]) -> dict[Path, str]:
-    """`--run stage=path` pairs -> {path: canonical stage}; unknown stage names
-    raise ValueError listing the valid ones."""
-    out = {}
-    for v in values or []:
-        stage, sep, path = v.partition("=")
-        if not sep or not path:
-            raise ValueError(f"--run expects STAGE=PATH, got {v!r}")
-        canon = bundle_mod.canonical_stage(stage)
-        if canon is None:
-            raise ValueError(f"--run {v!r}: unknown stage {stage!r}; valid stages are "
-                             f"{', '.join(bundle_mod.STAGES)} (aliases: "
-                             f"{', '.join(a for a in bundle_mod.ALIASES if a not in bundle_mod.STAGES)})")
-        out[Path(path)] = canon
-    return out
-
-
 def classify(log: history.RunLog, explicit: str | None) -> tuple[str | None, str]:
     if explicit:
         return explicit, "--run"
