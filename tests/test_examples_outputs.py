@@ -34,3 +34,25 @@ def test_fresh_diagnose_reproduces_the_committed_outputs(unhealthy):
     b = _strip(committed, out, f"examples/outputs/{name}")
     for key in sorted(set(a) | set(b)):
         assert a.get(key) == b.get(key), key
+
+
+def test_a_fresh_process_with_its_background_children_gives_the_same(unhealthy, tmp_path):
+    """scripts/diagnose.py in a fresh process forks the images' analysis at
+    discovery and the drawer (a pytest worker has threads, so the fixture's
+    in-process run forks neither): the documents must be the same."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "scripts/diagnose.py", "examples/bundle-unhealthy", "--out-dir", str(out),
+                        "--now", "1796169600"], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-2000:]
+    fresh = json.loads((out / "diagnosis.json").read_text())
+    a = _strip(fresh, str(out), "examples/outputs/bundle-unhealthy")
+    b = _strip(unhealthy["full"], str(unhealthy["out"]), "examples/outputs/bundle-unhealthy")
+    for key in sorted(set(a) | set(b)):
+        assert a.get(key) == b.get(key), key
+    assert json.loads((out / "visuals.json").read_text()) == \
+        json.loads((unhealthy["out"] / "visuals.json").read_text())
+    assert sorted(fresh["outputs"]["loss_plots"]) == ["dynamics", "latent_actions", "video_tokenizer"]

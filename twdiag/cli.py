@@ -592,13 +592,27 @@ def _run_diagnose(args) -> tuple[dict, int]:
     if args.follow:
         from . import follow
         return None, follow.run(where.root, where.explicit, where.results, t, args, where.out)
-    from . import pipeline  # noqa: F401  (pandas, numpy, PIL: imported once, inherited by the drawer)
-    drawer = Drawer.start()  # imports matplotlib meanwhile, then draws
+    b = _discover([where.root], where.explicit, t, results=where.results, root=where.root)
+    # Two processes forked to use the second core from the start: the images'
+    # analysis (it needs only the files), while this process imports pandas and
+    # reads logs and checkpoints; then the drawer (after pandas, which it inherits).
+    has_images = any(art.images for art in b.stages.values())
+    images = forking.Pending(_analyse_images, b, t, args.count) if has_images else None
+    drawer = None
     try:
-        return _diagnose(args, t, probe, drawer, where)
+        from . import pipeline  # noqa: F401  (pandas, numpy, PIL: imported once, inherited by the drawer)
+        drawer = Drawer.start()  # imports matplotlib meanwhile, then draws
+        return _diagnose(args, t, probe, drawer, where, b, images)
     finally:
+        if images is not None:
+            images.cancel()  # nothing to do once its result was read
         if drawer is not None:
             drawer.close()
+
+
+def _analyse_images(b, t: dict, count: int | None) -> dict:
+    from . import visuals
+    return visuals.analyse_images(b, t, count)
 
 
 @dataclass
@@ -623,10 +637,9 @@ def _diagnose_inputs(args) -> _Inputs:
     return _Inputs(root, explicit, results, baselines, out, notes + notes_out)
 
 
-def _diagnose(args, t: dict, probe, drawer, where: _Inputs) -> tuple[dict, int]:
+def _diagnose(args, t: dict, probe, drawer, where: _Inputs, b, images) -> tuple[dict, int]:
     from . import pipeline, report, report_files
     root = where.root
-    b = _discover([root], where.explicit, t, results=where.results, root=root)
     b.notes[:0] = where.notes
     for note in where.notes:
         outputs.log(f"note: {note}")
@@ -634,7 +647,7 @@ def _diagnose(args, t: dict, probe, drawer, where: _Inputs) -> tuple[dict, int]:
         return {"error": f"no TinyWorlds logs, checkpoints or images under {root}",
                 "skipped": b.skipped, "notes": b.notes}, EXIT_NO_INPUT
     a = pipeline.run(b, t, deep=args.deep, now=args.now, count=args.count,
-                     read_outside=args.read_outside_bundle, probe=probe)
+                     read_outside=args.read_outside_bundle, probe=probe, images=images)
     cmp = None
     if where.baselines:
         from . import compare

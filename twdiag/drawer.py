@@ -108,29 +108,12 @@ class Drawer:
 _INPUTS: list = []  # the figures' inputs, for the child's own forked workers
 
 
-def _keep_only(keep: tuple[int, ...]) -> None:
-    """Close every inherited descriptor but `keep` and stderr, and point
-    stdin and stdout at /dev/null. A fork keeps the parent's descriptors
-    open in the child, and a pipe stays open while any process holds an
-    end: the model probe reads its job until end of file, and waited for
-    this child to exit (a deadlock until its time budget ran out); a caller
-    reading diagnose's stdout to its end would wait for it too."""
-    null = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1):
-        os.dup2(null, fd)
-    low = 3  # `null` itself is closed here too
-    for fd in sorted(keep):
-        os.closerange(low, fd)
-        low = fd + 1
-    os.closerange(low, os.sysconf("SC_OPEN_MAX"))
-
-
 def _serve(jobs_r: int, res_w: int) -> None:
     """The child's whole life: import, wait for the inputs, draw, answer, exit."""
     global _INPUTS
     code = 0
     try:
-        _keep_only((jobs_r, res_w))
+        forking.keep_only((jobs_r, res_w))
         forking.quiet_child()
         from . import plots
         plots.prepare()
@@ -138,7 +121,7 @@ def _serve(jobs_r: int, res_w: int) -> None:
             _INPUTS = pickle.load(jobs)
         # several figures: drawn side by side in workers forked from here
         # (matplotlib already imported), while the parent writes its outputs
-        answers = forking.starmap(_draw, [(i,) for i in range(len(_INPUTS))], workers=len(_INPUTS))
+        answers = forking.starmap(_draw, [(i,) for i in range(len(_INPUTS))])
         with os.fdopen(res_w, "wb") as res:
             pickle.dump(answers, res, protocol=pickle.HIGHEST_PROTOCOL)
     except BaseException:  # the parent's input closed early, or it is gone: nothing to tell

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import pickle
 import signal
+import sys
 import threading
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 MAX_WORKERS = 4
 # Set by `serial_blas` (so a child that wants its own threads can drop it).
@@ -74,3 +76,86 @@ def starmap(fn: Callable, jobs: Iterable[tuple], workers: int | None = None) -> 
         return [fn(*job) for job in jobs]
     with multiprocessing.get_context("fork").Pool(n, initializer=quiet_child) as pool:
         return pool.starmap(fn, jobs, chunksize=1)
+
+
+def keep_only(keep: tuple[int, ...]) -> None:
+    """In a forked child: close every inherited descriptor but `keep` and
+    stderr, and point stdin and stdout at /dev/null. A fork keeps the
+    parent's descriptors open in the child, and a pipe stays open while any
+    process holds an end: the model probe reads its job until end of file,
+    and waited for a long-lived child to exit (a deadlock until its time
+    budget ran out); a caller reading stdout to its end would wait too."""
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1):
+        os.dup2(null, fd)
+    low = 3  # `null` itself is closed here too
+    for fd in sorted(keep):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, os.sysconf("SC_OPEN_MAX"))
+
+
+class Pending:
+    """fn(*args), computed from now on in a forked child; `result()` waits
+    for it. Where this process may not fork, or the child fails, `result()`
+    computes it here (an exception then comes from here, as it would have).
+    The child answers through a pipe, pickled; `cancel()` stops a child
+    whose answer is no longer wanted."""
+
+    def __init__(self, fn: Callable, *args):
+        self.fn, self.args = fn, args
+        self.pid, self._fd = 0, None
+        if not can_fork():
+            return
+        r, w = os.pipe()
+        for stream in (sys.stdout, sys.stderr):  # no buffered output may be written twice
+            stream.flush()
+        pid = os.fork()
+        if pid == 0:
+            os.close(r)
+            _answer(w, fn, args)  # never returns
+        os.close(w)
+        self.pid, self._fd = pid, r
+
+    def result(self) -> Any:
+        if self._fd is not None:
+            try:
+                with os.fdopen(self._fd, "rb") as back:
+                    self._fd = None
+                    return pickle.load(back)
+            except (OSError, EOFError, pickle.PickleError, AttributeError, ValueError):
+                pass  # the child failed: compute it here
+            finally:
+                self._reap(kill=False)
+        return self.fn(*self.args)
+
+    def cancel(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self._reap(kill=True)
+
+    def _reap(self, kill: bool) -> None:
+        if not self.pid:
+            return
+        try:
+            if kill:
+                os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+        except (ChildProcessError, ProcessLookupError):
+            pass
+        self.pid = 0
+
+
+def _answer(w: int, fn: Callable, args: tuple) -> None:
+    code = 0
+    try:
+        keep_only((w,))
+        quiet_child()
+        value = fn(*args)
+        with os.fdopen(w, "wb") as out:
+            pickle.dump(value, out, protocol=pickle.HIGHEST_PROTOCOL)
+    except BaseException:  # the parent computes it itself
+        code = 1
+    finally:
+        os._exit(code)  # no atexit handlers, no stdio flush: the parent owns those

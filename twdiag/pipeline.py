@@ -98,11 +98,13 @@ class _Guard:
 def run(b: bundle_mod.Bundle, thresholds: dict, parts: tuple[str, ...] = PARTS, deep: str = "auto",
         now: float | None = None, count: int | None = None, read_outside: bool = False,
         progress=outputs.log, workers: int | None = None, decoder=None, cache: dict | None = None,
-        probe=None) -> Analysis:
+        probe=None, images=None) -> Analysis:
     """`decoder(path) -> RunLog` replaces decoding (--follow keeps its logs
     live); `cache` keeps checked checkpoints and analysed images between
     calls (keyed by path and file signature); `probe` (probe.ProbeOptions)
-    measures the models with TinyWorlds' own classes, in a child process."""
+    measures the models with TinyWorlds' own classes, in a child process;
+    `images` (a forking.Pending of visuals.analyse_images) is the images'
+    analysis started earlier, in the background."""
     a = Analysis(b, thresholds, time.time() if now is None else float(now), deep)
     started = time.perf_counter()
     child = probe.child if probe is not None else None
@@ -136,7 +138,8 @@ def run(b: bundle_mod.Bundle, thresholds: dict, parts: tuple[str, ...] = PARTS, 
             from . import visuals
             progress("visuals: image grids and contact sheet")
             a.visuals = visuals.analyse(b, thresholds, count, progress=progress,
-                                        cache=None if cache is None else cache.setdefault("images", {}))
+                                        cache=None if cache is None else cache.setdefault("images", {}),
+                                        analysed=None if images is None else images.result())
     with _Guard(a, "reconcile_visuals"):  # before the fallbacks: it moves visual onsets
         a.cross["facts"] = crossstage.reconcile_visuals(a)
     if "checkpoints" in parts:

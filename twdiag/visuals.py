@@ -684,7 +684,22 @@ def _job(i: int) -> ImageResult:
     return _guarded(*_JOBS[i], None)
 
 
-def _analysed(b: bundle_mod.Bundle, t: dict, count: int, progress, cache: dict | None) -> dict:
+def _attach(b: bundle_mod.Bundle, analysed: dict) -> bool:
+    """Point results computed in another process at this bundle's own image
+    records (whose steps the pipeline may have placed on a resumed run's
+    global axis since); False when they do not match image for image."""
+    for stage, results in analysed.items():
+        imgs = b.stages[stage].images if stage in b.stages else []
+        if [str(r.image.path) for r in results] != [str(i.path) for i in imgs]:
+            return False
+    for stage, results in analysed.items():
+        for r, img in zip(results, b.stages[stage].images):
+            r.image = img
+    return True
+
+
+def _analysed(b: bundle_mod.Bundle, t: dict, count: int, progress, cache: dict | None,
+              parallel: bool = True) -> dict:
     """stage -> [ImageResult], in image order. Without a cache (one-shot
     runs) the images are analysed in forked workers: PNG decoding is most of
     the time, and each core decodes at its own pace (0.58 -> 0.40 s on the
@@ -696,7 +711,7 @@ def _analysed(b: bundle_mod.Bundle, t: dict, count: int, progress, cache: dict |
         picks = set(sheet_steps(len(imgs), count)) if imgs else set()
         jobs += [(stage, img, i in picks) for i, img in enumerate(imgs)]
     results = []
-    if cache is None and len(jobs) > 1 and forking.can_fork():
+    if parallel and cache is None and len(jobs) > 1 and forking.can_fork():
         global _JOBS
         _JOBS = [(img, t, keep) for _, img, keep in jobs]
         if progress:
@@ -716,15 +731,27 @@ def _analysed(b: bundle_mod.Bundle, t: dict, count: int, progress, cache: dict |
     return out
 
 
+def analyse_images(b: bundle_mod.Bundle, thresholds: dict, count: int | None = None) -> dict:
+    """stage -> [ImageResult]: every image analysed on its own, which needs
+    nothing but the files. diagnose runs this in a background process from
+    discovery on, one image after another: the other core is busy with the
+    main process meanwhile, so workers of its own would only add forks."""
+    t = thresholds["visuals"]
+    return _analysed(b, t, count or t["sheet_count"], None, None, parallel=False)
+
+
 def analyse(b: bundle_mod.Bundle, thresholds: dict, count: int | None = None, progress=None,
-            cache: dict | None = None) -> dict:
+            cache: dict | None = None, analysed: dict | None = None) -> dict:
     """Analyse every stage's images; returns the compact document, per-image
-    details and the contact sheet's rows (drawn by `sheet`)."""
+    details and the contact sheet's rows (drawn by `sheet`). `analysed`:
+    `analyse_images`' result for this bundle, computed elsewhere."""
     t = thresholds["visuals"]
     count = count or t["sheet_count"]
     doc: dict = {"stages": {}, "skipped": []}
     details, sheet_rows = {}, []
-    for stage, results in _analysed(b, t, count, progress, cache).items():
+    if analysed is None or not _attach(b, analysed):
+        analysed = _analysed(b, t, count, progress, cache)
+    for stage, results in analysed.items():
         imgs = b.stages[stage].images
         tr = trend(results, t)
         findings, onsets = stage_findings(stage, results, tr, t)

@@ -1,7 +1,8 @@
-"""The drawer: loss figures drawn by a process forked when diagnose starts.
+"""Work forked into the background when diagnose starts: the drawer (loss
+figures) and `forking.Pending` (the images' analysis).
 
-Run in fresh subprocesses: the drawer forks only from a single-threaded
-process, which a pytest worker is not."""
+Run in fresh subprocesses: they fork only from a single-threaded process,
+which a pytest worker is not."""
 from __future__ import annotations
 
 import json
@@ -142,3 +143,68 @@ print(json.dumps({{"took": took, "alive": alive, "imported": "matplotlib" in sys
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert not out["alive"] and not out["imported"], out
     assert out["took"] < 0.2, out  # matplotlib's import alone takes longer
+
+
+def test_pending_computes_in_a_child_or_here():
+    """The result comes from a forked child (not this process); a child
+    that fails is replaced by computing here; cancel() stops one unread; and
+    with another thread alive nothing is forked."""
+    code = f"""
+import json, os, sys, threading, time
+sys.path.insert(0, {str(ROOT)!r})
+from twdiag import forking
+
+def whose(x):
+    return [x * 2, os.getpid()]
+
+def fails_there(parent):
+    if os.getpid() != parent:
+        os._exit(7)  # the child dies without answering
+    return "here"
+
+def slow():
+    time.sleep(30)
+
+me = os.getpid()
+p = forking.Pending(whose, 21)
+child = p.pid
+value, pid = p.result()
+failed = forking.Pending(fails_there, me).result()
+s = forking.Pending(slow)
+t = time.perf_counter(); s.cancel(); took = time.perf_counter() - t
+ev = threading.Event(); th = threading.Thread(target=ev.wait); th.start()
+q = forking.Pending(whose, 1)
+threaded = [q.pid, q.result()[1]]
+ev.set(); th.join()
+try:
+    os.waitpid(-1, os.WNOHANG); left = True
+except ChildProcessError:
+    left = False
+print(json.dumps({{"value": value, "in_child": pid == child and pid != me, "failed": failed,
+                  "cancel_s": took, "threaded": threaded == [0, me], "left": left}}))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["value"] == 42 and out["in_child"] and out["failed"] == "here", (out, r.stderr[-2000:])
+    assert out["cancel_s"] < 1 and out["threaded"] and not out["left"], out
+
+
+def test_images_analysed_elsewhere_are_judged_on_this_bundles_steps(tmp_path):
+    """Results computed in another process are attached to this process's
+    image records, so a step placed since (a resumed run's global axis) is
+    the one reported; results for other files are not attached."""
+    import copy
+    sys.path.insert(0, str(ROOT))
+    from twdiag import bundle, rules, visuals
+    t = rules.load_thresholds()
+    b = bundle.discover([BUNDLE])
+    analysed = visuals.analyse_images(copy.deepcopy(b), t)
+    shifted = b.stages["dynamics"].images
+    for img in shifted:
+        img.step += 1000  # as lineage.place_resumed would
+    doc = visuals.analyse(b, t, analysed=analysed)
+    steps = [d["step"] for d in doc["details"]["dynamics"]]
+    assert steps == [img.step for img in shifted] and min(steps) >= 1000
+    assert doc == visuals.analyse(b, t)  # the same as analysed here
+    other = bundle.discover([EXAMPLES / "bundle-healthy"])
+    assert not visuals._attach(other, visuals.analyse_images(b, t))
