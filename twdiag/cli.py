@@ -597,6 +597,8 @@ def _run_diagnose(args) -> tuple[dict, int]:
     # analysis (it needs only the files), while this process imports pandas and
     # reads logs and checkpoints; then the drawer (after pandas, which it inherits).
     has_images = any(art.images for art in b.stages.values())
+    if has_images:
+        from . import visuals  # noqa: F401  (PIL: imported once, inherited by the images' child)
     images = forking.Pending(_analyse_images, b, t, args.count) if has_images else None
     drawer = None
     try:

@@ -119,9 +119,11 @@ def _serve(jobs_r: int, res_w: int) -> None:
         plots.prepare()
         with os.fdopen(jobs_r, "rb") as jobs:
             _INPUTS = pickle.load(jobs)
-        # several figures: drawn side by side in workers forked from here
-        # (matplotlib already imported), while the parent writes its outputs
-        answers = forking.starmap(_draw, [(i,) for i in range(len(_INPUTS))])
+        # several figures: drawn side by side, the first here and each other
+        # one in a child forked from here (matplotlib already imported), while
+        # the parent writes its outputs
+        others = [forking.Pending(_draw, i) for i in range(1, len(_INPUTS))]
+        answers = ([_draw(0)] if _INPUTS else []) + [p.result() for p in others]
         with os.fdopen(res_w, "wb") as res:
             pickle.dump(answers, res, protocol=pickle.HIGHEST_PROTOCOL)
     except BaseException:  # the parent's input closed early, or it is gone: nothing to tell
