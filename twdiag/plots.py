@@ -58,10 +58,13 @@ def png_bytes(fig) -> bytes:
 
 def _plain_log_ticks(axis) -> None:
     """Log-axis tick labels as plain numbers ("100", "0.001"), not mathtext
-    ("$10^{2}$"): parsing mathtext was a third of drawing a figure."""
+    ("$10^{2}$"): parsing mathtext was a third of drawing a figure. Minor
+    ticks only at 2 and 5 of each decade, the ones labelled: the unlabelled
+    marks at 3, 4, 6-9 were a fifth of the drawing time (each tick is several
+    matplotlib artists)."""
     import math
 
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator
 
     def minor(v, _pos):  # 2 and 5 of each decade, so a short log axis still reads
         if v <= 0:
@@ -69,6 +72,7 @@ def _plain_log_ticks(axis) -> None:
         lead = round(v / 10 ** math.floor(math.log10(v)))
         return f"{v:g}" if lead in (2, 5) else ""
     axis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+    axis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
     axis.set_minor_formatter(FuncFormatter(minor))
 
 
