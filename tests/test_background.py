@@ -47,27 +47,6 @@ def _run(mode: str, out) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def test_drawn_by_the_drawer_equals_drawn_here(tmp_path):
-    """The same PNG bytes whether the forked drawer or this process drew them."""
-    with_drawer = _run("drawer", tmp_path / "a")
-    assert with_drawer["started"] and not with_drawer["left"] and not with_drawer["errors"]
-    code = f"""
-import sys
-sys.path.insert(0, {str(ROOT)!r})
-from pathlib import Path
-from twdiag import bundle, pipeline, report_files, rules
-a = pipeline.run(bundle.discover([Path({str(BUNDLE)!r})]), rules.load_thresholds(), progress=lambda m: None)
-report_files.write_report(a, None, Path({str(tmp_path / 'b')!r}), save_tables=False)
-"""
-    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=180)
-    names = sorted(p.name for p in (tmp_path / "a").glob("loss_*.png"))
-    assert names == ["loss_dynamics.png", "loss_latent_actions.png", "loss_video_tokenizer.png"]
-    for name in names:
-        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
-    html = (tmp_path / "a" / "diagnosis.html").read_text()
-    assert html.count("data:image/png;base64,") >= 3  # the figures embedded from the drawer's bytes
-
-
 def test_a_drawer_that_died_costs_nothing(tmp_path):
     """The drawer killed before it was sent anything: the figures are drawn
     here, nothing is reported as an error, and no child is left."""

@@ -39,7 +39,8 @@ def test_fresh_diagnose_reproduces_the_committed_outputs(unhealthy):
 def test_a_fresh_process_with_its_background_children_gives_the_same(unhealthy, tmp_path):
     """scripts/diagnose.py in a fresh process forks the images' analysis at
     discovery and the drawer (a pytest worker has threads, so the fixture's
-    in-process run forks neither): the documents must be the same."""
+    in-process run forks neither): the documents must be the same, and the
+    drawer's loss figures the same bytes, embedded in the HTML."""
     import subprocess
     import sys
 
@@ -56,3 +57,7 @@ def test_a_fresh_process_with_its_background_children_gives_the_same(unhealthy, 
     assert json.loads((out / "visuals.json").read_text()) == \
         json.loads((unhealthy["out"] / "visuals.json").read_text())
     assert sorted(fresh["outputs"]["loss_plots"]) == ["dynamics", "latent_actions", "video_tokenizer"]
+    for stage in fresh["outputs"]["loss_plots"]:
+        name = f"loss_{stage}.png"
+        assert (out / name).read_bytes() == (unhealthy["out"] / name).read_bytes(), name
+    assert (out / "diagnosis.html").read_text().count("data:image/png;base64,") >= 3
