@@ -15,6 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterator
 
 from . import bundle as bundle_mod, forking, ptfile, safefs, safe_pickle
 from .ptfile import STATUSES, UNUSABLE, Problem  # noqa: F401  (re-exported)
@@ -288,21 +289,33 @@ def deep_scan(ck: Checkpoint, limits: ptfile.Limits, chunk_elems: int, model_onl
 
 def deep_scan_all(cks: list[Checkpoint], limits: ptfile.Limits, chunk_elems: int,
                   second_opinion: bool = False) -> None:
-    """deep_scan of many checkpoints (`--deep all`), their files spread over
-    forked workers: a scan is bound by reading memory, which each core does
-    at its own pace. What a worker returns is small (facts, a problem); the
-    checkpoints are updated here, in order, as deep_scan would."""
+    """deep_scan of many checkpoints (`--deep all`): see deep_scan_each."""
+    for _ in deep_scan_each(cks, limits, chunk_elems, second_opinion=second_opinion):
+        pass
+
+
+def deep_scan_each(cks: list[Checkpoint], limits: ptfile.Limits, chunk_elems: int, model_only: bool = False,
+                   second_opinion: bool = False) -> Iterator[Checkpoint]:
+    """deep_scan of many checkpoints, their files spread over forked workers
+    (a scan is bound by reading memory, which each core does at its own
+    pace); yields each checkpoint, in order, once its files are recorded
+    here as deep_scan would. What a worker returns is small (facts, a
+    problem). A caller that stops early (a time budget) stops the workers."""
     global _SCAN_JOBS
-    jobs = [(ck, name) for ck in cks for name in _unscanned(ck, False)]
-    _SCAN_JOBS = [(ck.file_path(name), ck.files[name], limits, chunk_elems) for ck, name in jobs]
+    plan = [(ck, _unscanned(ck, model_only)) for ck in cks]
+    files = [(ck, name) for ck, names in plan for name in names]
+    _SCAN_JOBS = [(ck.file_path(name), ck.files[name], limits, chunk_elems) for ck, name in files]
+    results = forking.imap(_scan_job, [(i,) for i in range(len(files))])
     try:
-        results = forking.starmap(_scan_job, [(i,) for i in range(len(jobs))])
+        for ck, names in plan:
+            for name in names:
+                facts, problem = next(results)
+                _record(ck, name, facts, problem, limits, chunk_elems, second_opinion)
+            _settle(ck)
+            yield ck
     finally:
+        results.close()
         _SCAN_JOBS = []
-    for (ck, name), (facts, problem) in zip(jobs, results):
-        _record(ck, name, facts, problem, limits, chunk_elems, second_opinion)
-    for ck in cks:
-        _settle(ck)
 
 
 _SCAN_JOBS: list = []  # read by forked workers (inherited, not pickled)

@@ -134,13 +134,15 @@ def _weights_at_every_candidate(cks: list[Checkpoint], ref: Checkpoint | None, d
         return []
     import time
     end = time.monotonic() + float(t["weight_scan_seconds"])
-    left = []
-    for c in reversed([c for c in cks if c.status == "valid" and not c.weights]):
+    todo = list(reversed([c for c in cks if c.status == "valid" and not c.weights]))
+    scans = checkpoints.deep_scan_each(todo, limits, chunk, model_only=True)  # forked workers, newest first
+    done = 0
+    for _ in scans:
+        done += 1
         if time.monotonic() > end:
-            left.append(c.step)
-            continue
-        checkpoints.deep_scan(c, limits, chunk, model_only=True)
-    return sorted(left)
+            break
+    scans.close()
+    return sorted(c.step for c in todo[done:])
 
 
 def _document(res: StageResult, hist, stage_stats, fb: Checkpoint | None, newest: Checkpoint | None,

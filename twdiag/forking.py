@@ -19,7 +19,7 @@ import pickle
 import signal
 import sys
 import threading
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 MAX_WORKERS = 4
 # Set by `serial_blas` (so a child that wants its own threads can drop it).
@@ -70,12 +70,25 @@ def starmap(fn: Callable, jobs: Iterable[tuple], workers: int | None = None) -> 
     """[fn(*job) for job in jobs], in forked children when that is safe and
     worth it. Children inherit this process's memory: pass small arguments
     and read the large state from module globals set before the call."""
+    return list(imap(fn, jobs, workers))
+
+
+def imap(fn: Callable, jobs: Iterable[tuple], workers: int | None = None) -> Iterator:
+    """starmap as a generator, results in order as they come: a caller that
+    stops early (a time budget) closes it, and the workers stop."""
     jobs = list(jobs)
     n = min(workers or cpus(), MAX_WORKERS, len(jobs))
     if n < 2 or not can_fork():
-        return [fn(*job) for job in jobs]
+        for job in jobs:
+            yield fn(*job)
+        return
     with multiprocessing.get_context("fork").Pool(n, initializer=quiet_child) as pool:
-        return pool.starmap(fn, jobs, chunksize=1)
+        yield from pool.imap(_star, [(fn, job) for job in jobs])
+
+
+def _star(item: tuple) -> Any:
+    fn, job = item
+    return fn(*job)
 
 
 def keep_only(keep: tuple[int, ...]) -> None:
