@@ -100,14 +100,16 @@ print(json.dumps({{"set": os.environ.get("OPENBLAS_NUM_THREADS"),
 
 def test_a_drawer_not_needed_is_stopped_not_waited_for():
     """Closed before anything was sent (the run failed on the way): the
-    drawer is killed mid-import and reaped, and close() does not wait for
-    matplotlib's import to finish."""
+    drawer is killed and reaped, not waited for. Its preparation is made to
+    take 30 s here, so waiting would show."""
     code = f"""
 import json, os, sys, time
 sys.path.insert(0, {str(ROOT)!r})
-from twdiag import drawer
+from twdiag import drawer, plots
+plots.prepare = lambda: time.sleep(30)  # the child inherits this
 d = drawer.Drawer.start()
 pid = d.pid
+time.sleep(0.2)  # the child is inside prepare() now
 t = time.perf_counter()
 d.close()
 took = time.perf_counter() - t
@@ -116,12 +118,11 @@ try:
     alive = True
 except ProcessLookupError:
     alive = False
-print(json.dumps({{"took": took, "alive": alive, "imported": "matplotlib" in sys.modules}}))
+print(json.dumps({{"took": took, "alive": alive}}))
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert not out["alive"] and not out["imported"], out
-    assert out["took"] < 0.2, out  # matplotlib's import alone takes longer
+    assert not out["alive"] and out["took"] < 10, out
 
 
 def test_pending_computes_in_a_child_or_here():
