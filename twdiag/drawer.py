@@ -5,14 +5,14 @@ Importing matplotlib and drawing the figures are a third of a fresh
 So, when the process may fork (`forking.can_fork`), a child is forked before
 the analyses (after pandas, numpy and PIL are imported, which it inherits):
 it imports matplotlib while the parent reads the bundle, then draws the
-figures it is sent, each in a worker of its own, while the parent writes
-the other outputs. On two cores that takes matplotlib off the answer's
-critical path.
+figures it is sent (the first itself, each other one in a child forked
+from it) while the parent writes the other outputs. On two cores that
+takes matplotlib off the answer's critical path.
 
 The protocol is two pipes. The parent sends one pickled list of figure
 inputs (`plots.figure_inputs`: the plotted columns and dicts, no Analysis;
-the send waits while the child is still importing); the
-child answers with one pickled list of ("png", bytes) or ("error", text).
+the send waits while the child is still importing); the child answers
+with one pickled list of ("png", bytes) or ("error", text).
 The parent sends (`send`), writes its own outputs, then collects (`receive`).
 The child exits when its input closes (the parent finished or died) and
 never writes to stdout. Anything that goes wrong on the way (no fork, a
@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import signal
-import sys
 from typing import Any
 
 from . import forking
@@ -32,27 +30,23 @@ from . import forking
 class Drawer:
     """A forked drawing process (see the module docstring)."""
 
-    def __init__(self, pid: int, to_child: int, from_child: int):
-        self.pid, self._to, self._from = pid, to_child, from_child
-        self._answered = False
+    def __init__(self, child: forking.Pending, to_child: int):
+        self._child, self._to = child, to_child
+
+    @property
+    def pid(self) -> int:
+        """The drawer's process id (0 once it is reaped)."""
+        return self._child.pid
 
     @classmethod
     def start(cls) -> "Drawer | None":
         """Fork the drawer, or None where forking is unsafe or unavailable."""
-        if not forking.can_fork() or not hasattr(os, "fork"):
+        if not forking.can_fork():
             return None
         jobs_r, jobs_w = os.pipe()
-        res_r, res_w = os.pipe()
-        for stream in (sys.stdout, sys.stderr):  # no buffered output may be written twice
-            stream.flush()
-        pid = os.fork()
-        if pid == 0:  # the child: never returns
-            os.close(jobs_w)
-            os.close(res_r)
-            _serve(jobs_r, res_w)
+        child = forking.Pending(_serve, jobs_r, keep=(jobs_r,), here=False)
         os.close(jobs_r)
-        os.close(res_w)
-        return cls(pid, jobs_w, res_r)
+        return cls(child, jobs_w)
 
     def send(self, inputs: list[tuple]) -> bool:
         """Hand over the figures' inputs; False when the drawer is gone."""
@@ -69,15 +63,9 @@ class Drawer:
         """PNG bytes per figure sent, or None when the drawer could not
         answer (the caller then draws). A figure that failed raises, as it
         would have when drawn here."""
-        try:
-            with os.fdopen(self._from, "rb") as back:
-                self._from = None
-                answers = pickle.load(back)
-            self._answered = True
-        except (OSError, EOFError, pickle.PickleError):
+        answers = self._child.result()
+        if answers is None:
             return None
-        finally:
-            self.close()
         pngs = []
         for kind, value in answers:
             if kind != "png":
@@ -86,50 +74,33 @@ class Drawer:
         return pngs
 
     def close(self) -> None:
-        """Release the pipes and reap the child. A child whose answer is not
+        """Release the pipe and the child. A child whose answer is not
         wanted (a usage error, a failed report) is stopped, not waited for."""
-        for fd in (self._to, self._from):
-            if fd is not None:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-        self._to = self._from = None
-        if self.pid:
+        if self._to is not None:
             try:
-                if not self._answered:
-                    os.kill(self.pid, signal.SIGKILL)
-                os.waitpid(self.pid, 0)
-            except (ChildProcessError, ProcessLookupError):
+                os.close(self._to)
+            except OSError:
                 pass
-            self.pid = 0
+            self._to = None
+        self._child.cancel()
 
 
-_INPUTS: list = []  # the figures' inputs, for the child's own forked workers
+_INPUTS: list = []  # the figures' inputs, for the drawer's own forked children
 
 
-def _serve(jobs_r: int, res_w: int) -> None:
-    """The child's whole life: import, wait for the inputs, draw, answer, exit."""
+def _serve(jobs_r: int) -> list[tuple[str, Any]]:
+    """The drawer's life: import, wait for the inputs, draw them, answer
+    (through `forking.Pending`, which then ends the process)."""
     global _INPUTS
-    code = 0
-    try:
-        forking.keep_only((jobs_r, res_w))
-        forking.quiet_child()
-        from . import plots
-        plots.prepare()
-        with os.fdopen(jobs_r, "rb") as jobs:
-            _INPUTS = pickle.load(jobs)
-        # several figures: drawn side by side, the first here and each other
-        # one in a child forked from here (matplotlib already imported), while
-        # the parent writes its outputs
-        others = [forking.Pending(_draw, i) for i in range(1, len(_INPUTS))]
-        answers = ([_draw(0)] if _INPUTS else []) + [p.result() for p in others]
-        with os.fdopen(res_w, "wb") as res:
-            pickle.dump(answers, res, protocol=pickle.HIGHEST_PROTOCOL)
-    except BaseException:  # the parent's input closed early, or it is gone: nothing to tell
-        code = 1
-    finally:
-        os._exit(code)  # no atexit handlers, no stdio flush: the parent owns those
+    from . import plots
+    plots.prepare()
+    with os.fdopen(jobs_r, "rb") as jobs:
+        _INPUTS = pickle.load(jobs)
+    # several figures: drawn side by side, the first here and each other
+    # one in a child forked from here (matplotlib already imported), while
+    # the parent writes its outputs
+    others = [forking.Pending(_draw, i) for i in range(1, len(_INPUTS))]
+    return ([_draw(0)] if _INPUTS else []) + [p.result() for p in others]
 
 
 def _draw(i: int) -> tuple[str, Any]:

@@ -111,12 +111,13 @@ def keep_only(keep: tuple[int, ...]) -> None:
 class Pending:
     """fn(*args), computed from now on in a forked child; `result()` waits
     for it. Where this process may not fork, or the child fails, `result()`
-    computes it here (an exception then comes from here, as it would have).
-    The child answers through a pipe, pickled; `cancel()` stops a child
-    whose answer is no longer wanted."""
+    computes it here (an exception then comes from here, as it would have),
+    or with `here=False` returns None. The child answers through a pipe,
+    pickled; it keeps no inherited descriptor but `keep` (see keep_only).
+    `cancel()` stops a child whose answer is no longer wanted."""
 
-    def __init__(self, fn: Callable, *args):
-        self.fn, self.args = fn, args
+    def __init__(self, fn: Callable, *args, keep: tuple[int, ...] = (), here: bool = True):
+        self.fn, self.args, self.here = fn, args, here
         self.pid, self._fd = 0, None
         if not can_fork():
             return
@@ -125,8 +126,7 @@ class Pending:
             stream.flush()
         pid = os.fork()
         if pid == 0:
-            os.close(r)
-            _answer(w, fn, args)  # never returns
+            _answer(w, keep, fn, args)  # never returns
         os.close(w)
         self.pid, self._fd = pid, r
 
@@ -137,10 +137,10 @@ class Pending:
                     self._fd = None
                     return pickle.load(back)
             except (OSError, EOFError, pickle.PickleError, AttributeError, ValueError):
-                pass  # the child failed: compute it here
+                pass  # the child failed
             finally:
                 self._reap(kill=False)
-        return self.fn(*self.args)
+        return self.fn(*self.args) if self.here else None
 
     def cancel(self) -> None:
         if self._fd is not None:
@@ -160,15 +160,15 @@ class Pending:
         self.pid = 0
 
 
-def _answer(w: int, fn: Callable, args: tuple) -> None:
+def _answer(w: int, keep: tuple[int, ...], fn: Callable, args: tuple) -> None:
     code = 0
     try:
-        keep_only((w,))
+        keep_only((w, *keep))
         quiet_child()
         value = fn(*args)
         with os.fdopen(w, "wb") as out:
             pickle.dump(value, out, protocol=pickle.HIGHEST_PROTOCOL)
-    except BaseException:  # the parent computes it itself
+    except BaseException:  # the parent computes it itself, or does without
         code = 1
     finally:
         os._exit(code)  # no atexit handlers, no stdio flush: the parent owns those
