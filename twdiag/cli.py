@@ -621,7 +621,7 @@ def _analyse_images(b, t: dict, count: int | None) -> dict:
 class _Inputs:
     """What diagnose reads and where it writes, checked before any work."""
     root: Path
-    explicit: list
+    explicit: dict  # path -> stage, from --run
     results: Path | None
     baselines: list
     out: Path
@@ -639,7 +639,8 @@ def _diagnose_inputs(args) -> _Inputs:
     return _Inputs(root, explicit, results, baselines, out, notes + notes_out)
 
 
-def _diagnose(args, t: dict, probe, drawer, where: _Inputs, b, images) -> tuple[dict, int]:
+def _diagnose(args, t: dict, probe, drawer: Drawer | None, where: _Inputs, b,
+              images: forking.Pending | None) -> tuple[dict, int]:
     from . import pipeline, report, report_files
     root = where.root
     b.notes[:0] = where.notes
