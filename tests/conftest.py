@@ -25,6 +25,20 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 SHARED = ROOT.parent / "shared"
 CORPUS = SHARED / "wandb-corpus"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _serial_in_the_test_process():
+    """In-process calls run serially. Whether a pytest worker may fork
+    (forking.can_fork) depends on whether an earlier test in it started
+    wandb's threads, so forked and serial runs alternated at random between
+    sessions. The forked paths are tested in fresh processes instead
+    (test_background, test_examples_outputs, test_probe), as users run them."""
+    from twdiag import forking
+    can_fork = forking.can_fork
+    forking.can_fork = lambda: False
+    yield
+    forking.can_fork = can_fork
 SAMPLE = SHARED / "tinyworlds-sample" / "bundle"
 EXAMPLES = ROOT / "examples"
 SCRIPTS = ROOT / "scripts"

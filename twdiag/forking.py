@@ -82,8 +82,19 @@ def imap(fn: Callable, jobs: Iterable[tuple], workers: int | None = None) -> Ite
         for job in jobs:
             yield fn(*job)
         return
+    _flush_std()
     with multiprocessing.get_context("fork").Pool(n, initializer=quiet_child) as pool:
         yield from pool.imap(_star, [(fn, job) for job in jobs])
+
+
+def _flush_std() -> None:
+    """Before a fork: output still buffered would be written by the parent
+    and again by a child that flushes on exit (multiprocessing's workers do)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or detached: nothing to duplicate
+            pass
 
 
 def _star(item: tuple) -> Any:
@@ -122,8 +133,7 @@ class Pending:
         if not can_fork():
             return
         r, w = os.pipe()
-        for stream in (sys.stdout, sys.stderr):  # no buffered output may be written twice
-            stream.flush()
+        _flush_std()
         pid = os.fork()
         if pid == 0:
             _answer(w, keep, fn, args)  # never returns
