@@ -301,11 +301,9 @@ def deep_scan_each(cks: list[Checkpoint], limits: ptfile.Limits, chunk_elems: in
     pace); yields each checkpoint, in order, once its files are recorded
     here as deep_scan would. What a worker returns is small (facts, a
     problem). A caller that stops early (a time budget) stops the workers."""
-    global _SCAN_JOBS
     plan = [(ck, _unscanned(ck, model_only)) for ck in cks]
-    files = [(ck, name) for ck, names in plan for name in names]
-    _SCAN_JOBS = [(ck.file_path(name), ck.files[name], limits, chunk_elems) for ck, name in files]
-    results = forking.imap(_scan_job, [(i,) for i in range(len(files))])
+    results = forking.imap(ptfile.scan, [(ck.file_path(name), ck.files[name], limits, chunk_elems)
+                                         for ck, names in plan for name in names])
     try:
         for ck, names in plan:
             for name in names:
@@ -315,14 +313,6 @@ def deep_scan_each(cks: list[Checkpoint], limits: ptfile.Limits, chunk_elems: in
             yield ck
     finally:
         results.close()
-        _SCAN_JOBS = []
-
-
-_SCAN_JOBS: list = []  # read by forked workers (inherited, not pickled)
-
-
-def _scan_job(i: int) -> tuple[dict, Problem | None]:
-    return ptfile.scan(*_SCAN_JOBS[i])
 
 
 def _unscanned(ck: Checkpoint, model_only: bool) -> list[str]:

@@ -85,27 +85,23 @@ class Drawer:
         self._child.cancel()
 
 
-_INPUTS: list = []  # the figures' inputs, for the drawer's own forked children
-
-
 def _serve(jobs_r: int) -> list[tuple[str, Any]]:
     """The drawer's life: import, wait for the inputs, draw them, answer
     (through `forking.Pending`, which then ends the process)."""
-    global _INPUTS
     from . import plots
     plots.prepare()
     with os.fdopen(jobs_r, "rb") as jobs:
-        _INPUTS = pickle.load(jobs)
+        inputs = pickle.load(jobs)
     # several figures: drawn side by side, the first here and each other
-    # one in a child forked from here (matplotlib already imported), while
-    # the parent writes its outputs
-    others = [forking.Pending(_draw, i) for i in range(1, len(_INPUTS))]
-    return ([_draw(0)] if _INPUTS else []) + [p.result() for p in others]
+    # one in a child forked from here (matplotlib already imported, the
+    # inputs inherited), while the parent writes its outputs
+    others = [forking.Pending(_draw, item) for item in inputs[1:]]
+    return [_draw(item) for item in inputs[:1]] + [p.result() for p in others]
 
 
-def _draw(i: int) -> tuple[str, Any]:
+def _draw(item: tuple) -> tuple[str, Any]:
     from . import plots
     try:
-        return "png", plots.png_bytes(plots.stage_figure(*_INPUTS[i]))
+        return "png", plots.png_bytes(plots.stage_figure(*item))
     except Exception as exc:  # reported by the parent, as a figure drawn there would be
         return "error", f"{type(exc).__name__}: {exc}"[:500]

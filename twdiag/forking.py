@@ -10,6 +10,10 @@ another, with the same results.
 Children ignore SIGINT and take SIGTERM's default action: an interrupt is
 the parent's to handle (it stops the pool), and a child must never print a
 KeyboardInterrupt traceback of its own.
+
+Two shapes: `starmap`/`imap` spread jobs over a pool (the jobs inherited by
+the workers, not pickled); `Pending` computes one call in a child started
+now, for the caller to collect later (diagnose's images and drawer).
 """
 from __future__ import annotations
 
@@ -68,23 +72,35 @@ def quiet_child() -> None:
 
 def starmap(fn: Callable, jobs: Iterable[tuple], workers: int | None = None) -> list:
     """[fn(*job) for job in jobs], in forked children when that is safe and
-    worth it. Children inherit this process's memory: pass small arguments
-    and read the large state from module globals set before the call."""
+    worth it (see imap)."""
     return list(imap(fn, jobs, workers))
+
+
+# imap's function and jobs, by call: workers inherit them when they are
+# forked, so only an index goes to a worker and only the result comes back.
+_INHERITED: dict[int, tuple[Callable, list]] = {}
 
 
 def imap(fn: Callable, jobs: Iterable[tuple], workers: int | None = None) -> Iterator:
     """starmap as a generator, results in order as they come: a caller that
-    stops early (a time budget) closes it, and the workers stop."""
+    stops early (a time budget) closes it, and the workers stop. The jobs
+    are inherited by the forked workers, not pickled, so they may hold large
+    objects; `fn` must be a module-level function, and its results are
+    pickled back."""
     jobs = list(jobs)
     n = min(workers or cpus(), MAX_WORKERS, len(jobs))
     if n < 2 or not can_fork():
         for job in jobs:
             yield fn(*job)
         return
-    _flush_std()
-    with multiprocessing.get_context("fork").Pool(n, initializer=quiet_child) as pool:
-        yield from pool.imap(_star, [(fn, job) for job in jobs])
+    token = id(jobs)
+    _INHERITED[token] = (fn, jobs)
+    try:
+        _flush_std()
+        with multiprocessing.get_context("fork").Pool(n, initializer=quiet_child) as pool:
+            yield from pool.imap(_inherited, [(token, i) for i in range(len(jobs))])
+    finally:
+        _INHERITED.pop(token, None)
 
 
 def _flush_std() -> None:
@@ -97,9 +113,10 @@ def _flush_std() -> None:
             pass
 
 
-def _star(item: tuple) -> Any:
-    fn, job = item
-    return fn(*job)
+def _inherited(item: tuple[int, int]) -> Any:
+    token, i = item
+    fn, jobs = _INHERITED[token]
+    return fn(*jobs[i])
 
 
 def keep_only(keep: tuple[int, ...]) -> None:

@@ -14,13 +14,9 @@ from pathlib import Path
 
 from . import forking, outputs
 
-_DRAWING: tuple | None = None  # (analysis, doc) for forked figure workers
-
-
-def _render(name: str) -> bytes:
+def _render(a, doc: dict, name: str) -> bytes:
     """One loss figure's PNG (in a child, or here)."""
     from . import plots
-    a, doc = _DRAWING
     return plots.png_bytes(plots.loss_figure(a, doc, name))
 
 
@@ -36,7 +32,6 @@ def _send_figures(a, doc: dict, drawer) -> bool:
 def _loss_pngs(a, doc: dict, drawer=None) -> dict[str, bytes]:
     """The loss figures' PNGs: from the drawer they were sent to, else drawn
     here (in forked children when that is worth it)."""
-    global _DRAWING
     from . import plots
     names = plots.loss_figure_names(a)
     if drawer is not None:
@@ -45,11 +40,7 @@ def _loss_pngs(a, doc: dict, drawer=None) -> dict[str, bytes]:
             return dict(zip(names, pngs))
     if len(names) > 1 and forking.can_fork():
         plots.prepare()  # import matplotlib once, before the children inherit it
-    _DRAWING = (a, doc)
-    try:
-        return dict(zip(names, forking.starmap(_render, [(n,) for n in names])))
-    finally:
-        _DRAWING = None
+    return dict(zip(names, forking.starmap(_render, [(a, doc, n) for n in names])))
 
 
 def _write_tables(a, doc: dict, outset) -> str | None:

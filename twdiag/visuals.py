@@ -677,13 +677,6 @@ def _guarded(img: ImageFile, t: dict, keep_thumb: bool, cache: dict | None) -> I
         return ImageResult(img, error=f"analysis failed: {type(exc).__name__}: {exc}"[:300])
 
 
-_JOBS: list = []  # read by forked workers
-
-
-def _job(i: int) -> ImageResult:
-    return _guarded(*_JOBS[i], None)
-
-
 def _attach(b: bundle_mod.Bundle, analysed: dict) -> bool:
     """Point results computed in another process at this bundle's own image
     records (whose steps the pipeline may have placed on a resumed run's
@@ -712,14 +705,9 @@ def _analysed(b: bundle_mod.Bundle, t: dict, count: int, progress, cache: dict |
         jobs += [(stage, img, i in picks) for i, img in enumerate(imgs)]
     results = []
     if parallel and cache is None and len(jobs) > 1 and forking.can_fork():
-        global _JOBS
-        _JOBS = [(img, t, keep) for _, img, keep in jobs]
         if progress:
             progress(f"{len(jobs)} images, in {min(len(jobs), forking.cpus(), forking.MAX_WORKERS)} workers")
-        try:
-            results = forking.starmap(_job, [(i,) for i in range(len(jobs))])
-        finally:
-            _JOBS = []
+        results = forking.starmap(_guarded, [(img, t, keep, None) for _, img, keep in jobs])
     else:
         for k, (stage, img, keep) in enumerate(jobs):
             results.append(_guarded(img, t, keep, cache))
