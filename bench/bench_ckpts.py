@@ -121,8 +121,7 @@ def main() -> None:
                       "end_to_end_ratio": round(med(ea) / med(eb), 4),
                       "a_peak_rss_mb": round(max(rss), 1), "target_rss_mb": 1024,
                       "runs_a": [round(x, 3) for x in a], "runs_b": [round(x, 3) for x in b],
-                      "deep_scanned": {c.step: c.deep_files for c in res.checkpoints["dynamics"].checkpoints
-                                       if c.deep != "no"},
+                      "deep_scanned_files": sum(len(c.deep_files) for c in res.checkpoints["dynamics"].checkpoints),
                       "fallback": res.fallbacks["dynamics"]["step"],
                       "errors": res.errors}, indent=2))
 

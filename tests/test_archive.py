@@ -211,6 +211,35 @@ def test_numpy_scan_flags_planted_nan_and_inf(tmp_path, dtype):
     assert math.isclose(facts["weight_norm"], theirs["weight_norm"], rel_tol=1e-9)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_an_optimizer_scan_without_norms_still_finds_every_non_finite(tmp_path, dtype, bad):
+    """An optimizer file is scanned without norms (its max and min stand for
+    the finiteness test): NaN, +Inf and -Inf are each counted as torch
+    counts them, in a contiguous view, a strided one and a chunk boundary."""
+    m = torch.rand(64, 33).to(dtype)
+    m[10, 0] = bad
+    v = torch.rand(200).to(dtype)
+    v[100] = bad  # 100 elements a chunk: the first element of the second
+    state = {"state": {0: {"step": torch.tensor(7.0), "exp_avg": m, "exp_avg_sq": v, "t": m.t()}},
+             "param_groups": [{"lr": 1e-3, "params": [0]}]}
+    path = tmp_path / "optim_state_dict.pt"
+    torch.save(state, path)
+    fc = ptfile.check_file(path, LIMITS, allow_config=False)
+    facts, problem = ptfile.scan(path, fc, LIMITS, 100, norms=False)
+    theirs, _ = ptfile.load_and_scan(path, LIMITS.max_nodes, 100)
+    assert problem is not None and problem.status == "non_finite"
+    assert facts["non_finite_tensors"] == theirs["non_finite_tensors"] == 3
+    assert facts["float_elements"] == theirs["float_elements"]
+    assert "weight_norm" not in facts and "max_abs_weight" not in facts
+    clean = {"state": {0: {"step": torch.tensor(7.0), "exp_avg": torch.rand(64, 33).to(dtype)}},
+             "param_groups": [{"lr": 1e-3, "params": [0]}]}
+    torch.save(clean, path)
+    fc = ptfile.check_file(path, LIMITS, allow_config=False)
+    facts, problem = ptfile.scan(path, fc, LIMITS, 100, norms=False)
+    assert problem is None and facts["non_finite_tensors"] == 0
+
+
 @pytest.mark.parametrize("where", ["sole", "before_offset", "after_view", "shared"])
 def test_one_flipped_byte_in_any_storage_is_a_bad_crc(tmp_path, where):
     """Storages viewed by one contiguous tensor are CRC-checked while the

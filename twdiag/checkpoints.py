@@ -282,7 +282,8 @@ def deep_scan(ck: Checkpoint, limits: ptfile.Limits, chunk_elems: int, model_onl
     torch is installed. `model_only` scans just the weights file (enough
     for a reference point)."""
     for name in _unscanned(ck, model_only):
-        facts, problem = ptfile.scan(ck.file_path(name), ck.files[name], limits, chunk_elems)
+        facts, problem = ptfile.scan(ck.file_path(name), ck.files[name], limits, chunk_elems,
+                                     norms=name == ck.model_file)
         _record(ck, name, facts, problem, limits, chunk_elems, second_opinion)
     _settle(ck)
 
@@ -302,7 +303,8 @@ def deep_scan_each(cks: list[Checkpoint], limits: ptfile.Limits, chunk_elems: in
     here as deep_scan would. What a worker returns is small (facts, a
     problem). A caller that stops early (a time budget) stops the workers."""
     plan = [(ck, _unscanned(ck, model_only)) for ck in cks]
-    results = forking.imap(ptfile.scan, [(ck.file_path(name), ck.files[name], limits, chunk_elems)
+    results = forking.imap(ptfile.scan, [(ck.file_path(name), ck.files[name], limits, chunk_elems,
+                                          name == ck.model_file)
                                          for ck, names in plan for name in names])
     try:
         for ck, names in plan:
@@ -327,7 +329,8 @@ def _record(ck: Checkpoint, name: str, facts: dict, problem: Problem | None, lim
         fc.crc_checked = "all"
         if second_opinion and torch_available():
             torch_facts, problem = ptfile.load_and_scan(ck.file_path(name), limits.max_nodes, chunk_elems)
-            fc.facts["torch"] = {k: torch_facts.get(k) for k in ("non_finite_tensors", "weight_norm")}
+            shown = ("non_finite_tensors", "weight_norm") if name == ck.model_file else ("non_finite_tensors",)
+            fc.facts["torch"] = {k: torch_facts.get(k) for k in shown}
     fc.facts.update(facts)
     if name == ck.model_file and facts:
         ck.weights = {k: facts[k] for k in ("weight_norm", "max_abs_weight")}
@@ -379,24 +382,49 @@ def signature(path: Path) -> tuple:
 
 
 def check_stage(a: bundle_mod.StageArtifacts, limits: ptfile.Limits, progress=None,
-                cache: dict | None = None) -> StageResult:
+                cache: dict | None = None, scan_chunk: int | None = None) -> StageResult:
     """Structural checks for all, then consistency across the stage. With a
-    `cache`, an unchanged checkpoint keeps its earlier check (and deep scan)."""
-    cks = []
+    `cache`, an unchanged checkpoint keeps its earlier check (and deep scan).
+    With `scan_chunk` (`--deep all`), each usable checkpoint is deep-scanned
+    right after its structural check, by the same worker: the checks are
+    then spread over the workers too, and overlap the scans."""
+    cks: list[Checkpoint | None] = []
+    todo = []  # (index, reference, signature) of those checked now
     for i, ref in enumerate(a.checkpoints):
         sig = signature(ref.path) if cache is not None else None
         hit = cache.get(str(ref.path)) if cache is not None else None
-        if hit is not None and hit[0] == sig:
-            cks.append(hit[1])
-            continue
-        ck = check_checkpoint(a.stage, ref.step, ref.path, limits)
+        cks.append(hit[1] if hit is not None and hit[0] == sig else None)
+        if cks[-1] is None:
+            todo.append((i, ref, sig))
+    for n, ck in enumerate(_checked(a.stage, [r for _, r, _ in todo], limits, scan_chunk), 1):
+        i, ref, sig = todo[n - 1]
         if cache is not None:
             cache[str(ref.path)] = (sig, ck)
-        cks.append(ck)
-        if progress and (i + 1) % 25 == 0:
-            progress(f"{a.stage}: {i + 1}/{len(a.checkpoints)} checkpoints checked")
+        cks[i] = ck
+        if progress and n % 25 == 0:
+            progress(f"{a.stage}: {n}/{len(todo)} checkpoints checked")
     check_key_sets(cks)
     return StageResult(a.stage, a.checkpoints_dir, a.run_root, cks, throughput=throughput(cks))
+
+
+def _checked(stage: str, refs: list, limits: ptfile.Limits, scan_chunk: int | None) -> Iterator[Checkpoint]:
+    """_check_and_scan of each, in order; spread over forked workers when
+    deep-scanning, or from `parallel_checks_from` checkpoints on (a
+    structural check is a few ms of pure-Python unpickling: below that,
+    starting the workers costs more than it saves)."""
+    jobs = [(stage, ref.step, ref.path, limits, scan_chunk) for ref in refs]
+    if len(jobs) < (2 if scan_chunk else limits.parallel_checks_from):
+        yield from itertools.starmap(_check_and_scan, jobs)
+        return
+    with ptfile.shared_spending(limits):
+        yield from forking.imap(_check_and_scan, jobs)
+
+
+def _check_and_scan(stage: str, step: int, path: Path, limits: ptfile.Limits, scan_chunk: int | None) -> Checkpoint:
+    ck = check_checkpoint(stage, step, path, limits)
+    if scan_chunk and ck.usable:
+        deep_scan(ck, limits, scan_chunk)
+    return ck
 
 
 def _timestamp_text(ts) -> str | None:
@@ -433,13 +461,16 @@ def throughput(cks: list[Checkpoint]) -> dict | None:
 
 
 def check_all(b: bundle_mod.Bundle, thresholds: dict, progress=None,
-              cache: dict | None = None) -> dict[str, StageResult]:
+              cache: dict | None = None, deep: str = "auto") -> dict[str, StageResult]:
+    """check_stage of every stage; with `deep="all"` every usable checkpoint
+    is deep-scanned in the same pass (what the fallback would ask next)."""
     limits = ptfile.Limits.from_thresholds(thresholds)
+    chunk = int(thresholds["checkpoints"]["deep_chunk_elements"]) if deep == "all" else None
     out = {}
     for stage in b.ordered_stages():
         a = b.stages[stage]
         if a.checkpoints or a.checkpoints_dir is not None:
-            out[stage] = check_stage(a, limits, progress, cache)
+            out[stage] = check_stage(a, limits, progress, cache, chunk)
     return out
 
 

@@ -124,7 +124,8 @@ def run(b: bundle_mod.Bundle, thresholds: dict, parts: tuple[str, ...] = PARTS, 
         with _Guard(a, "checkpoints"):
             progress("checkpoints: structure and allowlist, then deep scans where they decide")
             a.checkpoints = checkpoints.check_all(b, thresholds, progress,
-                                                  cache=None if cache is None else cache.setdefault("ckpts", {}))
+                                                  cache=None if cache is None else cache.setdefault("ckpts", {}),
+                                                  deep=deep)
         with _Guard(a, "global_steps"):
             from . import lineage
             for stage, offset in lineage.place_resumed(b, a.checkpoints).items():

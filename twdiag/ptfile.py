@@ -13,9 +13,9 @@ Only bounded summaries outlive the read: the caller's `describe` turns the
 unpickled object into facts while it exists, the tensors are kept as
 `TensorRecord`s (bounded by `max_nodes`), and the object graph is dropped.
 
-The deep scan (`scan`) reads every storage's bytes from a memory map of the
-file: every CRC, then each tensor viewed with numpy (`tensors`) for NaN/Inf,
-the weight norm and max |w|, in chunks, with no torch. `load_and_scan` keeps
+The deep scan (`scan`) reads every storage's bytes: every CRC, and each
+tensor viewed with numpy (`tensors`) for NaN/Inf and, in a weights file, the
+weight norm and max |w|, in chunks, with no torch. `load_and_scan` keeps
 torch's own loader as a second opinion (`--deep torch`).
 
 Nothing here raises on a bad file: every problem is a `Problem` with a
@@ -23,6 +23,7 @@ status and a reason.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 import mmap
@@ -65,6 +66,7 @@ class Limits:
     run_large_pickle_bytes: int
     large_pickle_bytes: int
     state_max_items: int
+    parallel_checks_from: int
     spent: list = field(default_factory=lambda: [0])  # large-pickle bytes read so far with these limits
 
     @classmethod
@@ -73,7 +75,8 @@ class Limits:
         return cls(int(c["max_pickle_bytes"]), safe_pickle.Budget.from_thresholds(c),
                    tuple(c.get("config_globals", ())), int(c["budget"]["max_nodes"]),
                    int(c["archive"]["max_entries"]), int(c["archive"]["max_directory_bytes"]),
-                   int(c["run_large_pickle_bytes"]), int(c["large_pickle_bytes"]), int(c["state_max_items"]))
+                   int(c["run_large_pickle_bytes"]), int(c["large_pickle_bytes"]), int(c["state_max_items"]),
+                   int(c["parallel_checks_from"]))
 
 
 @dataclass
@@ -291,17 +294,48 @@ def _read_pickle(fh, fc: FileCheck, limits: Limits) -> bytes | None:
             fc.problem("inconsistent", f"data.pkl is {e.size:,} bytes (> {limits.max_pickle_bytes:,}, "
                                        "far more than any state dict needs); not read, so not verified")
             return None
-        if e.size > limits.large_pickle_bytes:
-            if limits.spent[0] + e.size > limits.run_large_pickle_bytes:
-                fc.problem("inconsistent", f"data.pkl is {e.size:,} bytes and this run has already read "
-                                           f"{limits.spent[0]:,} bytes of large pickles (budget "
-                                           f"{limits.run_large_pickle_bytes:,}); not read, so not verified")
-                return None
-            limits.spent[0] += e.size
+        if e.size > limits.large_pickle_bytes and not _charge(limits, e.size):
+            fc.problem("inconsistent", f"data.pkl is {e.size:,} bytes and this run has already read "
+                                       f"{limits.spent[0]:,} bytes of large pickles (budget "
+                                       f"{limits.run_large_pickle_bytes:,}); not read, so not verified")
+            return None
         return _read_entry(fh, e, limits.max_pickle_bytes)
     except (ValueError, EOFError, OSError) as exc:
         fc.problem("corrupt", f"{exc}"[:300])
         return None
+
+
+def _charge(limits: Limits, size: int) -> bool:
+    """Count a large pickle against the run's budget; False when it would
+    pass it. Under the counter's lock while forked workers share it."""
+    lock = getattr(limits.spent, "get_lock", None)
+    with lock() if lock else contextlib.nullcontext():
+        if limits.spent[0] + size > limits.run_large_pickle_bytes:
+            return False
+        limits.spent[0] += size
+        return True
+
+
+@contextlib.contextmanager
+def shared_spending(limits: Limits):
+    """For a pass whose files are checked by forked workers: the run's
+    large-pickle count in shared memory, so the workers spend one budget
+    (each with its own copy, they could together read the budget once per
+    worker); the count comes back to `limits.spent` afterwards. Where shared
+    memory cannot be had, the plain count stays (each worker then keeps to
+    the budget on its own)."""
+    plain = limits.spent
+    try:
+        import multiprocessing
+        limits.spent = multiprocessing.get_context("fork").Array("q", [plain[0]])
+    except (ImportError, OSError, ValueError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        plain[0] = limits.spent[0]
+        limits.spent = plain
 
 
 def leaves(obj, kind: type, max_nodes: int, path: str = ""):
@@ -384,9 +418,11 @@ def _check_storages(fc: FileCheck) -> None:
 
 # --- deep scan (numpy) --------------------------------------------------------------
 
-def scan(path: Path, fc: FileCheck, limits: Limits, chunk_elems: int) -> tuple[dict, Problem | None]:
+def scan(path: Path, fc: FileCheck, limits: Limits, chunk_elems: int,
+         norms: bool = True) -> tuple[dict, Problem | None]:
     """Every entry's CRC, then every tensor viewed with numpy: NaN/Inf per
-    float tensor, the L2 norm and max |w| over all of them. The archive is
+    float tensor, and (`norms`: a weights file) the L2 norm and max |w| over
+    all of them. The archive is
     certified again on the open file, so a file swapped since its structural
     check is not scanned as if it were the one checked."""
     if fc.format != "zip" or not fc.layout:
@@ -398,19 +434,21 @@ def scan(path: Path, fc: FileCheck, limits: Limits, chunk_elems: int) -> tuple[d
             if {e.name: e for e in entries} != fc.layout:
                 return {}, Problem("corrupt", path.name, "the file changed since its structural check")
             with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-                return _scan_mapped(mm, fc, chunk_elems)
+                return _scan_mapped(mm, fh.fileno(), fc, chunk_elems, norms)
     except ziparchive.ArchiveError as exc:
         return {}, Problem(exc.status, path.name, exc.detail)
     except (safefs.Unreadable, OSError, ValueError) as exc:
         return {}, Problem("corrupt", path.name, f"{exc}"[:300])
 
 
-def _scan_mapped(mm: mmap.mmap, fc: FileCheck, chunk_elems: int) -> tuple[dict, Problem | None]:
+def _scan_mapped(mm: mmap.mmap, fd: int, fc: FileCheck, chunk_elems: int,
+                 norms: bool) -> tuple[dict, Problem | None]:
     fused = _fused_entries(fc)
+    buf = bytearray(tensors.READ_BLOCK) if fused else None
     for e in fc.layout.values():  # the rest is checked as its tensor is measured
         if e.name not in fused and not tensors.crc_ok(mm, e.data_offset, e.size, e.crc):
             return {}, Problem("corrupt", fc.name, f"bad CRC in entry {e.name!r}")
-    measure = tensors.Measure()
+    measure = tensors.Measure(norms)
     for rec in fc.tensors:
         e = fc.layout.get(f"{fc.prefix}data/{rec.storage_key}")
         if e is None:
@@ -419,7 +457,8 @@ def _scan_mapped(mm: mmap.mmap, fc: FileCheck, chunk_elems: int) -> tuple[dict, 
             arr, floating, bf16 = tensors.tensor_view(mm, rec, e.data_offset, e.size, fc.big_endian)
             if e.name in fused:
                 start = e.data_offset + rec.offset * arr.itemsize
-                measure.add(rec.key, tensors.checked_chunks(mm, arr, bf16, start, e.data_offset, e.size, e.crc))
+                measure.add(rec.key, tensors.read_chunks(fd, arr.dtype, bf16, start, arr.size, e.data_offset,
+                                                         e.size, e.crc, buf))
             elif floating:
                 measure.add(rec.key, tensors.chunks(arr, bf16, chunk_elems))
         except tensors.CrcError:
