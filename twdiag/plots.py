@@ -47,13 +47,10 @@ def close(fig) -> None:
 
 
 def png_bytes(fig) -> bytes:
-    import io
-
-    from .outputs import PNG_COMPRESS_LEVEL
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", pil_kwargs={"compress_level": PNG_COMPRESS_LEVEL})
+    from . import png
+    data = png.figure_bytes(fig)
     close(fig)
-    return buf.getvalue()
+    return data
 
 
 def _plain_log_ticks(axis) -> None:
