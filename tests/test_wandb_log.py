@@ -215,3 +215,55 @@ print("ok")
     alone = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                            cwd=Path(__file__).resolve().parent.parent)
     assert alone.stdout.strip() == "ok", alone.stderr[-1000:]  # a script's process: no other thread
+
+
+def _summary_payloads(seed: int, n: int, layouts: int) -> list[bytes]:
+    """Summary records drawn from a few key layouts, with nested paths that
+    turn values into dicts and back, removals, and repeated keys."""
+    import random
+
+    pb = history._proto()
+    rng = random.Random(seed)
+    paths = [("loss",), ("lr",), ("a",), ("a", "b"), ("a", "c"), ("a", "b", "d"), ("x",), ("_wandb", "runtime")]
+    shapes = []
+    for _ in range(layouts):
+        ups = [(rng.choice(paths), rng.random() < 0.5) for _ in range(rng.randint(1, 4))]
+        rms = [rng.choice(paths) for _ in range(rng.randint(0, 1))]
+        shapes.append((ups, rms))
+    out = []
+    for i in range(n):
+        ups, rms = rng.choice(shapes)
+        rec = pb.Record(num=i)
+        for path, plain in ups:  # a one-part path as `key` or as `nested_key`: two layouts
+            item = rec.summary.update.add(value_json=json.dumps(rng.choice([i, f"s{i}", {"k": i}, [i, 1.5]])))
+            if len(path) == 1 and plain:
+                item.key = path[0]
+            else:
+                item.nested_key.extend(path)
+        for path in rms:
+            rec.summary.remove.add().nested_key.extend(path)
+        out.append(rec.SerializeToString())
+    return out
+
+
+@pytest.mark.parametrize("seed,layouts", [(1, 3), (2, 8), (3, 40), (4, 300)])
+def test_shadowed_summary_records_skipped_give_the_replay_of_every_record(seed, layouts, monkeypatch):
+    """Summary records a later one with the same paths shadows are not
+    replayed; the summary must be the replay of every record, whatever the
+    layouts, nested paths, removals and order (300 layouts: more than are
+    ever held back, so they are flushed on the way)."""
+    payloads = _summary_payloads(seed, 2000, layouts)
+    every = history._Decoder()
+    for p in payloads:
+        every._on_summary(history._proto().Record.FromString(p).summary)
+    replayed = []
+    dec = history._Decoder()
+    real = dec._on_summary
+    dec._on_summary = lambda s: (replayed.append(1), real(s))
+    history._feed(dec, wandb_log.ScanReport(path="synthetic"), payloads)
+    assert dec.summary.build() == every.summary.build()
+    assert dec.summary.build()[0]  # not empty
+    if layouts <= 8:
+        assert len(replayed) <= layouts  # the rest were shadowed
+    else:
+        assert len(replayed) < len(payloads)
