@@ -380,3 +380,22 @@ print(json.dumps({{"files": out, "rss_mb": peak_mb(),
     assert f["collide"][0][0] == "unsafe_pickle" and "collide" in f["collide"][0][1]
     # the duplicate flood is a legal pickle: bounded, and not a valid state.pt
     assert f["dups"] and all(s != "valid" for s, _ in f["dups"])
+
+
+def test_the_scan_reads_alike_where_there_is_no_pread(tmp_path, monkeypatch):
+    """macOS has no os.preadv: the storages are read by seek and readv there,
+    with the same CRCs and measures, a flipped byte still a bad CRC."""
+    path = tmp_path / "model_state_dict.pt"
+    torch.save({"w": torch.randn(3000), "b": torch.randn(7).to(torch.bfloat16)}, path)
+    fc = ptfile.check_file(path, LIMITS, allow_config=False)
+    with_pread, problem = ptfile.scan(path, fc, LIMITS, 1000)
+    assert problem is None
+    monkeypatch.delattr(os, "preadv")
+    without, problem = ptfile.scan(path, fc, LIMITS, 1000)
+    assert problem is None and without == with_pread
+    e = fc.layout[f"{fc.prefix}data/{fc.tensors[0].storage_key}"]
+    data = bytearray(path.read_bytes())
+    data[e.data_offset + 5000] ^= 0x01
+    path.write_bytes(bytes(data))
+    _, problem = ptfile.scan(path, fc, LIMITS, 1000)
+    assert problem is not None and "bad CRC" in problem.detail

@@ -219,7 +219,7 @@ def read_chunks(fd: int, dtype: np.dtype, bf16: bool, start: int, count: int, da
     try:
         while pos < end_entry:
             want = min(block, end_entry - pos)
-            got = os.preadv(fd, [view[:want]], pos)
+            got = _read_at(fd, view[:want], pos)
             if got != want:
                 raise ScanError("the file ends inside a storage entry (changed since its check?)")
             value = crc32(view[:got], value)
@@ -231,6 +231,22 @@ def read_chunks(fd: int, dtype: np.dtype, bf16: bool, start: int, count: int, da
         view.release()
     if value != crc:
         raise CrcError("bad CRC")
+
+
+def _read_at(fd: int, view: memoryview, pos: int) -> int:
+    """Fill `view` from file offset `pos`; returns the bytes read (fewer only
+    at the end of the file). pread where the platform has it (not macOS)."""
+    done = 0
+    while done < len(view):
+        if hasattr(os, "preadv"):
+            got = os.preadv(fd, [view[done:]], pos + done)
+        else:
+            os.lseek(fd, pos + done, os.SEEK_SET)
+            got = os.readv(fd, [view[done:]])
+        if not got:
+            break
+        done += got
+    return done
 
 
 def chunks(arr: np.ndarray, bf16: bool, chunk_elems: int):
