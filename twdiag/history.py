@@ -12,6 +12,7 @@ shadows is not replayed at all (`_Shadowed`).
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import re
@@ -644,7 +645,6 @@ class _Shadowed:
 
 
 MAX_SHADOW_LAYOUTS = 256  # summary records held back at most (a few key layouts in practice)
-_LAYOUT: list = []
 
 
 def _key_layout():
@@ -654,9 +654,7 @@ def _key_layout():
     only those fields, drops the rest, and serialises what is left. None
     where this protobuf cannot build the type (records are then replayed
     one by one)."""
-    if not _LAYOUT:
-        _LAYOUT.append(_layout_type())
-    keys = _LAYOUT[0]
+    keys = _layout_type()
     if keys is None:
         return None
 
@@ -667,6 +665,7 @@ def _key_layout():
     return layout
 
 
+@functools.cache
 def _layout_type():
     try:
         from google.protobuf import descriptor_pb2, descriptor_pool, message_factory

@@ -422,9 +422,9 @@ def scan(path: Path, fc: FileCheck, limits: Limits, chunk_elems: int,
          norms: bool = True) -> tuple[dict, Problem | None]:
     """Every entry's CRC, then every tensor viewed with numpy: NaN/Inf per
     float tensor, and (`norms`: a weights file) the L2 norm and max |w| over
-    all of them. The archive is
-    certified again on the open file, so a file swapped since its structural
-    check is not scanned as if it were the one checked."""
+    all of them. The archive is certified again on the open file, so a file
+    swapped since its structural check is not scanned as if it were the one
+    checked."""
     if fc.format != "zip" or not fc.layout:
         return {}, Problem("corrupt", path.name, "no certified archive to scan")
     try:
