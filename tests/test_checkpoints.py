@@ -415,3 +415,30 @@ def test_a_state_timestamp_is_never_silently_null():
     assert _timestamp_text(1764627765.0) == "2025_12_01_22_22_45"
     assert _parse_ts(_timestamp_text(1764627765.0)) == 1764627765.0
     assert _timestamp_text([1, 2]) == "<list>" and _timestamp_text(None) is None
+
+
+def test_identical_pickles_are_read_once_with_the_same_facts(monkeypatch):
+    """A stage's model files hold byte-identical pickles: the allowlist read
+    runs once for them, and every checkpoint gets the facts, tensor records,
+    globals and problems a read of its own gives."""
+    b = bundle.discover([EXAMPLES / "bundle-healthy"])
+    reads = []
+    real = ptfile._unpickle
+    monkeypatch.setattr(ptfile, "_unpickle", lambda data, *a: (reads.append(data), real(data, *a))[1])
+    monkeypatch.setattr(ptfile, "_READS", {})
+    remembered = checkpoints.check_all(b, T)
+    model_reads = sum(1 for d in reads if b"optimizer" not in d and b"param_groups" not in d
+                      and b"scheduler_state_dict" not in d)
+    n_models = sum(len(r.checkpoints) for r in remembered.values())
+    assert n_models >= 6 and model_reads == len(remembered)  # one read per stage, not per checkpoint
+    monkeypatch.setattr(ptfile, "PURE_DESCRIBERS", set())  # nothing remembered: every file read
+    fresh = checkpoints.check_all(b, T)
+    for stage, res in remembered.items():
+        for a, c in zip(res.checkpoints, fresh[stage].checkpoints):
+            for name, fc in a.files.items():
+                other = c.files[name]
+                assert (fc.facts, fc.tensors, fc.globals, fc.crc_checked, fc.config) == \
+                       (other.facts, other.tensors, other.globals, other.crc_checked, other.config), (a.step, name)
+                assert [(p.status, p.file, p.detail) for p in fc.problems] == \
+                       [(p.status, p.file, p.detail) for p in other.problems]
+                assert fc.facts is not other.facts

@@ -33,10 +33,9 @@ checkpoints.check_checkpoint = marked
 
 # every data.pkl counts as large, and the run's budget holds 10 model pickles
 limits = ptfile.Limits.from_thresholds(t)
-limits.parallel_checks_from = 2
 limits.large_pickle_bytes = int(sys.argv[2])
 limits.run_large_pickle_bytes = int(sys.argv[3])
-res = checkpoints.check_stage(stage, limits)
+res = checkpoints.check_stage(stage, limits, scan_chunk=int(t["checkpoints"]["deep_chunk_elements"]))
 refused = [f"{{c.step}}/{{p.file}}" for c in res.checkpoints for p in c.problems if "already read" in p.detail]
 read = sum(fc.layout[fc.prefix + "data.pkl"].size for c in res.checkpoints for fc in c.files.values()
            if fc.layout and fc.crc_checked != "none")

@@ -24,6 +24,7 @@ status and a reason.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import itertools
 import mmap
@@ -66,7 +67,6 @@ class Limits:
     run_large_pickle_bytes: int
     large_pickle_bytes: int
     state_max_items: int
-    parallel_checks_from: int
     spent: list = field(default_factory=lambda: [0])  # large-pickle bytes read so far with these limits
 
     @classmethod
@@ -75,8 +75,7 @@ class Limits:
         return cls(int(c["max_pickle_bytes"]), safe_pickle.Budget.from_thresholds(c),
                    tuple(c.get("config_globals", ())), int(c["budget"]["max_nodes"]),
                    int(c["archive"]["max_entries"]), int(c["archive"]["max_directory_bytes"]),
-                   int(c["run_large_pickle_bytes"]), int(c["large_pickle_bytes"]), int(c["state_max_items"]),
-                   int(c["parallel_checks_from"]))
+                   int(c["run_large_pickle_bytes"]), int(c["large_pickle_bytes"]), int(c["state_max_items"]))
 
 
 @dataclass
@@ -157,11 +156,57 @@ def _check_archive(fh, fc: FileCheck, limits: Limits, allow_config: bool, descri
     if data is None:
         return
     fc.crc_checked = "metadata"
-    obj = _unpickle(data, fc, limits, allow_config)
-    if obj is _REFUSED:
-        return
-    _summarise(obj, fc, limits, describe)
+    key = _read_key(data, fc, limits, allow_config, describe)
+    if not _reread(key, fc):
+        seen = len(fc.problems), len(fc.globals)
+        obj = _unpickle(data, fc, limits, allow_config)
+        if obj is _REFUSED:
+            return
+        _summarise(obj, fc, limits, describe)
+        _remember(key, fc, seen)
     _check_storages(fc)
+
+
+# What reading a pickle gave, by its bytes: a stage's checkpoints hold
+# byte-identical model pickles (the same keys, shapes and storage names), and
+# the allowlist read (pure Python, about a millisecond a file) is most of a
+# structural check. Only for a `describe` that depends on the object alone
+# (`PURE_DESCRIBERS`), and keyed by everything else the outcome depends on.
+_READS: dict = {}  # describer -> {key: outcome}
+READ_CACHE_ENTRIES = 4  # distinct pickles remembered per describer (a stage has one model pickle)
+PURE_DESCRIBERS: set = set()
+
+
+def _read_key(data: bytes, fc: FileCheck, limits: Limits, allow_config: bool,
+              describe: Describe | None) -> tuple | None:
+    if describe not in PURE_DESCRIBERS:
+        return None
+    return (data, fc.name, fc.size, allow_config, describe, limits.config_globals, limits.max_nodes,
+            tuple(vars(limits.budget).values()))
+
+
+def _reread(key: tuple | None, fc: FileCheck) -> bool:
+    """The remembered outcome of these pickle bytes, copied onto `fc`."""
+    hit = _READS.get(key[4], {}).get(key) if key is not None else None
+    if hit is None:
+        return False
+    tensors_, facts, globals_, problems, config = hit
+    fc.tensors = list(tensors_)
+    fc.facts.update(copy.deepcopy(facts))
+    fc.globals += [g for g in globals_ if g not in fc.globals]
+    fc.problems += [Problem(p.status, p.file, p.detail) for p in problems]
+    fc.config = copy.deepcopy(config)
+    return True
+
+
+def _remember(key: tuple | None, fc: FileCheck, seen: tuple[int, int]) -> None:
+    if key is None:
+        return
+    kept = _READS.setdefault(key[4], {})  # per describer: distinct optimizer pickles never push out the model's
+    if len(kept) >= READ_CACHE_ENTRIES:
+        kept.pop(next(iter(kept)))
+    kept[key] = (list(fc.tensors), copy.deepcopy(fc.facts), fc.globals[seen[1]:],
+                   [Problem(p.status, p.file, p.detail) for p in fc.problems[seen[0]:]], copy.deepcopy(fc.config))
 
 
 def _not_a_zip(fh, fc: FileCheck, limits: Limits, allow_config: bool, describe: Describe | None) -> None:
