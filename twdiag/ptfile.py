@@ -179,8 +179,8 @@ PURE_DESCRIBERS: set = set()
 
 def _read_key(data: bytes, fc: FileCheck, limits: Limits, allow_config: bool,
               describe: Describe | None) -> tuple | None:
-    if describe not in PURE_DESCRIBERS:
-        return None
+    if describe not in PURE_DESCRIBERS or len(data) > limits.large_pickle_bytes:
+        return None  # large pickles are not kept: memory stays bounded (8 of at most 1 MiB)
     return (data, fc.name, fc.size, allow_config, describe, limits.config_globals, limits.max_nodes,
             tuple(vars(limits.budget).values()))
 
