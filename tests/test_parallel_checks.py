@@ -35,7 +35,11 @@ checkpoints.check_checkpoint = marked
 limits = ptfile.Limits.from_thresholds(t)
 limits.large_pickle_bytes = int(sys.argv[2])
 limits.run_large_pickle_bytes = int(sys.argv[3])
-res = checkpoints.check_stage(stage, limits, scan_chunk=int(t["checkpoints"]["deep_chunk_elements"]))
+if sys.argv[4] == "fused":  # --deep all: each checkpoint checked and scanned by a worker
+    res = checkpoints.check_stage(stage, limits, scan_chunk=int(t["checkpoints"]["deep_chunk_elements"]))
+else:  # structural checks alone, forked after the first whatever their pace
+    limits.fork_checks_seconds = 0.0
+    res = checkpoints.check_stage(stage, limits)
 refused = [f"{{c.step}}/{{p.file}}" for c in res.checkpoints for p in c.problems if "already read" in p.detail]
 read = sum(fc.layout[fc.prefix + "data.pkl"].size for c in res.checkpoints for fc in c.files.values()
            if fc.layout and fc.crc_checked != "none")
@@ -82,11 +86,13 @@ def _pickle_size(path) -> int:
         return next(i.file_size for i in z.infolist() if i.filename.endswith("/data.pkl"))
 
 
-def test_forked_structural_checks_share_one_large_pickle_budget(tmp_path):
-    """20 checkpoints checked by two workers, every model pickle counted as
-    large and the run's budget holding ten of them: ten are read in all,
-    not ten per worker; and `--deep all`'s one-pass scan gives what structure
-    first, then the scans, gives (the planted NaN included)."""
+@pytest.mark.parametrize("mode", ["fused", "checks"])
+def test_forked_structural_checks_share_one_large_pickle_budget(tmp_path, mode):
+    """20 checkpoints checked by two workers (with their deep scans, or
+    structural checks alone), every model pickle counted as large and the
+    run's budget holding ten of them: ten are read in all, not ten per
+    worker; and `--deep all`'s one-pass scan gives what structure first,
+    then the scans, gives (the planted NaN included)."""
     root = _bundle(tmp_path)
     ck0 = root / "results" / "2026_11_28_06_35_02" / "dynamics" / "checkpoints" / "dynamics_step_0"
     model_pkl = _pickle_size(ck0 / "model_state_dict.pt")
@@ -94,7 +100,7 @@ def test_forked_structural_checks_share_one_large_pickle_budget(tmp_path):
     assert others < model_pkl, "the test needs the model's pickle to be the largest"
     budget = 10 * model_pkl + model_pkl // 2
     code = _SCRIPT.format(root=str(ROOT))
-    r = subprocess.run([sys.executable, "-c", code, str(root), str(others), str(budget)],
+    r = subprocess.run([sys.executable, "-c", code, str(root), str(others), str(budget), mode],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])

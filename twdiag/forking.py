@@ -83,12 +83,13 @@ def starmap(fn: Callable, jobs: Iterable[tuple], workers: int | None = None) -> 
 _INHERITED: dict[int, tuple[Callable, list]] = {}
 
 
-def imap(fn: Callable, jobs: Iterable[tuple], workers: int | None = None) -> Iterator:
+def imap(fn: Callable, jobs: Iterable[tuple], workers: int | None = None, chunksize: int = 1) -> Iterator:
     """starmap as a generator, results in order as they come: a caller that
     stops early (a time budget) closes it, and the workers stop. The jobs
     are inherited by the forked workers, not pickled, so they may hold large
     objects; `fn` must be a module-level function, and its results are
-    pickled back."""
+    pickled back. `chunksize` jobs go to a worker at a time (more for short
+    jobs: fewer round trips to the parent)."""
     jobs = list(jobs)
     n = min(workers or cpus(), MAX_WORKERS, len(jobs))
     if n < 2 or not can_fork():
@@ -102,7 +103,7 @@ def imap(fn: Callable, jobs: Iterable[tuple], workers: int | None = None) -> Ite
         with _frozen():
             pool = multiprocessing.get_context("fork").Pool(n, initializer=quiet_child)
         with pool:
-            yield from pool.imap(_inherited, [(token, i) for i in range(len(jobs))])
+            yield from pool.imap(_inherited, [(token, i) for i in range(len(jobs))], chunksize)
     finally:
         _INHERITED.pop(token, None)
 

@@ -67,6 +67,7 @@ class Limits:
     run_large_pickle_bytes: int
     large_pickle_bytes: int
     state_max_items: int
+    fork_checks_seconds: float
     spent: list = field(default_factory=lambda: [0])  # large-pickle bytes read so far with these limits
 
     @classmethod
@@ -75,7 +76,8 @@ class Limits:
         return cls(int(c["max_pickle_bytes"]), safe_pickle.Budget.from_thresholds(c),
                    tuple(c.get("config_globals", ())), int(c["budget"]["max_nodes"]),
                    int(c["archive"]["max_entries"]), int(c["archive"]["max_directory_bytes"]),
-                   int(c["run_large_pickle_bytes"]), int(c["large_pickle_bytes"]), int(c["state_max_items"]))
+                   int(c["run_large_pickle_bytes"]), int(c["large_pickle_bytes"]), int(c["state_max_items"]),
+                   float(c["fork_checks_seconds"]))
 
 
 @dataclass
