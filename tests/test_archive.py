@@ -399,3 +399,21 @@ def test_the_scan_reads_alike_where_there_is_no_pread(tmp_path, monkeypatch):
     path.write_bytes(bytes(data))
     _, problem = ptfile.scan(path, fc, LIMITS, 1000)
     assert problem is not None and "bad CRC" in problem.detail
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_every_pickle_protocol_reads_alike_framed_or_not(protocol):
+    """The allowlist reader reads the stream straight and starts over the
+    stdlib's framed way at a FRAME (protocols 4 and 5): the same objects
+    either way, and its budgets hold in both (a memo index bomb inside a
+    frame is still refused)."""
+    from twdiag import safe_pickle
+    obj = {"a": [1, 2.5, "x" * 70_000, {"k": (1, 2)}], "s": {3, 4}, "t": (None, True, b"raw")}
+    data = pickle.dumps(obj, protocol=protocol)
+    assert (pickle.FRAME in data[:12]) == (protocol >= 4)
+    up = safe_pickle.RestrictedUnpickler(data, LIMITS.budget)
+    assert safe_pickle.safe_load(up) == obj
+    assert up.objects > 0  # containers were counted
+    framed = b"\x80\x04" + pickle.FRAME + struct.pack("<Q", 7) + b"]" + pickle.LONG_BINPUT + struct.pack("<I", 1 << 30) + b"."
+    with pytest.raises(safe_pickle.BudgetExceeded, match="memo index"):
+        safe_pickle.safe_load(safe_pickle.RestrictedUnpickler(framed, LIMITS.budget))
