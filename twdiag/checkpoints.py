@@ -295,8 +295,7 @@ def deep_scan(ck: Checkpoint, limits: ptfile.Limits, chunk_elems: int, model_onl
     torch is installed. `model_only` scans just the weights file (enough
     for a reference point)."""
     for name in _unscanned(ck, model_only):
-        facts, problem = ptfile.scan(ck.file_path(name), ck.files[name], limits, chunk_elems,
-                                     norms=name == ck.model_file)
+        facts, problem = ptfile.scan(*_scan_args(ck, name, limits, chunk_elems))
         _record(ck, name, facts, problem, limits, chunk_elems, second_opinion)
     _settle(ck)
 
@@ -316,8 +315,7 @@ def deep_scan_each(cks: list[Checkpoint], limits: ptfile.Limits, chunk_elems: in
     here as deep_scan would. What a worker returns is small (facts, a
     problem). A caller that stops early (a time budget) stops the workers."""
     plan = [(ck, _unscanned(ck, model_only)) for ck in cks]
-    results = forking.imap(ptfile.scan, [(ck.file_path(name), ck.files[name], limits, chunk_elems,
-                                          name == ck.model_file)
+    results = forking.imap(ptfile.scan, [_scan_args(ck, name, limits, chunk_elems)
                                          for ck, names in plan for name in names])
     try:
         for ck, names in plan:
@@ -328,6 +326,11 @@ def deep_scan_each(cks: list[Checkpoint], limits: ptfile.Limits, chunk_elems: in
             yield ck
     finally:
         results.close()
+
+
+def _scan_args(ck: Checkpoint, name: str, limits: ptfile.Limits, chunk_elems: int) -> tuple:
+    """ptfile.scan's arguments for one file; norms for the weights file only."""
+    return ck.file_path(name), ck.files[name], limits, chunk_elems, name == ck.model_file
 
 
 def _unscanned(ck: Checkpoint, model_only: bool) -> list[str]:

@@ -159,13 +159,13 @@ def _check_archive(fh, fc: FileCheck, limits: Limits, allow_config: bool, descri
         return
     fc.crc_checked = "metadata"
     key = _read_key(data, fc, limits, allow_config, describe)
-    if not _reread(key, fc):
+    if not _reread(describe, key, fc):
         seen = len(fc.problems), len(fc.globals)
         obj = _unpickle(data, fc, limits, allow_config)
         if obj is _REFUSED:
             return
         _summarise(obj, fc, limits, describe)
-        _remember(key, fc, seen)
+        _remember(describe, key, fc, seen)
     _check_storages(fc)
 
 
@@ -183,13 +183,13 @@ def _read_key(data: bytes, fc: FileCheck, limits: Limits, allow_config: bool,
               describe: Describe | None) -> tuple | None:
     if describe not in PURE_DESCRIBERS or len(data) > limits.large_pickle_bytes:
         return None  # large pickles are not kept: memory stays bounded (8 of at most 1 MiB)
-    return (data, fc.name, fc.size, allow_config, describe, limits.config_globals, limits.max_nodes,
+    return (data, fc.name, fc.size, allow_config, limits.config_globals, limits.max_nodes,
             tuple(vars(limits.budget).values()))
 
 
-def _reread(key: tuple | None, fc: FileCheck) -> bool:
+def _reread(describe: Describe | None, key: tuple | None, fc: FileCheck) -> bool:
     """The remembered outcome of these pickle bytes, copied onto `fc`."""
-    hit = _READS.get(key[4], {}).get(key) if key is not None else None
+    hit = _READS.get(describe, {}).get(key) if key is not None else None
     if hit is None:
         return False
     tensors_, facts, globals_, problems, config = hit
@@ -201,14 +201,14 @@ def _reread(key: tuple | None, fc: FileCheck) -> bool:
     return True
 
 
-def _remember(key: tuple | None, fc: FileCheck, seen: tuple[int, int]) -> None:
+def _remember(describe: Describe | None, key: tuple | None, fc: FileCheck, seen: tuple[int, int]) -> None:
     if key is None:
         return
-    kept = _READS.setdefault(key[4], {})  # per describer: distinct optimizer pickles never push out the model's
+    kept = _READS.setdefault(describe, {})  # per describer: distinct optimizer pickles never push out the model's
     if len(kept) >= READ_CACHE_ENTRIES:
         kept.pop(next(iter(kept)))
     kept[key] = (list(fc.tensors), copy.deepcopy(fc.facts), fc.globals[seen[1]:],
-                   [Problem(p.status, p.file, p.detail) for p in fc.problems[seen[0]:]], copy.deepcopy(fc.config))
+                 [Problem(p.status, p.file, p.detail) for p in fc.problems[seen[0]:]], copy.deepcopy(fc.config))
 
 
 def _not_a_zip(fh, fc: FileCheck, limits: Limits, allow_config: bool, describe: Describe | None) -> None:
