@@ -10,7 +10,7 @@ _SKILL = Path(__file__).resolve().parent.parent
 if (_SKILL / "twdiag" / "__init__.py").is_file():
     sys.path.insert(0, str(_SKILL))
 
-from twdiag.entry import run  # noqa: E402
+from twdiag.entry import script  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(run("records", sys.argv[1:], prog=Path(__file__).name))
+    script("records")

@@ -149,6 +149,24 @@ def test_a_missing_dependency_is_one_json_error(tmp_path):
         assert "Traceback" not in r.stderr
 
 
+@pytest.mark.fast
+def test_a_script_ends_with_its_code_its_atexit_handlers_and_its_files_complete(tmp_path):
+    """entry.end skips Python's last garbage collections (the scripts' exit):
+    the exit code, atexit handlers and an open file's buffered writes must
+    survive that."""
+    out = tmp_path / "left-open.txt"
+    code = ("import atexit, sys\n"
+            f"sys.path.insert(0, {str(ROOT)!r})\n"
+            "from twdiag.entry import end\n"
+            "atexit.register(print, 'atexit ran')\n"
+            f"f = open({str(out)!r}, 'w')\n"
+            "f.write('x' * 100_000)\n"
+            "end(4)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 4 and r.stdout == "atexit ran\n", r.stderr
+    assert out.read_text() == "x" * 100_000
+
+
 def test_installed_package_serves_a_lone_script(tmp_path, runs):
     """With `pip install .` (CI does a non-editable install) a script copied
     away from the skill folder falls back to the installed library."""

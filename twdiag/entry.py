@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+from pathlib import Path
+from typing import NoReturn
 
 # import name -> distribution to install
 REQUIRED = {"numpy": "numpy", "pandas": "pandas", "yaml": "pyyaml", "PIL": "pillow",
@@ -43,3 +45,30 @@ def run(command: str, argv: list[str], prog: str) -> int:
         return EXIT_DEPENDENCY
     from .cli import main
     return main([command, *argv], prog=prog)
+
+
+def script(command: str) -> NoReturn:
+    """A script's whole process: `command` with the command line's
+    arguments, then the exit (`end`)."""
+    end(run(command, sys.argv[1:], prog=Path(sys.argv[0]).name))
+
+
+def console() -> NoReturn:
+    """The `twdiag` command's process (the package's console script)."""
+    from .cli import main
+    end(main())
+
+
+def end(code: int) -> NoReturn:
+    """Exit with `code`, without Python's last garbage collections. At
+    shutdown Python runs full collections that walk every object still
+    alive, and pandas' and the protobuf classes' are hundreds of thousands:
+    0.2-0.3 s, an eighth of a diagnosis. The process is ending, so they are
+    frozen first (`gc.freeze`): those passes skip them, while reference
+    counting still frees the rest, closing files and running finalizers,
+    and atexit handlers still run (what is lost: finalizers of objects kept
+    alive only by a reference cycle; our files are closed by `with`). Only
+    for a process that ends here, never in a caller's (a test's) process."""
+    import gc
+    gc.freeze()
+    sys.exit(code)
