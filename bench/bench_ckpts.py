@@ -20,6 +20,7 @@ from the archive) against the same (b): target <= 0.3.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -49,12 +50,13 @@ print(json.dumps({'rss_kb': PEAK_KB,
                   'fallback': {s: f['step'] for s, f in a.fallbacks.items()},
                   'deep': {s: [c.step for c in r.checkpoints if c.deep != 'no'] for s, r in a.checkpoints.items()}}))
 """.replace("PEAK_KB", PEAK)
+BUILT = "built-v2"  # marks a set built by this version (v2: optimizer pickles differ)
 
 
 def build(target: Path, n: int, size_mb: float) -> Path:
     import torch
     ckdir = target / "results" / "2026_11_28_06_35_02" / "dynamics" / "checkpoints"
-    if ckdir.is_dir() and len(list(ckdir.iterdir())) == n:
+    if ckdir.is_dir() and len(list(ckdir.iterdir())) == n and (target / BUILT).is_file():
         return ckdir
     ckdir.mkdir(parents=True, exist_ok=True)
     # model : optimizer (exp_avg + exp_avg_sq) = 1 : 2 by bytes, as in AdamW.
@@ -69,9 +71,14 @@ def build(target: Path, n: int, size_mb: float) -> Path:
         d = ckdir / f"dynamics_step_{step}"
         d.mkdir(exist_ok=True)
         torch.save(model, d / "model_state_dict.pt")
+        # As in a real run, each optimizer pickle differs (its lr follows a
+        # cosine schedule): identical pickles would be read once (ptfile
+        # remembers reads) and flatter the scan.
+        optim["param_groups"][0]["lr"] = 1e-3 * (0.1 + 0.9 * (1 + math.cos(math.pi * k / n)) / 2)
         torch.save(optim, d / "optim_state_dict.pt")
         torch.save({"step": step, "timestamp": f"2026_11_28_{6 + k // 60:02d}_{k % 60:02d}_00",
                     "scheduler_state_dict": {"last_epoch": step + 1}, "config": {}}, d / "state.pt")
+    (target / BUILT).write_text("")
     return ckdir
 
 

@@ -1,5 +1,6 @@
 """Work forked into the background when diagnose starts: the drawer (loss
-figures) and `forking.Pending` (the images' analysis).
+figures) and `forking.Pending` (the images' analysis); and `forking.imap`,
+which spreads jobs over forked workers.
 
 Run in fresh subprocesses: they fork only from a single-threaded process,
 which a pytest worker is not."""
@@ -167,6 +168,71 @@ print(json.dumps({{"value": value, "in_child": pid == child and pid != me, "fail
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["value"] == 42 and out["in_child"] and out["failed"] == "here", (out, r.stderr[-2000:])
     assert out["cancel_s"] < 10 and out["threaded"] and not out["left"], out  # slow() sleeps 30 s
+
+
+def test_imap_spreads_jobs_over_workers_in_order_and_never_hangs():
+    """forking.imap: results in order from forked workers (several jobs a
+    chunk); a job's exception is raised where its result would have come,
+    after the results before it; a worker that dies raises WorkerDied
+    instead of waiting forever (multiprocessing.Pool's imap waited); an
+    early close stops busy workers at once; workers never fork in turn; and
+    no child is left behind."""
+    code = f"""
+import json, os, sys, time
+sys.path.insert(0, {str(ROOT)!r})
+from twdiag import forking
+
+me = os.getpid()
+def square(x):
+    return x * x, os.getpid(), forking.can_fork()
+def fails_at_5(x):
+    if x == 5:
+        raise ValueError("five")
+    return x
+def dies_at_3(x):
+    if x == 3:
+        os._exit(9)
+    return x
+def slow(x):
+    if x:
+        time.sleep(30)
+    return x
+
+got = list(forking.imap(square, [(i,) for i in range(23)], workers=2, chunksize=3))
+before, raised = [], None
+try:
+    for v in forking.imap(fails_at_5, [(i,) for i in range(12)], workers=2):
+        before.append(v)
+except ValueError as exc:
+    raised = str(exc)
+t = time.perf_counter()
+try:
+    list(forking.imap(dies_at_3, [(i,) for i in range(8)], workers=2))
+    died = None
+except forking.WorkerDied as exc:
+    died = str(exc)
+died_s = time.perf_counter() - t
+gen = forking.imap(slow, [(i,) for i in range(4)], workers=2)
+first = next(gen)  # the others sleep 30 s in their workers
+t = time.perf_counter()
+gen.close()
+closed_s = time.perf_counter() - t
+try:
+    os.waitpid(-1, os.WNOHANG); left = True
+except ChildProcessError:
+    left = False
+print(json.dumps({{"values": [v for v, _, _ in got], "pids": sorted({{p for _, p, _ in got}} - {{me}}),
+                  "in_parent": sum(p == me for _, p, _ in got), "nested": any(f for _, _, f in got),
+                  "before": before, "raised": raised, "died": died, "died_s": died_s,
+                  "first": first, "closed_s": closed_s, "left": left}}))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["values"] == [i * i for i in range(23)], (out, r.stderr[-2000:])
+    assert len(out["pids"]) == 2 and out["in_parent"] == 0 and not out["nested"], out
+    assert out["before"] == [0, 1, 2, 3, 4] and out["raised"] == "five", out
+    assert out["died"] and "without answering" in out["died"] and out["died_s"] < 10, out
+    assert out["first"] == 0 and out["closed_s"] < 10 and not out["left"], out
 
 
 def test_images_analysed_elsewhere_are_judged_on_this_bundles_steps(tmp_path):

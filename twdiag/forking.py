@@ -57,10 +57,10 @@ def child_env() -> dict:
 
 
 def can_fork() -> bool:
-    """No other thread, fork available, and not a pool's worker already (a
-    daemonic process may not have children)."""
+    """No other thread, fork available, and not a worker already (imap's
+    workers share the cores out; a daemonic process may not have children)."""
     return (threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods()
-            and not multiprocessing.current_process().daemon)
+            and not multiprocessing.current_process().daemon and not _IN_WORKER)
 
 
 def cpus() -> int:
@@ -78,34 +78,131 @@ def starmap(fn: Callable, jobs: Iterable[tuple], workers: int | None = None) -> 
     return list(imap(fn, jobs, workers))
 
 
-# imap's function and jobs, by call: workers inherit them when they are
-# forked, so only an index goes to a worker and only the result comes back.
-_INHERITED: dict[int, tuple[Callable, list]] = {}
-
-
 def imap(fn: Callable, jobs: Iterable[tuple], workers: int | None = None, chunksize: int = 1) -> Iterator:
     """starmap as a generator, results in order as they come: a caller that
     stops early (a time budget) closes it, and the workers stop. The jobs
     are inherited by the forked workers, not pickled, so they may hold large
-    objects; `fn` must be a module-level function, and its results are
-    pickled back. `chunksize` jobs go to a worker at a time (more for short
-    jobs: fewer round trips to the parent)."""
+    objects; only chunk bounds go to a worker and only results come back,
+    pickled. `chunksize` jobs go to a worker at a time (more for short jobs:
+    fewer round trips). A job's exception is raised here, where its result
+    would have come; a worker that dies raises WorkerDied."""
     jobs = list(jobs)
     n = min(workers or cpus(), MAX_WORKERS, len(jobs))
     if n < 2 or not can_fork():
         for job in jobs:
             yield fn(*job)
         return
-    token = id(jobs)
-    _INHERITED[token] = (fn, jobs)
+    chunks = [(i, min(i + chunksize, len(jobs))) for i in range(0, len(jobs), chunksize)]
+    pool = _Workers(n, fn, jobs)
     try:
+        yield from pool.results(chunks)
+    finally:
+        pool.stop()
+
+
+class WorkerDied(RuntimeError):
+    """A forked worker ended without answering (killed, or out of memory)."""
+
+
+_IN_WORKER = False  # set in imap's workers: they never fork in turn (cores are already shared out)
+
+
+class _Workers:
+    """imap's forked workers, each fed chunk bounds over its own pipe and
+    answering over another. Our own, not multiprocessing.Pool: the Pool's
+    worker-handling thread wakes whenever a result is waiting to be read and
+    spins until it is, which cost a third of the parent's time, and a core's
+    worth of it, in a --deep all scan; and a worker that died left Pool.imap
+    waiting forever. Each worker processes its chunks in the order sent."""
+
+    DEPTH = 2  # chunks queued per worker: the next is there when one ends
+
+    def __init__(self, n: int, fn: Callable, jobs: list):
+        from multiprocessing.connection import Pipe
+        self.conns: list = []  # (pid, to_worker, from_worker)
         _flush_std()
         with _frozen():
-            pool = multiprocessing.get_context("fork").Pool(n, initializer=quiet_child)
-        with pool:
-            yield from pool.imap(_inherited, [(token, i) for i in range(len(jobs))], chunksize)
+            for _ in range(n):
+                task_r, task_w = Pipe(duplex=False)
+                result_r, result_w = Pipe(duplex=False)
+                pid = os.fork()
+                if pid == 0:
+                    _serve(fn, jobs, task_r, result_w)  # never returns
+                task_r.close(), result_w.close()
+                self.conns.append((pid, task_w, result_r))
+
+    def results(self, chunks: list[tuple[int, int]]) -> Iterator:
+        from multiprocessing.connection import wait
+        todo = iter(enumerate(chunks))
+        queued = {r: [] for _, _, r in self.conns}  # result pipe -> chunk numbers, in the order sent
+        senders = {r: w for _, w, r in self.conns}
+        for _ in range(self.DEPTH):
+            for r in senders:
+                self._send(senders[r], queued[r], todo)
+        done: dict[int, tuple] = {}
+        next_out = 0
+        while next_out < len(chunks):
+            for r in wait([r for r, q in queued.items() if q]):
+                try:
+                    answer = r.recv()
+                except (EOFError, OSError):
+                    raise WorkerDied(f"a forked worker ended without answering (chunk {queued[r][0]})") from None
+                except Exception as exc:  # an answer that does not unpickle here
+                    raise WorkerDied(f"a forked worker's answer could not be read: {exc}"[:500]) from None
+                done[queued[r].pop(0)] = answer
+                self._send(senders[r], queued[r], todo)
+            while next_out in done:
+                ok, value = done.pop(next_out)
+                if not ok:
+                    raise value
+                next_out += 1
+                yield from value
+
+    @staticmethod
+    def _send(conn, queued: list, todo) -> None:
+        item = next(todo, None)
+        if item is not None:
+            conn.send(item[1])
+            queued.append(item[0])
+
+    def stop(self) -> None:
+        """Close the pipes (an idle worker exits at once), stop any worker
+        still busy (an early close), and reap them all."""
+        for pid, w, r in self.conns:
+            w.close(), r.close()
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except (ChildProcessError, ProcessLookupError):
+                pass
+        self.conns = []
+
+
+def _serve(fn: Callable, jobs: list, tasks, results) -> None:
+    """A worker's life: compute the chunks it is sent until its pipe closes."""
+    global _IN_WORKER
+    code = 0
+    try:
+        _IN_WORKER = True
+        keep_only((tasks.fileno(), results.fileno()))
+        quiet_child()
+        while True:
+            try:
+                start, stop = tasks.recv()
+            except EOFError:
+                break
+            try:
+                answer = (True, [fn(*jobs[i]) for i in range(start, stop)])
+            except Exception as exc:  # raised in the parent, where the result would have come
+                answer = (False, exc)
+            try:
+                results.send(answer)
+            except (pickle.PicklingError, TypeError, AttributeError) as exc:
+                results.send((False, RuntimeError(f"a worker's answer could not be sent: {exc}"[:500])))
+    except BaseException:
+        code = 1
     finally:
-        _INHERITED.pop(token, None)
+        os._exit(code)  # no atexit handlers, no stdio flush: the parent owns those
 
 
 @contextlib.contextmanager
@@ -132,12 +229,6 @@ def _flush_std() -> None:
             stream.flush()
         except (OSError, ValueError):  # closed or detached: nothing to duplicate
             pass
-
-
-def _inherited(item: tuple[int, int]) -> Any:
-    token, i = item
-    fn, jobs = _INHERITED[token]
-    return fn(*jobs[i])
 
 
 def keep_only(keep: tuple[int, ...]) -> None:
