@@ -174,7 +174,8 @@ def test_imap_spreads_jobs_over_workers_in_order_and_never_hangs():
     """forking.imap: results in order from forked workers (several jobs a
     chunk); a job's exception is raised where its result would have come,
     after the results before it; a worker that dies raises WorkerDied
-    instead of waiting forever (multiprocessing.Pool's imap waited); an
+    instead of waiting forever (multiprocessing.Pool's imap waited), or with
+    on_death its job gets a stand-in and a new worker takes the rest; an
     early close stops busy workers at once; workers never fork in turn; and
     no child is left behind."""
     code = f"""
@@ -212,6 +213,7 @@ try:
 except forking.WorkerDied as exc:
     died = str(exc)
 died_s = time.perf_counter() - t
+replaced = list(forking.imap(dies_at_3, [(i,) for i in range(8)], workers=2, on_death=lambda x: -x))
 gen = forking.imap(slow, [(i,) for i in range(4)], workers=2)
 first = next(gen)  # the others sleep 30 s in their workers
 t = time.perf_counter()
@@ -223,7 +225,7 @@ except ChildProcessError:
     left = False
 print(json.dumps({{"values": [v for v, _, _ in got], "pids": sorted({{p for _, p, _ in got}} - {{me}}),
                   "in_parent": sum(p == me for _, p, _ in got), "nested": any(f for _, _, f in got),
-                  "before": before, "raised": raised, "died": died, "died_s": died_s,
+                  "before": before, "raised": raised, "died": died, "died_s": died_s, "replaced": replaced,
                   "first": first, "closed_s": closed_s, "left": left}}))
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -232,6 +234,7 @@ print(json.dumps({{"values": [v for v, _, _ in got], "pids": sorted({{p for _, p
     assert len(out["pids"]) == 2 and out["in_parent"] == 0 and not out["nested"], out
     assert out["before"] == [0, 1, 2, 3, 4] and out["raised"] == "five", out
     assert out["died"] and "without answering" in out["died"] and out["died_s"] < 10, out
+    assert out["replaced"] == [0, 1, 2, -3, 4, 5, 6, 7], out  # on_death: that job's stand-in, a new worker for the rest
     assert out["first"] == 0 and out["closed_s"] < 10 and not out["left"], out
 
 

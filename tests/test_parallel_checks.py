@@ -112,3 +112,40 @@ def test_forked_structural_checks_share_one_large_pickle_budget(tmp_path, mode):
     assert all(out["same"]), out["same"]
     assert out["deep"].count("failed") == 1 and out["statuses"].count("non_finite") == 1
     assert out["deep"].count("passed") == N - 1
+
+
+_DIES = """
+import json, os, sys
+MAIN = os.getpid()
+sys.path.insert(0, {root!r})
+from pathlib import Path
+from twdiag import bundle, checkpoints, rules
+t = rules.load_thresholds()
+real = checkpoints.check_checkpoint
+def killer(stage, step, path, limits):
+    if step == 700 and os.getpid() != MAIN:  # the kernel's OOM kill, in a worker
+        os._exit(137)
+    return real(stage, step, path, limits)
+checkpoints.check_checkpoint = killer
+res = checkpoints.check_all(bundle.discover([Path(sys.argv[1])]), t, deep="all")["dynamics"]
+lost = [c for c in res.checkpoints if c.step == 700][0]
+print(json.dumps({{"steps": [c.step for c in res.checkpoints],
+                  "statuses": {{c.step: c.status for c in res.checkpoints}},
+                  "detail": lost.problems[0].detail if lost.problems else None}}))
+"""
+
+
+def test_a_worker_killed_during_a_check_marks_that_checkpoint_and_the_rest_go_on(tmp_path):
+    """`--deep all` when the kernel kills the worker checking one checkpoint
+    (out of memory): that checkpoint is unsafe to resume from, with the
+    reason, and every other is checked by a worker forked in its place; no
+    checkpoint is lost, and nothing waits forever."""
+    root = _bundle(tmp_path)
+    code = _DIES.format(root=str(ROOT))
+    r = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["steps"] == [k * 100 for k in range(N)], out
+    statuses = {int(k): v for k, v in out["statuses"].items()}
+    assert statuses[700] == "unsafe_pickle" and "ended the worker process" in out["detail"], out
+    assert all(s == "valid" for k, s in statuses.items() if k != 700), statuses  # 700's NaN file went with it

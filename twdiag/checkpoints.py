@@ -434,7 +434,7 @@ def _checked(stage: str, refs: list, limits: ptfile.Limits, scan_chunk: int | No
     jobs = [(stage, ref.step, ref.path, limits, scan_chunk) for ref in refs]
     if scan_chunk and len(jobs) >= 2:
         with ptfile.shared_spending(limits):
-            yield from forking.imap(_check_and_scan, jobs)
+            yield from forking.imap(_check_and_scan, jobs, on_death=_lost)
         return
     if not jobs:
         return
@@ -445,12 +445,22 @@ def _checked(stage: str, refs: list, limits: ptfile.Limits, scan_chunk: int | No
     rest = jobs[1:]
     if len(rest) >= 2 and pace * len(rest) > limits.fork_checks_seconds:
         with ptfile.shared_spending(limits):
-            yield from forking.imap(_check_and_scan, rest, chunksize=_CHECKS_PER_TASK)
+            yield from forking.imap(_check_and_scan, rest, chunksize=_CHECKS_PER_TASK, on_death=_lost)
     else:
         yield from itertools.starmap(_check_and_scan, rest)
 
 
 _CHECKS_PER_TASK = 4  # checks sent to a worker at a time: one at a time left workers waiting 25% of the while
+
+
+def _lost(stage: str, step: int, path: Path, limits: ptfile.Limits, scan_chunk: int | None) -> Checkpoint:
+    """A checkpoint whose check ended its worker process (the kernel kills a
+    process out of memory): not verified, so never a fallback. With several
+    checks a task, each of the task's checkpoints is marked so."""
+    ck = Checkpoint(stage, step, path, single_file=not safefs.is_dir(path))
+    ck.problems.append(Problem("unsafe_pickle", path.name, "checking it ended the worker process (killed: out "
+                                                           "of memory?): not verified, never resume from it"))
+    return ck
 
 
 def _check_and_scan(stage: str, step: int, path: Path, limits: ptfile.Limits, scan_chunk: int | None) -> Checkpoint:

@@ -72,20 +72,25 @@ def quiet_child() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def starmap(fn: Callable, jobs: Iterable[tuple], workers: int | None = None) -> list:
+def starmap(fn: Callable, jobs: Iterable[tuple], workers: int | None = None,
+            on_death: Callable | None = None) -> list:
     """[fn(*job) for job in jobs], in forked children when that is safe and
     worth it (see imap)."""
-    return list(imap(fn, jobs, workers))
+    return list(imap(fn, jobs, workers, on_death=on_death))
 
 
-def imap(fn: Callable, jobs: Iterable[tuple], workers: int | None = None, chunksize: int = 1) -> Iterator:
+def imap(fn: Callable, jobs: Iterable[tuple], workers: int | None = None, chunksize: int = 1,
+         on_death: Callable | None = None) -> Iterator:
     """starmap as a generator, results in order as they come: a caller that
     stops early (a time budget) closes it, and the workers stop. The jobs
     are inherited by the forked workers, not pickled, so they may hold large
     objects; only chunk bounds go to a worker and only results come back,
     pickled. `chunksize` jobs go to a worker at a time (more for short jobs:
     fewer round trips). A job's exception is raised here, where its result
-    would have come; a worker that dies raises WorkerDied."""
+    would have come. A worker that dies (killed: out of memory, say) raises
+    WorkerDied, or with `on_death`, each job of the chunk it was on gets
+    `on_death(*job)` as its result (computed here: it must not redo the
+    work) and a new worker takes the rest."""
     jobs = list(jobs)
     n = min(workers or cpus(), MAX_WORKERS, len(jobs))
     if n < 2 or not can_fork():
@@ -95,7 +100,7 @@ def imap(fn: Callable, jobs: Iterable[tuple], workers: int | None = None, chunks
     chunks = [(i, min(i + chunksize, len(jobs))) for i in range(0, len(jobs), chunksize)]
     pool = _Workers(n, fn, jobs)
     try:
-        yield from pool.results(chunks)
+        yield from pool.results(chunks, on_death)
     finally:
         pool.stop()
 
@@ -118,39 +123,48 @@ class _Workers:
     DEPTH = 2  # chunks queued per worker: the next is there when one ends
 
     def __init__(self, n: int, fn: Callable, jobs: list):
+        self.fn, self.jobs = fn, jobs
+        self.workers: dict = {}  # answer pipe -> (pid, task pipe, chunk numbers sent, in order)
+        for _ in range(n):
+            self._fork()
+
+    def _fork(self) -> None:
         from multiprocessing.connection import Pipe
-        self.conns: list = []  # (pid, to_worker, from_worker)
+        task_r, task_w = Pipe(duplex=False)
+        result_r, result_w = Pipe(duplex=False)
         _flush_std()
         with _frozen():
-            for _ in range(n):
-                task_r, task_w = Pipe(duplex=False)
-                result_r, result_w = Pipe(duplex=False)
-                pid = os.fork()
-                if pid == 0:
-                    _serve(fn, jobs, task_r, result_w)  # never returns
-                task_r.close(), result_w.close()
-                self.conns.append((pid, task_w, result_r))
+            pid = os.fork()
+        if pid == 0:
+            _serve(self.fn, self.jobs, task_r, result_w)  # never returns
+        task_r.close(), result_w.close()
+        self.workers[result_r] = (pid, task_w, [])
 
-    def results(self, chunks: list[tuple[int, int]]) -> Iterator:
+    def results(self, chunks: list[tuple[int, int]], on_death: Callable | None) -> Iterator:
         from multiprocessing.connection import wait
-        todo = iter(enumerate(chunks))
-        queued = {r: [] for _, _, r in self.conns}  # result pipe -> chunk numbers, in the order sent
-        senders = {r: w for _, w, r in self.conns}
+        todo = list(range(len(chunks)))[::-1]  # chunk numbers still to send, next last
         for _ in range(self.DEPTH):
-            for r in senders:
-                self._send(senders[r], queued[r], todo)
+            for r in list(self.workers):
+                self._send(r, chunks, todo)
         done: dict[int, tuple] = {}
         next_out = 0
         while next_out < len(chunks):
-            for r in wait([r for r, q in queued.items() if q]):
+            for r in wait([r for r, (_, _, sent) in self.workers.items() if sent]):
                 try:
                     answer = r.recv()
                 except (EOFError, OSError):
-                    raise WorkerDied(f"a forked worker ended without answering (chunk {queued[r][0]})") from None
+                    lost = self._died(r, todo)
+                    if on_death is None:
+                        raise WorkerDied(f"a forked worker ended without answering (jobs {chunks[lost]})") from None
+                    done[lost] = (True, [on_death(*self.jobs[i]) for i in range(*chunks[lost])])
+                    self._fork()  # in its place, for the rest
+                    for _ in range(self.DEPTH):
+                        self._send(next(reversed(self.workers)), chunks, todo)
+                    continue
                 except Exception as exc:  # an answer that does not unpickle here
                     raise WorkerDied(f"a forked worker's answer could not be read: {exc}"[:500]) from None
-                done[queued[r].pop(0)] = answer
-                self._send(senders[r], queued[r], todo)
+                done[self.workers[r][2].pop(0)] = answer
+                self._send(r, chunks, todo)
             while next_out in done:
                 ok, value = done.pop(next_out)
                 if not ok:
@@ -158,24 +172,40 @@ class _Workers:
                 next_out += 1
                 yield from value
 
-    @staticmethod
-    def _send(conn, queued: list, todo) -> None:
-        item = next(todo, None)
-        if item is not None:
-            conn.send(item[1])
-            queued.append(item[0])
+    def _send(self, r, chunks: list, todo: list) -> None:
+        if todo:
+            n = todo.pop()
+            self.workers[r][2].append(n)
+            try:
+                self.workers[r][1].send(chunks[n])
+            except OSError:  # the worker died meanwhile: its answer pipe's end says so, and `_died` puts n back
+                pass
+
+    def _died(self, r, todo: list) -> int:
+        """A worker ended: reap it and put back the chunks it had not begun
+        (it works in order: the first it was sent is the one it died on,
+        which is returned)."""
+        pid, w, sent = self.workers.pop(r)
+        w.close(), r.close()
+        _reap(pid)
+        todo.extend(reversed(sent[1:]))
+        return sent[0]
 
     def stop(self) -> None:
         """Close the pipes (an idle worker exits at once), stop any worker
         still busy (an early close), and reap them all."""
-        for pid, w, r in self.conns:
+        for r, (pid, w, _) in self.workers.items():
             w.close(), r.close()
-            try:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-            except (ChildProcessError, ProcessLookupError):
-                pass
-        self.conns = []
+            _reap(pid)
+        self.workers = {}
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except (ChildProcessError, ProcessLookupError):
+        pass
 
 
 def _serve(fn: Callable, jobs: list, tasks, results) -> None:

@@ -100,13 +100,23 @@ def _diagnose_one(path: str, bid: str, out: str, thresholds: dict) -> dict:
         return {"bundle": path, "id": bid, "overall": doc.get("overall"), "error": None,
                 "seconds": round(time.perf_counter() - t0, 2)}
     except Exception as exc:  # one bundle's failure is its row
-        error = f"{type(exc).__name__}: {exc}"[:500]
-        try:
-            _write_tables(out_dir, bid, tables.error_tables(path, error))
-        except Exception:
-            pass
-        return {"bundle": path, "id": bid, "overall": None, "error": error,
-                "seconds": round(time.perf_counter() - t0, 2)}
+        return _failed(path, bid, out_dir, f"{type(exc).__name__}: {exc}"[:500], time.perf_counter() - t0)
+
+
+def _failed(path: str, bid: str, out_dir: Path, error: str, seconds: float | None) -> dict:
+    """A bundle that could not be diagnosed: its row says why."""
+    try:
+        _write_tables(out_dir, bid, tables.error_tables(path, error))
+    except Exception:
+        pass
+    return {"bundle": path, "id": bid, "overall": None, "error": error,
+            "seconds": None if seconds is None else round(seconds, 2)}
+
+
+def _lost(path: str, bid: str, out: str, thresholds: dict) -> dict:
+    """The row of a bundle whose worker died while diagnosing it."""
+    return _failed(path, bid, Path(out), "its diagnosis ended the worker process (killed: out of memory?); "
+                                         "diagnose it alone to see where", None)
 
 
 def run(roots: list[Path], out: Path, thresholds: dict, workers: int | None = None,
@@ -130,7 +140,7 @@ def run(roots: list[Path], out: Path, thresholds: dict, workers: int | None = No
             jobs.append((str(p), bid, str(out), thresholds))
     progress(f"scan: {len(every)} bundles found, {len(mine)} in shard {i}/{n}: "
              f"{len(jobs)} to diagnose, {len(reused)} unchanged")
-    results = forking.starmap(_diagnose_one, jobs, workers=workers)
+    results = forking.starmap(_diagnose_one, jobs, workers=workers, on_death=_lost)
     for r in results:
         entries[r["bundle"]].update({"overall": r["overall"], "error": r["error"], "seconds": r["seconds"]})
     manifest_path.parent.mkdir(parents=True, exist_ok=True)
