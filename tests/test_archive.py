@@ -211,6 +211,39 @@ def test_numpy_scan_flags_planted_nan_and_inf(tmp_path, dtype):
     assert math.isclose(facts["weight_norm"], theirs["weight_norm"], rel_tol=1e-9)
 
 
+def test_a_file_swapped_or_rewritten_since_its_check_is_not_scanned_as_checked(tmp_path, monkeypatch):
+    """The scan reads the archive layout its structural check certified.
+    The same file, unchanged, is scanned without reading its directory
+    again; a file swapped in since (another inode) or rewritten (its change
+    time moves) has its directory read again: another layout is refused,
+    and the same layout with other bytes fails on a CRC."""
+    path = tmp_path / "model_state_dict.pt"
+    torch.save({"a": torch.randn(64, 33), "b": torch.randn(5)}, path)
+    fc = ptfile.check_file(path, LIMITS, allow_config=False)
+    reads = []
+    real = ziparchive.read_directory
+    monkeypatch.setattr(ziparchive, "read_directory", lambda *a: reads.append(1) or real(*a))
+    facts, problem = ptfile.scan(path, fc, LIMITS, 100)
+    assert problem is None and facts["float_elements"] == 64 * 33 + 5 and reads == []
+
+    other = tmp_path / "other.pt"  # swapped in: another layout
+    torch.save({"a": torch.randn(64, 33), "c": torch.randn(7), "d": torch.randn(2)}, other)
+    os.replace(other, path)
+    facts, problem = ptfile.scan(path, fc, LIMITS, 100)
+    assert problem is not None and "changed since its structural check" in problem.detail and reads == [1]
+
+    torch.save({"a": torch.randn(64, 33), "b": torch.randn(5)}, path)  # same layout, other bytes
+    fc = ptfile.check_file(path, LIMITS, allow_config=False)
+    data = bytearray(path.read_bytes())
+    at = fc.layout[f"{fc.prefix}data/0"].data_offset
+    data[at] ^= 0xFF
+    with open(path, "r+b") as fh:  # in place: the same inode
+        fh.write(data)
+    reads.clear()
+    facts, problem = ptfile.scan(path, fc, LIMITS, 100)
+    assert problem is not None and "bad CRC" in problem.detail and reads == [1]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_an_optimizer_scan_without_norms_still_finds_every_non_finite(tmp_path, dtype, bad):

@@ -28,6 +28,7 @@ import copy
 import io
 import itertools
 import mmap
+import os
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,13 +99,14 @@ class FileCheck:
     prefix: str = ""
     big_endian: bool = False
     config: dict | None = None                    # state.pt's config, as plain values
+    identity: tuple | None = None                 # the file checked (`identity`): a scan knows it is the same one
 
     def problem(self, status: str, detail: str) -> None:
         self.problems.append(Problem(status, self.name, detail))
 
     def public(self) -> dict:
         """What checkpoints.json shows of this file."""
-        hidden = ("problems", "tensors", "layout", "config", "prefix", "big_endian")
+        hidden = ("problems", "tensors", "layout", "config", "prefix", "big_endian", "identity")
         return {k: v for k, v in vars(self).items() if k not in hidden}
 
 
@@ -120,6 +122,7 @@ def check_file(path: Path, limits: Limits, allow_config: bool, describe: Describ
     try:
         with safefs.open_regular(path) as fh:
             fc.size = safefs.check_regular(path).st_size
+            fc.identity = identity(os.fstat(fh.fileno()))
             if fc.size == 0:
                 fc.format = "unreadable"
                 fc.problem("truncated", "zero bytes")
@@ -465,21 +468,29 @@ def _check_storages(fc: FileCheck) -> None:
 
 # --- deep scan (numpy) --------------------------------------------------------------
 
+def identity(st: os.stat_result) -> tuple:
+    """Which file, in which state: device, inode, size, and the modification
+    and change times (any write moves the change time)."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
 def scan(path: Path, fc: FileCheck, limits: Limits, chunk_elems: int,
          norms: bool = True) -> tuple[dict, Problem | None]:
     """Every entry's CRC, then every tensor viewed with numpy: NaN/Inf per
     float tensor, and (`norms`: a weights file) the L2 norm and max |w| over
-    all of them. The archive is certified again on the open file, so a file
-    swapped since its structural check is not scanned as if it were the one
-    checked."""
+    all of them. A file swapped or written since its structural check is
+    not scanned as if it were the one checked: the open file must be the
+    one checked, unchanged (`identity`), or else its archive is certified
+    again and must have the same layout."""
     if fc.format != "zip" or not fc.layout:
         return {}, Problem("corrupt", path.name, "no certified archive to scan")
     try:
         with safefs.open_regular(path) as fh:
             size = safefs.check_regular(path).st_size
-            entries = ziparchive.read_directory(fh, size, limits.max_entries, limits.max_directory_bytes)
-            if {e.name: e for e in entries} != fc.layout:
-                return {}, Problem("corrupt", path.name, "the file changed since its structural check")
+            if fc.identity is None or identity(os.fstat(fh.fileno())) != fc.identity:
+                entries = ziparchive.read_directory(fh, size, limits.max_entries, limits.max_directory_bytes)
+                if {e.name: e for e in entries} != fc.layout:
+                    return {}, Problem("corrupt", path.name, "the file changed since its structural check")
             with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
                 return _scan_mapped(mm, fh.fileno(), fc, chunk_elems, norms)
     except ziparchive.ArchiveError as exc:
