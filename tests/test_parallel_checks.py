@@ -35,10 +35,10 @@ checkpoints.check_checkpoint = marked
 limits = ptfile.Limits.from_thresholds(t)
 limits.large_pickle_bytes = int(sys.argv[2])
 limits.run_large_pickle_bytes = int(sys.argv[3])
+limits.fork_checks_seconds = 0.0  # forked after the first whatever their pace
 if sys.argv[4] == "fused":  # --deep all: each checkpoint checked and scanned by a worker
     res = checkpoints.check_stage(stage, limits, scan_chunk=int(t["checkpoints"]["deep_chunk_elements"]))
-else:  # structural checks alone, forked after the first whatever their pace
-    limits.fork_checks_seconds = 0.0
+else:  # structural checks alone
     res = checkpoints.check_stage(stage, limits)
 refused = [f"{{c.step}}/{{p.file}}" for c in res.checkpoints for p in c.problems if "already read" in p.detail]
 read = sum(fc.layout[fc.prefix + "data.pkl"].size for c in res.checkpoints for fc in c.files.values()
@@ -121,6 +121,7 @@ sys.path.insert(0, {root!r})
 from pathlib import Path
 from twdiag import bundle, checkpoints, rules
 t = rules.load_thresholds()
+t["checkpoints"]["fork_checks_seconds"] = 0.0  # forked after the first whatever their pace
 real = checkpoints.check_checkpoint
 def killer(stage, step, path, limits):
     if step == 700 and os.getpid() != MAIN:  # the kernel's OOM kill, in a worker
