@@ -150,3 +150,25 @@ def test_a_worker_killed_during_a_check_marks_that_checkpoint_and_the_rest_go_on
     statuses = {int(k): v for k, v in out["statuses"].items()}
     assert statuses[700] == "unsafe_pickle" and "ended the worker process" in out["detail"], out
     assert all(s == "valid" for k, s in statuses.items() if k != 700), statuses  # 700's NaN file went with it
+
+
+def test_a_worker_killed_holding_the_shared_budget_lock_does_not_hang_the_pass():
+    """An interrupt stops the workers with SIGKILL, perhaps while one holds
+    the shared large-pickle count's lock: the count still comes back."""
+    code = f"""
+import os, signal, sys
+sys.path.insert(0, {str(ROOT)!r})
+from twdiag import ptfile, rules
+limits = ptfile.Limits.from_thresholds(rules.load_thresholds())
+limits.spent[0] = 7
+with ptfile.shared_spending(limits):
+    ptfile._charge(limits, limits.large_pickle_bytes + 1)
+    pid = os.fork()
+    if pid == 0:
+        limits.spent.get_lock().acquire()
+        os.kill(os.getpid(), signal.SIGKILL)
+    os.waitpid(pid, 0)
+print(limits.spent[0] - 7 - limits.large_pickle_bytes - 1, type(limits.spent).__name__)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.stdout.split() == ["0", "list"], r.stderr[-2000:]

@@ -384,7 +384,9 @@ def shared_spending(limits: Limits):
     try:
         yield
     finally:
-        plain[0] = limits.spent[0]
+        # read without the lock: a worker stopped early (an interrupt) may
+        # have died holding it, and the workers are gone by now
+        plain[0] = limits.spent.get_obj()[0]
         limits.spent = plain
 
 
