@@ -346,7 +346,7 @@ def _read_pickle(fh, fc: FileCheck, limits: Limits) -> bytes | None:
             return None
         if e.size > limits.large_pickle_bytes and not _charge(limits, e.size):
             fc.problem("inconsistent", f"data.pkl is {e.size:,} bytes and this run has already read "
-                                       f"{limits.spent[0]:,} bytes of large pickles (budget "
+                                       f"{_spent(limits):,} bytes of large pickles (budget "
                                        f"{limits.run_large_pickle_bytes:,}); not read, so not verified")
             return None
         return _read_entry(fh, e, limits.max_pickle_bytes)
@@ -357,13 +357,38 @@ def _read_pickle(fh, fc: FileCheck, limits: Limits) -> bytes | None:
 
 def _charge(limits: Limits, size: int) -> bool:
     """Count a large pickle against the run's budget; False when it would
-    pass it. Under the counter's lock while forked workers share it."""
-    lock = getattr(limits.spent, "get_lock", None)
-    with lock() if lock else contextlib.nullcontext():
-        if limits.spent[0] + size > limits.run_large_pickle_bytes:
-            return False
-        limits.spent[0] += size
-        return True
+    pass it. Under the counter's lock while forked workers share it; a lock
+    not had within LOCK_WAIT_SECONDS (a worker the kernel killed while it
+    held it) counts as a spent budget: the pickle is not read, rather than
+    the pass waiting forever."""
+    get_lock = getattr(limits.spent, "get_lock", None)
+    if get_lock is None:
+        return _spend(limits.spent, size, limits.run_large_pickle_bytes)
+    lock = get_lock()
+    if not lock.acquire(timeout=LOCK_WAIT_SECONDS):
+        return False
+    try:
+        return _spend(limits.spent.get_obj(), size, limits.run_large_pickle_bytes)
+    finally:
+        lock.release()
+
+
+LOCK_WAIT_SECONDS = 5.0  # the lock is held for microseconds: this long means its holder died
+
+
+def _spent(limits: Limits) -> int:
+    """The large-pickle bytes counted so far, read without the shared
+    count's lock (which a dead worker may hold): for messages, and for the
+    count's return once the workers are gone."""
+    count = limits.spent
+    return (count.get_obj() if hasattr(count, "get_obj") else count)[0]
+
+
+def _spend(count, size: int, budget: int) -> bool:
+    if count[0] + size > budget:
+        return False
+    count[0] += size
+    return True
 
 
 @contextlib.contextmanager
@@ -384,9 +409,7 @@ def shared_spending(limits: Limits):
     try:
         yield
     finally:
-        # read without the lock: a worker stopped early (an interrupt) may
-        # have died holding it, and the workers are gone by now
-        plain[0] = limits.spent.get_obj()[0]
+        plain[0] = _spent(limits)
         limits.spent = plain
 
 
