@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import EXAMPLES, SCRIPTS, copy_fresh, diagnose, now_after, run_read_only, tree_fingerprint
+from conftest import ROOT, EXAMPLES, SCRIPTS, copy_fresh, diagnose, now_after, run_read_only, tree_fingerprint
 
 NOW = "1796169600"  # the time examples/make_examples.py judged liveness at (examples/README.md)
 EXPECTED = json.loads((EXAMPLES / "expected.json").read_text())
@@ -223,6 +223,50 @@ def test_an_interrupted_write_keeps_the_old_outputs(tmp_path):
             raise KeyboardInterrupt
     assert (tmp_path / "diagnosis.json").read_text() == "old" and not (tmp_path / "diagnosis.md").exists()
     assert not list(tmp_path.glob(".twdiag-tmp-*"))
+
+
+@pytest.mark.parametrize("when", ["renaming", "before"])
+def test_a_sigterm_during_the_commit_leaves_a_whole_set_and_no_temp_dir(tmp_path, when):
+    """A SIGTERM while the renames run is held until they end, the temp dir
+    removed with them, and only then unwinds; one as the commit begins
+    (before the renames) leaves the old set and no temp dir either. Found by
+    CI: the held SIGTERM unwound between the renames and the temp dir's
+    removal, which left it behind."""
+    code = f"""
+import os, signal, sys
+sys.path.insert(0, {str(ROOT)!r})
+from pathlib import Path
+from twdiag import outputs
+outputs.install_sigterm_handler()
+out = Path(sys.argv[1])
+(out / "diagnosis.json").write_text("old")
+real_replace, real_commit = os.replace, outputs.OutputSet.commit
+def replace(src, dst):
+    os.kill(os.getpid(), signal.SIGTERM)  # held: delivered when the renames end
+    real_replace(src, dst)
+def commit(self):
+    os.kill(os.getpid(), signal.SIGTERM)  # not held yet: unwinds at once
+    return real_commit(self)
+if sys.argv[2] == "renaming":
+    outputs.os.replace = replace
+else:
+    outputs.OutputSet.commit = commit
+try:
+    with outputs.OutputSet(out) as o:
+        o.write_text("diagnosis.md", "new")
+        o.write_json("diagnosis.json", {{"new": True}})
+    print("not interrupted")
+except KeyboardInterrupt:
+    print("interrupted")
+"""
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path), when], capture_output=True, text=True,
+                       timeout=60)
+    assert r.stdout.strip() == "interrupted", r.stderr[-2000:]
+    assert not list(tmp_path.glob(".twdiag-tmp-*"))
+    if when == "renaming":  # the whole new set
+        assert (tmp_path / "diagnosis.md").read_text() == "new" and "new" in (tmp_path / "diagnosis.json").read_text()
+    else:  # the old one
+        assert (tmp_path / "diagnosis.json").read_text() == "old" and not (tmp_path / "diagnosis.md").exists()
 
 
 def test_sigterm_leaves_no_temp_files(tmp_path):

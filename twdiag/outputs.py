@@ -165,7 +165,7 @@ class OutputSet:
         mode = _file_mode()
         names = [n for n in self._names if n not in self.order_last] + \
                 [n for n in self.order_last if n in self._names]
-        with _signals_held():
+        with _signals_held():  # the temp dir goes too before a held SIGTERM unwinds
             for name in names:
                 src = self._tmp / name
                 if src.exists():
@@ -174,7 +174,7 @@ class OutputSet:
                         self.final(name).parent.mkdir(parents=True, exist_ok=True)
                     os.replace(src, self.final(name))
                     self.committed[name] = str(self.final(name))
-        self.abort()
+            self.abort()
         return self.committed
 
     def abort(self) -> None:
@@ -195,14 +195,17 @@ class OutputSet:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            try:
-                self.commit()
-            except OSError as err:
-                self.abort()
-                raise OutputError(f"cannot write outputs to {self.target}: {err.strerror or err}") from err
-        else:
+        if exc_type is not None:
             self.abort()
+            return
+        try:
+            self.commit()
+        except OSError as err:
+            self.abort()
+            raise OutputError(f"cannot write outputs to {self.target}: {err.strerror or err}") from err
+        except BaseException:  # an interrupt as the commit began: nothing is left half-made
+            self.abort()
+            raise
 
     # --- writers (a full disk is an OutputError, exit 5, not a crash) ------------------
     def write_text(self, name: str, text: str) -> Path:
