@@ -150,7 +150,8 @@ class OutputSet:
                 missing = [p for p in (self.target, *self.target.parents) if not p.exists()]
                 self._created = missing[-1] if missing else None
                 self.target.mkdir(parents=True, exist_ok=True)
-                self._tmp = Path(tempfile.mkdtemp(prefix=".twdiag-tmp-", dir=self.target))
+                with _signals_held():  # known as soon as it exists, so an interrupt removes it
+                    self._tmp = Path(tempfile.mkdtemp(prefix=".twdiag-tmp-", dir=self.target))
             except OSError as exc:
                 raise OutputError(f"cannot create output dir {self.target}: {exc.strerror or exc}") from exc
         if name not in self._names and name != ".keep":
