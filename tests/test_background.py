@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -247,7 +248,7 @@ def test_images_analysed_elsewhere_are_judged_on_this_bundles_steps(tmp_path):
     from twdiag import bundle, rules, visuals
     t = rules.load_thresholds()
     b = bundle.discover([BUNDLE])
-    analysed = visuals.analyse_images(copy.deepcopy(b), t)
+    analysed = visuals.SharedImages(copy.deepcopy(b), t, None).result()
     shifted = b.stages["dynamics"].images
     for img in shifted:
         img.step += 1000  # as lineage.place_resumed would
@@ -256,4 +257,50 @@ def test_images_analysed_elsewhere_are_judged_on_this_bundles_steps(tmp_path):
     assert steps == [img.step for img in shifted] and min(steps) >= 1000
     assert doc == visuals.analyse(b, t)  # the same as analysed here
     other = bundle.discover([EXAMPLES / "bundle-healthy"])
-    assert not visuals._attach(other, visuals.analyse_images(b, t))
+    assert not visuals._attach(other, visuals.SharedImages(b, t, None).result())
+
+
+def test_images_are_shared_between_the_child_and_this_process_each_once():
+    """diagnose's images: a child forked at discovery and this process, once
+    its own work is done, take images from one counter, so each is analysed
+    once and neither waits while images are left; the result equals an
+    analysis done here alone. A child that dies (killed) leaves its images
+    to this process."""
+    code = f"""
+import json, os, signal, sys, time
+sys.path.insert(0, {str(ROOT)!r})
+from twdiag import bundle, rules, visuals
+t = rules.load_thresholds()
+log = sys.argv[1]
+real = visuals._guarded
+def logged(img, th, keep, cache):
+    with open(log, "a") as fh:
+        fh.write(f"{{os.getpid()}} {{img.path.name}}\\n")
+    return real(img, th, keep, cache)
+visuals._guarded = logged
+def details(analysed):
+    return visuals.analyse(bundle.discover([{str(BUNDLE)!r}]), t, analysed=analysed)["details"]
+b = bundle.discover([{str(BUNDLE)!r}])
+shared = visuals.SharedImages(b, t, None)
+child = shared.child.pid
+time.sleep(0.15)  # the child takes some first
+shared_details = details(shared.result())
+lines = [l.split() for l in open(log)]
+killed = visuals.SharedImages(bundle.discover([{str(BUNDLE)!r}]), t, None)
+time.sleep(0.1)
+os.kill(killed.child.pid, signal.SIGKILL)
+killed_details = details(killed.result())
+alone = details(visuals._analysed(bundle.discover([{str(BUNDLE)!r}]), t["visuals"], t["visuals"]["sheet_count"],
+                                  None, None, parallel=False))
+print(json.dumps({{"n": visuals.image_count(b), "names": [n for _, n in lines],
+                  "by_child": sum(p == str(child) for p, _ in lines), "here": sum(p == str(os.getpid()) for p, _ in lines),
+                  "same": shared_details == alone, "killed_same": killed_details == alone}}))
+"""
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        r = subprocess.run([sys.executable, "-c", code, str(Path(d) / "log")], capture_output=True, text=True,
+                           timeout=120)
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["n"] >= 4 and sorted(out["names"]) == sorted(set(out["names"])) and len(out["names"]) == out["n"], out
+    assert out["by_child"] >= 1 and out["here"] >= 1 and out["by_child"] + out["here"] == out["n"], out
+    assert out["same"] and out["killed_same"], out

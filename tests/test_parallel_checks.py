@@ -160,7 +160,7 @@ def test_a_worker_killed_holding_the_shared_budget_lock_does_not_hang_the_pass()
     code = f"""
 import os, signal, sys
 sys.path.insert(0, {str(ROOT)!r})
-from twdiag import ptfile, rules
+from twdiag import forking, ptfile, rules
 limits = ptfile.Limits.from_thresholds(rules.load_thresholds())
 limits.spent[0] = 7
 with ptfile.shared_spending(limits):
@@ -170,7 +170,7 @@ with ptfile.shared_spending(limits):
         limits.spent.get_lock().acquire()
         os.kill(os.getpid(), signal.SIGKILL)
     os.waitpid(pid, 0)
-    ptfile.LOCK_WAIT_SECONDS = 0.5
+    forking.LOCK_WAIT_SECONDS = 0.5
     refused = ptfile._charge(limits, 1)  # the lock's holder is dead: counted as spent, at once
 print(limits.spent[0] - 7 - limits.large_pickle_bytes - 1, type(limits.spent).__name__, refused)
 """

@@ -596,10 +596,10 @@ def _run_diagnose(args) -> tuple[dict, int]:
     # Two processes forked to use the second core from the start: the images'
     # analysis (it needs only the files), while this process imports pandas and
     # reads logs and checkpoints; then the drawer (after pandas, which it inherits).
-    has_images = any(art.images for art in b.stages.values())
-    if has_images:
-        from . import visuals  # noqa: F401  (PIL: imported once, inherited by the images' child)
-    images = forking.Pending(_analyse_images, b, t, args.count) if has_images else None
+    images = None
+    if any(art.images for art in b.stages.values()):
+        from . import visuals  # PIL: imported once, inherited by the images' child
+        images = visuals.SharedImages(b, t, args.count)
     drawer = None
     try:
         from . import pipeline  # noqa: F401  (pandas, numpy, PIL: imported once, inherited by the drawer)
@@ -610,11 +610,6 @@ def _run_diagnose(args) -> tuple[dict, int]:
             images.cancel()  # nothing to do once its result was read
         if drawer is not None:
             drawer.close()
-
-
-def _analyse_images(b, t: dict, count: int | None) -> dict:
-    from . import visuals
-    return visuals.analyse_images(b, t, count)
 
 
 @dataclass

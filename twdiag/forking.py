@@ -235,6 +235,44 @@ def _serve(fn: Callable, jobs: list, tasks, results) -> None:
         os._exit(code)  # no atexit handlers, no stdio flush: the parent owns those
 
 
+LOCK_WAIT_SECONDS = 5.0  # a lock shared with forked processes is held for microseconds: longer means its holder died
+
+
+class Tickets:
+    """The numbers 0..n-1, each handed out once, in order, to whichever
+    process asks next: a parent and the children it forks afterwards share
+    one counter in shared memory. Work taken this way is split as each
+    process comes free (diagnose's images: a child from the start, the
+    parent once its own analyses are done). Where shared memory cannot be
+    had, each process counts on its own (the work is then done twice, with
+    the same results). A counter whose lock is not had within
+    LOCK_WAIT_SECONDS (its holder died) hands out nothing more here."""
+
+    def __init__(self, n: int):
+        self.n = n
+        try:
+            self._next = multiprocessing.get_context("fork").Value("q", 0)
+        except (ImportError, OSError, ValueError):
+            self._next = None
+            self._plain = 0
+
+    def take(self) -> int | None:
+        if self._next is None:
+            i, self._plain = self._plain, self._plain + 1
+            return i if i < self.n else None
+        lock = self._next.get_lock()
+        if not lock.acquire(timeout=LOCK_WAIT_SECONDS):
+            return None
+        try:
+            i = self._next.get_obj().value
+            if i >= self.n:
+                return None
+            self._next.get_obj().value = i + 1
+            return i
+        finally:
+            lock.release()
+
+
 @contextlib.contextmanager
 def _frozen():
     """Around a fork: the objects alive now are left out of the garbage

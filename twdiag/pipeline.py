@@ -103,7 +103,7 @@ def run(b: bundle_mod.Bundle, thresholds: dict, parts: tuple[str, ...] = PARTS, 
     live); `cache` keeps checked checkpoints and analysed images between
     calls (keyed by path and file signature); `probe` (probe.ProbeOptions)
     measures the models with TinyWorlds' own classes, in a child process;
-    `images` (a forking.Pending of visuals.analyse_images) is the images'
+    `images` (a visuals.SharedImages) is the images'
     analysis started earlier, in the background."""
     a = Analysis(b, thresholds, time.time() if now is None else float(now), deep)
     started = time.perf_counter()

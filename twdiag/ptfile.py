@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from . import safefs, safe_pickle, tensors, ziparchive
+from . import forking, safefs, safe_pickle, tensors, ziparchive
 from .checksum import crc32
 
 # Worst first: a checkpoint's status is its worst problem.
@@ -358,22 +358,19 @@ def _read_pickle(fh, fc: FileCheck, limits: Limits) -> bytes | None:
 def _charge(limits: Limits, size: int) -> bool:
     """Count a large pickle against the run's budget; False when it would
     pass it. Under the counter's lock while forked workers share it; a lock
-    not had within LOCK_WAIT_SECONDS (a worker the kernel killed while it
+    not had within forking.LOCK_WAIT_SECONDS (a worker killed while it
     held it) counts as a spent budget: the pickle is not read, rather than
     the pass waiting forever."""
     get_lock = getattr(limits.spent, "get_lock", None)
     if get_lock is None:
         return _spend(limits.spent, size, limits.run_large_pickle_bytes)
     lock = get_lock()
-    if not lock.acquire(timeout=LOCK_WAIT_SECONDS):
+    if not lock.acquire(timeout=forking.LOCK_WAIT_SECONDS):
         return False
     try:
         return _spend(limits.spent.get_obj(), size, limits.run_large_pickle_bytes)
     finally:
         lock.release()
-
-
-LOCK_WAIT_SECONDS = 5.0  # the lock is held for microseconds: this long means its holder died
 
 
 def _spent(limits: Limits) -> int:

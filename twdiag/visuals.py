@@ -698,11 +698,7 @@ def _analysed(b: bundle_mod.Bundle, t: dict, count: int, progress, cache: dict |
     the time, and each core decodes at its own pace (0.58 -> 0.40 s on the
     unhealthy example). This was slower until OpenBLAS's spinning thread
     pool was kept out (`forking.serial_blas`)."""
-    jobs = []
-    for stage in b.ordered_stages():
-        imgs = b.stages[stage].images
-        picks = set(sheet_steps(len(imgs), count)) if imgs else set()
-        jobs += [(stage, img, i in picks) for i, img in enumerate(imgs)]
+    jobs = _jobs(b, count)
     results = []
     if parallel and cache is None and len(jobs) > 1 and forking.can_fork():
         if progress:
@@ -713,19 +709,67 @@ def _analysed(b: bundle_mod.Bundle, t: dict, count: int, progress, cache: dict |
             results.append(_guarded(img, t, keep, cache))
             if progress and (k + 1) % 50 == 0:
                 progress(f"{k + 1}/{len(jobs)} images")
+    return _by_stage(jobs, results)
+
+
+def _jobs(b: bundle_mod.Bundle, count: int) -> list[tuple]:
+    """(stage, image, keep a thumbnail?) of every image, in stage and image order."""
+    jobs = []
+    for stage in b.ordered_stages():
+        imgs = b.stages[stage].images
+        picks = set(sheet_steps(len(imgs), count)) if imgs else set()
+        jobs += [(stage, img, i in picks) for i, img in enumerate(imgs)]
+    return jobs
+
+
+def _by_stage(jobs: list[tuple], results: list) -> dict:
     out: dict = {}
     for (stage, _, _), res in zip(jobs, results):
         out.setdefault(stage, []).append(res)
     return out
 
 
-def analyse_images(b: bundle_mod.Bundle, thresholds: dict, count: int | None = None) -> dict:
-    """stage -> [ImageResult]: every image analysed on its own, which needs
-    nothing but the files. diagnose runs this in a background process from
-    discovery on, one image after another: the other core is busy with the
-    main process meanwhile, so workers of its own would only add forks."""
+def image_count(b: bundle_mod.Bundle) -> int:
+    return sum(len(a.images) for a in b.stages.values())
+
+
+def analyse_taken(b: bundle_mod.Bundle, thresholds: dict, count: int | None, take) -> dict[int, ImageResult]:
+    """The images whose numbers (in `_jobs` order) `take()` hands out, until
+    it hands out None: {number: result}. Each image needs nothing but its
+    file, so a process can take some while another takes the rest."""
     t = thresholds["visuals"]
-    return _analysed(b, t, count or t["sheet_count"], None, None, parallel=False)
+    jobs = _jobs(b, count or t["sheet_count"])
+    out = {}
+    while (i := take()) is not None:
+        _, img, keep = jobs[i]
+        out[i] = _guarded(img, t, keep, None)
+    return out
+
+
+class SharedImages:
+    """diagnose's images, analysed by a child forked at discovery (the other
+    core is free while this process imports and reads logs and checkpoints)
+    and by this process once its own analyses are done: both take the next
+    image from one shared counter (`forking.Tickets`), so neither waits
+    while images are left. `result()` is what `analyse` takes as `analysed`:
+    stage -> [ImageResult]; an image the child took but never answered for
+    (it died) is analysed here."""
+
+    def __init__(self, b: bundle_mod.Bundle, thresholds: dict, count: int | None):
+        self.b, self.thresholds, self.count = b, thresholds, count
+        self.tickets = forking.Tickets(image_count(b))
+        self.child = forking.Pending(analyse_taken, b, thresholds, count, self.tickets.take, here=False)
+
+    def result(self) -> dict:
+        mine = analyse_taken(self.b, self.thresholds, self.count, self.tickets.take)
+        done = {**(self.child.result() or {}), **mine}
+        t = self.thresholds["visuals"]
+        jobs = _jobs(self.b, self.count or t["sheet_count"])
+        results = [done[i] if i in done else _guarded(img, t, keep, None) for i, (_, img, keep) in enumerate(jobs)]
+        return _by_stage(jobs, results)
+
+    def cancel(self) -> None:
+        self.child.cancel()
 
 
 def analyse(b: bundle_mod.Bundle, thresholds: dict, count: int | None = None, progress=None,
