@@ -292,7 +292,7 @@ os.kill(killed.child.pid, signal.SIGKILL)
 killed_details = details(killed.result())
 alone = details(visuals._analysed(bundle.discover([{str(BUNDLE)!r}]), t["visuals"], t["visuals"]["sheet_count"],
                                   None, None, parallel=False))
-print(json.dumps({{"n": visuals.image_count(b), "names": [n for _, n in lines],
+print(json.dumps({{"n": len(shared.jobs), "names": [n for _, n in lines],
                   "by_child": sum(p == str(child) for p, _ in lines), "here": sum(p == str(os.getpid()) for p, _ in lines),
                   "same": shared_details == alone, "killed_same": killed_details == alone}}))
 """

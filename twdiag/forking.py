@@ -238,39 +238,58 @@ def _serve(fn: Callable, jobs: list, tasks, results) -> None:
 LOCK_WAIT_SECONDS = 5.0  # a lock shared with forked processes is held for microseconds: longer means its holder died
 
 
-class Tickets:
-    """The numbers 0..n-1, each handed out once, in order, to whichever
-    process asks next: a parent and the children it forks afterwards share
-    one counter in shared memory. Work taken this way is split as each
-    process comes free (diagnose's images: a child from the start, the
-    parent once its own analyses are done). Where shared memory cannot be
-    had, each process counts on its own (the work is then done twice, with
-    the same results). A counter whose lock is not had within
-    LOCK_WAIT_SECONDS (its holder died) hands out nothing more here."""
+class Counter:
+    """A count, here alone or (`shared=True`) in shared memory with the
+    processes forked after it: several processes then claim from one count
+    (the run's large-pickle budget, diagnose's images). Where shared memory
+    cannot be had, each process counts on its own. The shared count's lock
+    is waited for at most LOCK_WAIT_SECONDS: a process killed while it held
+    it (an interrupt's SIGKILL, the kernel's OOM kill) must not make the
+    others wait forever."""
 
-    def __init__(self, n: int):
-        self.n = n
-        try:
-            self._next = multiprocessing.get_context("fork").Value("q", 0)
-        except (ImportError, OSError, ValueError):
-            self._next = None
-            self._plain = 0
+    def __init__(self, value: int = 0, shared: bool = False):
+        self._plain, self._shared = value, None
+        if shared:
+            try:
+                self._shared = multiprocessing.get_context("fork").Value("q", value)
+            except (ImportError, OSError, ValueError):
+                pass
 
-    def take(self) -> int | None:
-        if self._next is None:
-            i, self._plain = self._plain, self._plain + 1
-            return i if i < self.n else None
-        lock = self._next.get_lock()
+    @property
+    def shared(self) -> bool:
+        return self._shared is not None
+
+    @property
+    def value(self) -> int:
+        """Read without the lock (which a dead process may hold)."""
+        return self._shared.get_obj().value if self._shared is not None else self._plain
+
+    @value.setter
+    def value(self, v: int) -> None:
+        if self._shared is not None:
+            self._shared.get_obj().value = v
+        else:
+            self._plain = v
+
+    def claim(self, amount: int, limit: int) -> int | None:
+        """Add `amount` unless the count would pass `limit`: the count before,
+        or None (also when the shared lock is not had in time)."""
+        if self._shared is None:
+            return self._add(amount, limit)
+        lock = self._shared.get_lock()
         if not lock.acquire(timeout=LOCK_WAIT_SECONDS):
             return None
         try:
-            i = self._next.get_obj().value
-            if i >= self.n:
-                return None
-            self._next.get_obj().value = i + 1
-            return i
+            return self._add(amount, limit)
         finally:
             lock.release()
+
+    def _add(self, amount: int, limit: int) -> int | None:
+        before = self.value
+        if before + amount > limit:
+            return None
+        self.value = before + amount
+        return before
 
 
 @contextlib.contextmanager

@@ -69,7 +69,7 @@ class Limits:
     large_pickle_bytes: int
     state_max_items: int
     fork_checks_seconds: float
-    spent: list = field(default_factory=lambda: [0])  # large-pickle bytes read so far with these limits
+    spent: forking.Counter = field(default_factory=forking.Counter)  # large-pickle bytes read so far with these limits
 
     @classmethod
     def from_thresholds(cls, t: dict) -> "Limits":
@@ -346,7 +346,7 @@ def _read_pickle(fh, fc: FileCheck, limits: Limits) -> bytes | None:
             return None
         if e.size > limits.large_pickle_bytes and not _charge(limits, e.size):
             fc.problem("inconsistent", f"data.pkl is {e.size:,} bytes and this run has already read "
-                                       f"{_spent(limits):,} bytes of large pickles (budget "
+                                       f"{limits.spent.value:,} bytes of large pickles (budget "
                                        f"{limits.run_large_pickle_bytes:,}); not read, so not verified")
             return None
         return _read_entry(fh, e, limits.max_pickle_bytes)
@@ -357,35 +357,9 @@ def _read_pickle(fh, fc: FileCheck, limits: Limits) -> bytes | None:
 
 def _charge(limits: Limits, size: int) -> bool:
     """Count a large pickle against the run's budget; False when it would
-    pass it. Under the counter's lock while forked workers share it; a lock
-    not had within forking.LOCK_WAIT_SECONDS (a worker killed while it
-    held it) counts as a spent budget: the pickle is not read, rather than
-    the pass waiting forever."""
-    get_lock = getattr(limits.spent, "get_lock", None)
-    if get_lock is None:
-        return _spend(limits.spent, size, limits.run_large_pickle_bytes)
-    lock = get_lock()
-    if not lock.acquire(timeout=forking.LOCK_WAIT_SECONDS):
-        return False
-    try:
-        return _spend(limits.spent.get_obj(), size, limits.run_large_pickle_bytes)
-    finally:
-        lock.release()
-
-
-def _spent(limits: Limits) -> int:
-    """The large-pickle bytes counted so far, read without the shared
-    count's lock (which a dead worker may hold): for messages, and for the
-    count's return once the workers are gone."""
-    count = limits.spent
-    return (count.get_obj() if hasattr(count, "get_obj") else count)[0]
-
-
-def _spend(count, size: int, budget: int) -> bool:
-    if count[0] + size > budget:
-        return False
-    count[0] += size
-    return True
+    pass it (or when the shared count cannot be had: then the pickle is not
+    read, rather than the pass waiting on a dead worker's lock)."""
+    return limits.spent.claim(size, limits.run_large_pickle_bytes) is not None
 
 
 @contextlib.contextmanager
@@ -394,19 +368,13 @@ def shared_spending(limits: Limits):
     large-pickle count in shared memory, so the workers spend one budget
     (each with its own copy, they could together read the budget once per
     worker); the count comes back to `limits.spent` afterwards. Where shared
-    memory cannot be had, the plain count stays (each worker then keeps to
-    the budget on its own)."""
+    memory cannot be had, each worker keeps to the budget on its own."""
     plain = limits.spent
-    try:
-        import multiprocessing
-        limits.spent = multiprocessing.get_context("fork").Array("q", [plain[0]])
-    except (ImportError, OSError, ValueError):
-        yield
-        return
+    limits.spent = forking.Counter(plain.value, shared=True)
     try:
         yield
     finally:
-        plain[0] = _spent(limits)
+        plain.value = limits.spent.value
         limits.spent = plain
 
 

@@ -729,16 +729,10 @@ def _by_stage(jobs: list[tuple], results: list) -> dict:
     return out
 
 
-def image_count(b: bundle_mod.Bundle) -> int:
-    return sum(len(a.images) for a in b.stages.values())
-
-
-def analyse_taken(b: bundle_mod.Bundle, thresholds: dict, count: int | None, take) -> dict[int, ImageResult]:
-    """The images whose numbers (in `_jobs` order) `take()` hands out, until
-    it hands out None: {number: result}. Each image needs nothing but its
-    file, so a process can take some while another takes the rest."""
-    t = thresholds["visuals"]
-    jobs = _jobs(b, count or t["sheet_count"])
+def analyse_taken(jobs: list[tuple], t: dict, take) -> dict[int, ImageResult]:
+    """The jobs (`_jobs`) whose numbers `take()` hands out, until it hands
+    out None: {number: result}. Each image needs nothing but its file, so a
+    process can take some while another takes the rest."""
     out = {}
     while (i := take()) is not None:
         _, img, keep = jobs[i]
@@ -750,23 +744,25 @@ class SharedImages:
     """diagnose's images, analysed by a child forked at discovery (the other
     core is free while this process imports and reads logs and checkpoints)
     and by this process once its own analyses are done: both take the next
-    image from one shared counter (`forking.Tickets`), so neither waits
-    while images are left. `result()` is what `analyse` takes as `analysed`:
-    stage -> [ImageResult]; an image the child took but never answered for
-    (it died) is analysed here."""
+    image from one count in shared memory (`forking.Counter`), so neither
+    waits while images are left. `result()` is what `analyse` takes as
+    `analysed`: stage -> [ImageResult]; an image the child took but never
+    answered for (it died) is analysed here."""
 
     def __init__(self, b: bundle_mod.Bundle, thresholds: dict, count: int | None):
-        self.b, self.thresholds, self.count = b, thresholds, count
-        self.tickets = forking.Tickets(image_count(b))
-        self.child = forking.Pending(analyse_taken, b, thresholds, count, self.tickets.take, here=False)
+        self.t = thresholds["visuals"]
+        self.jobs = _jobs(b, count or self.t["sheet_count"])
+        self.taken = forking.Counter(shared=True)
+        self.child = forking.Pending(analyse_taken, self.jobs, self.t, self._take, here=False)
+
+    def _take(self) -> int | None:
+        return self.taken.claim(1, len(self.jobs))
 
     def result(self) -> dict:
-        mine = analyse_taken(self.b, self.thresholds, self.count, self.tickets.take)
+        mine = analyse_taken(self.jobs, self.t, self._take)  # first: help while the child works
         done = {**(self.child.result() or {}), **mine}
-        t = self.thresholds["visuals"]
-        jobs = _jobs(self.b, self.count or t["sheet_count"])
-        results = [done[i] if i in done else _guarded(img, t, keep, None) for i, (_, img, keep) in enumerate(jobs)]
-        return _by_stage(jobs, results)
+        return _by_stage(self.jobs, [done[i] if i in done else _guarded(img, self.t, keep, None)
+                                     for i, (_, img, keep) in enumerate(self.jobs)])
 
     def cancel(self) -> None:
         self.child.cancel()
