@@ -20,7 +20,7 @@ from conftest import EXAMPLES, ROOT, cli, run_read_only, tree_fingerprint
 
 torch = pytest.importorskip("torch")
 
-from twdiag import bundle, checkpoints, fallback, logs, ptfile, rules, synth  # noqa: E402
+from twdiag import bundle, checkpoints, fallback, logs, ptfile, readcache, rules, synth  # noqa: E402
 
 TS = synth.TS
 T = rules.load_thresholds()
@@ -418,20 +418,23 @@ def test_a_state_timestamp_is_never_silently_null():
 
 
 def test_identical_pickles_are_read_once_with_the_same_facts(monkeypatch):
-    """A stage's model files hold byte-identical pickles: the allowlist read
-    runs once for them, and every checkpoint gets the facts, tensor records,
-    globals and problems a read of its own gives."""
+    """A stage's model files hold byte-identical pickles, and its optimizer
+    files the same but for the learning rate: the allowlist read runs once
+    for each, and every checkpoint gets the facts, tensor records, globals
+    and problems a read of its own gives."""
     b = bundle.discover([EXAMPLES / "bundle-healthy"])
     reads = []
     real = ptfile._unpickle
     monkeypatch.setattr(ptfile, "_unpickle", lambda data, *a: (reads.append(data), real(data, *a))[1])
-    monkeypatch.setattr(ptfile, "_READS", {})
+    monkeypatch.setattr(readcache, "_KEPT", {})
     remembered = checkpoints.check_all(b, T)
     model_reads = sum(1 for d in reads if b"optimizer" not in d and b"param_groups" not in d
                       and b"scheduler_state_dict" not in d)
     n_models = sum(len(r.checkpoints) for r in remembered.values())
     assert n_models >= 6 and model_reads == len(remembered)  # one read per stage, not per checkpoint
-    monkeypatch.setattr(ptfile, "PURE_DESCRIBERS", set())  # nothing remembered: every file read
+    # optimizer pickles differ only in the learning rate: read once per stage too (readcache.Template)
+    assert sum(1 for d in reads if b"param_groups" in d) == len(remembered)
+    monkeypatch.setattr(readcache, "PURE_DESCRIBERS", set())  # nothing remembered: every file read
     fresh = checkpoints.check_all(b, T)
     for stage, res in remembered.items():
         for a, c in zip(res.checkpoints, fresh[stage].checkpoints):

@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
-from . import bundle as bundle_mod, forking, ptfile, safefs, safe_pickle
+from . import bundle as bundle_mod, forking, ptfile, readcache, safefs, safe_pickle
 from .ptfile import STATUSES, UNUSABLE, Problem  # noqa: F401  (re-exported)
 from .rules import Finding
 
@@ -123,7 +123,7 @@ def _model_facts(content, fc: ptfile.FileCheck) -> None:
         fc.problem("empty", f"holds no tensors ({type(obj).__name__} with {n} items, {fc.size} bytes)")
 
 
-ptfile.PURE_DESCRIBERS.add(_model_facts)  # its facts depend on the object alone
+readcache.PURE_DESCRIBERS.add(_model_facts)  # its facts depend on the object alone
 
 
 def _param_ids(groups: list, cap: int) -> tuple[list, str | None]:
@@ -240,9 +240,9 @@ def _describer(name: str, step: int, limits: ptfile.Limits) -> ptfile.Describe:
 
 @functools.cache
 def _optim_describer(cap: int) -> ptfile.Describe:
-    """One describer per cap, so ptfile can remember what identical optimizer pickles gave."""
+    """One describer per cap, so readcache can remember what an optimizer pickle gave."""
     describe = functools.partial(_optim_facts, cap=cap)
-    ptfile.PURE_DESCRIBERS.add(describe)
+    readcache.PURE_DESCRIBERS.add(describe)
     return describe
 
 

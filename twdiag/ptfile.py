@@ -24,7 +24,6 @@ status and a reason.
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import itertools
 import mmap
@@ -34,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from . import forking, safefs, safe_pickle, tensors, ziparchive
+from . import forking, readcache, safefs, safe_pickle, tensors, ziparchive
 from .checksum import crc32
 
 # Worst first: a checkpoint's status is its worst problem.
@@ -161,57 +160,26 @@ def _check_archive(fh, fc: FileCheck, limits: Limits, allow_config: bool, descri
     if data is None:
         return
     fc.crc_checked = "metadata"
-    key = _read_key(data, fc, limits, allow_config, describe)
-    if not _reread(describe, key, fc):
+    rest = _rest_key(data, fc, limits, allow_config, describe)
+    if not readcache.recall(describe, rest, data, fc):
         seen = len(fc.problems), len(fc.globals)
-        obj = _unpickle(data, fc, limits, allow_config)
+        obj, reader = _unpickle(data, fc, limits, allow_config)
         if obj is _REFUSED:
             return
         _summarise(obj, fc, limits, describe)
-        _remember(describe, key, fc, seen)
+        readcache.remember(describe, rest, data, fc, seen, reader, obj, limits.max_nodes)
     _check_storages(fc)
 
 
-# What reading a pickle gave, by its bytes: a stage's checkpoints hold
-# byte-identical model pickles (the same keys, shapes and storage names), and
-# the allowlist read (pure Python, about a millisecond a file) is most of a
-# structural check. Only for a `describe` that depends on the object alone
-# (`PURE_DESCRIBERS`), and keyed by everything else the outcome depends on.
-_READS: dict = {}  # describer -> {key: outcome}
-READ_CACHE_ENTRIES = 4  # distinct pickles remembered per describer (a stage has one model pickle)
-PURE_DESCRIBERS: set = set()
-
-
-def _read_key(data: bytes, fc: FileCheck, limits: Limits, allow_config: bool,
+def _rest_key(data: bytes, fc: FileCheck, limits: Limits, allow_config: bool,
               describe: Describe | None) -> tuple | None:
-    if describe not in PURE_DESCRIBERS or len(data) > limits.large_pickle_bytes:
-        return None  # large pickles are not kept: memory stays bounded (8 of at most 1 MiB)
-    return (data, fc.name, fc.size, allow_config, limits.config_globals, limits.max_nodes,
+    """Everything but the bytes that a read's outcome depends on (`readcache`),
+    or None when it is not to be remembered: large pickles are not kept, so
+    memory stays bounded."""
+    if describe not in readcache.PURE_DESCRIBERS or len(data) > limits.large_pickle_bytes:
+        return None
+    return (fc.name, fc.size, allow_config, limits.config_globals, limits.max_nodes,
             tuple(vars(limits.budget).values()))
-
-
-def _reread(describe: Describe | None, key: tuple | None, fc: FileCheck) -> bool:
-    """The remembered outcome of these pickle bytes, copied onto `fc`."""
-    hit = _READS.get(describe, {}).get(key) if key is not None else None
-    if hit is None:
-        return False
-    tensors_, facts, globals_, problems, config = hit
-    fc.tensors = list(tensors_)
-    fc.facts.update(copy.deepcopy(facts))
-    fc.globals += [g for g in globals_ if g not in fc.globals]
-    fc.problems += [Problem(p.status, p.file, p.detail) for p in problems]
-    fc.config = copy.deepcopy(config)
-    return True
-
-
-def _remember(describe: Describe | None, key: tuple | None, fc: FileCheck, seen: tuple[int, int]) -> None:
-    if key is None:
-        return
-    kept = _READS.setdefault(describe, {})  # per describer: distinct optimizer pickles never push out the model's
-    if len(kept) >= READ_CACHE_ENTRIES:
-        kept.pop(next(iter(kept)))
-    kept[key] = (list(fc.tensors), copy.deepcopy(fc.facts), fc.globals[seen[1]:],
-                 [Problem(p.status, p.file, p.detail) for p in fc.problems[seen[0]:]], copy.deepcopy(fc.config))
 
 
 def _not_a_zip(fh, fc: FileCheck, limits: Limits, allow_config: bool, describe: Describe | None) -> None:
@@ -235,7 +203,7 @@ def _not_a_zip(fh, fc: FileCheck, limits: Limits, allow_config: bool, describe: 
     stream = io.BytesIO(data)
     obj = None
     for i in range(_LEGACY_PICKLES):
-        value = _unpickle(stream, fc, limits, allow_config)
+        value, _ = _unpickle(stream, fc, limits, allow_config)
         if value is _REFUSED:
             return
         if i == 0 and value != _LEGACY_MAGIC:
@@ -252,10 +220,11 @@ def _not_a_zip(fh, fc: FileCheck, limits: Limits, allow_config: bool, describe: 
 _REFUSED = object()
 
 
-def _unpickle(data, fc: FileCheck, limits: Limits, allow_config: bool):
+def _unpickle(data, fc: FileCheck, limits: Limits, allow_config: bool) -> tuple:
+    """(the inert object or _REFUSED, the reader: what it saw of the floats)."""
     up = safe_pickle.RestrictedUnpickler(data, limits.budget, limits.config_globals, allow_config)
     try:
-        return safe_pickle.safe_load(up)
+        return safe_pickle.safe_load(up), up
     except safe_pickle.UnsafePickle as exc:
         fc.problem("unsafe_pickle", f"pickle names {exc}, which is not on the allowlist of what a "
                                     "TinyWorlds checkpoint holds (refused before anything ran; "
@@ -268,7 +237,7 @@ def _unpickle(data, fc: FileCheck, limits: Limits, allow_config: bool):
         for g in up.report.all:
             if g not in fc.globals and len(fc.globals) < 200:
                 fc.globals.append(g)
-    return _REFUSED
+    return _REFUSED, up
 
 
 def _summarise(obj, fc: FileCheck, limits: Limits, describe: Describe | None) -> None:

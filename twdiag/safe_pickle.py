@@ -385,6 +385,12 @@ class RestrictedUnpickler(pickle._Unpickler):
         self.guards = _Guards(budget)
         self.objects = 0
         self.max_objects = budget.max_objects
+        # For `readcache`: each BINFLOAT's (offset of its 8 bytes, value), and
+        # the ids of floats handed to a call (whose result may derive from
+        # them); None once either cannot be known (a framed read, too many).
+        self.floats: list | None = []
+        self.consumed: set = set()
+        self._walk_left = FLOAT_WALK_NODES
         allowed, state_only = _allowlist(self.guards, tuple(config_globals))
         self.allowed = {**allowed, **state_only} if allow_config else allowed
 
@@ -410,7 +416,7 @@ class RestrictedUnpickler(pickle._Unpickler):
             return stop.value
         except _Framed:
             self._stream.seek(self._start)
-            self.memo, self.objects = {}, 0
+            self.memo, self.objects, self.floats = {}, 0, None
             return super().load()
 
     def _count(self) -> None:
@@ -520,6 +526,75 @@ def _long_binput(self) -> None:
 
 RestrictedUnpickler.dispatch[pickle.LONG_BINPUT[0]] = _long_binput
 RestrictedUnpickler.dispatch[pickle.PUT[0]] = lambda self: _memo_put(self, int(self.readline()[:-1]))
+
+
+# --- floats, for reusing a read (readcache) -------------------------------------------
+# A genuine run's optimizer pickles differ from checkpoint to checkpoint only
+# in the learning rate's 8 bytes. `readcache` reuses a read for such a pickle
+# when it can tell where each float went: so the reader records where every
+# BINFLOAT's bytes lie, and which floats were handed to a call (a guard or a
+# BUILD may derive a value from them, which a substitution would miss).
+FLOAT_WALK_NODES = 50_000  # objects looked at for floats handed to calls, per pickle (then: no reuse)
+MAX_FLOATS = 1024          # BINFLOATs recorded per pickle (then: no reuse); an optimizer has a few per group
+_DOUBLE = struct.Struct(">d")
+
+
+def _binfloat(self) -> None:
+    at = self._stream.tell() - self._start
+    value = _DOUBLE.unpack(self.read(8))[0]
+    if self.floats is not None:
+        if self.read is self._file_read and len(self.floats) < MAX_FLOATS:
+            self.floats.append((at, value))
+        else:
+            self.floats = None
+    self.append(value)
+
+
+RestrictedUnpickler.dispatch[pickle.BINFLOAT[0]] = _binfloat
+
+
+def _mark_consumed(self, objs) -> None:
+    """Every recorded float reachable from a call's arguments is consumed."""
+    stack, seen = list(objs), set()
+    while stack:
+        x = stack.pop()
+        self._walk_left -= 1
+        if self._walk_left < 0:
+            self.floats = None
+            return
+        if type(x) is float:
+            self.consumed.add(id(x))
+        elif isinstance(x, (tuple, list, set, frozenset, dict, Inert)) and id(x) not in seen:
+            seen.add(id(x))
+            if isinstance(x, dict):
+                stack.extend(x.keys())
+                stack.extend(x.values())
+            elif isinstance(x, Inert):
+                stack.extend((x.args, x.kwargs, x.state))
+            else:
+                stack.extend(x)
+
+
+def _consuming(opcode: bytes, args_of):
+    """Mark the floats an opcode hands to a call (`args_of(self)` peeks at
+    them on the stack), then run it. Free until the pickle's first float."""
+    base = RestrictedUnpickler.dispatch[opcode[0]]
+
+    def op(self):
+        if self.floats:
+            _mark_consumed(self, args_of(self))
+        base(self)
+    RestrictedUnpickler.dispatch[opcode[0]] = op
+
+
+_consuming(pickle.REDUCE, lambda self: self.stack[-1:])
+_consuming(pickle.BUILD, lambda self: self.stack[-1:])
+_consuming(pickle.NEWOBJ, lambda self: self.stack[-1:])
+_consuming(pickle.NEWOBJ_EX, lambda self: self.stack[-2:])
+_consuming(pickle.OBJ, lambda self: self.stack)
+_consuming(pickle.INST, lambda self: self.stack)
+
+
 @contextmanager
 def _memory_limit(extra: int):
     """Cap the process's address space at its current size + `extra` while
