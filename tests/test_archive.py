@@ -28,7 +28,7 @@ from conftest import EXAMPLES, ROOT, SAMPLE
 
 torch = pytest.importorskip("torch")
 
-from twdiag import checkpoints, ptfile, rules, synth, ziparchive  # noqa: E402
+from twdiag import checkpoints, ptfile, rules, synth, tensors, ziparchive  # noqa: E402
 
 T = rules.load_thresholds()
 LIMITS = ptfile.Limits.from_thresholds(T)
@@ -194,8 +194,18 @@ def test_numpy_scan_equals_torch_on_every_genuine_weight_file():
     assert checked >= 18
 
 
+@pytest.fixture(params=["in runs", "alone"])
+def measuring(request, monkeypatch):
+    """Small float32 storages are measured in runs (tensors.measure_small),
+    others one by one (tensors.read_chunks): tests of what a scan finds run
+    on both paths."""
+    if request.param == "alone":
+        monkeypatch.setattr(tensors, "SMALL_ENTRY", -1)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_numpy_scan_flags_planted_nan_and_inf(tmp_path, dtype):
+def test_numpy_scan_flags_planted_nan_and_inf(tmp_path, dtype, measuring):
     w = torch.randn(64, 33).to(dtype)
     w[3, 7], w[10, 0] = float("nan"), float("inf")
     sd = {"a": w, "b": torch.randn(5).to(dtype), "t": w.t(), "i": torch.arange(6)}  # t: non-contiguous
@@ -246,7 +256,7 @@ def test_a_file_swapped_or_rewritten_since_its_check_is_not_scanned_as_checked(t
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_an_optimizer_scan_without_norms_still_finds_every_non_finite(tmp_path, dtype, bad):
+def test_an_optimizer_scan_without_norms_still_finds_every_non_finite(tmp_path, dtype, bad, measuring):
     """An optimizer file is scanned without norms (its max and min stand for
     the finiteness test): NaN, +Inf and -Inf are each counted as torch
     counts them, in a contiguous view, a strided one and a chunk boundary."""
@@ -274,7 +284,7 @@ def test_an_optimizer_scan_without_norms_still_finds_every_non_finite(tmp_path, 
 
 
 @pytest.mark.parametrize("where", ["sole", "before_offset", "after_view", "shared"])
-def test_one_flipped_byte_in_any_storage_is_a_bad_crc(tmp_path, where):
+def test_one_flipped_byte_in_any_storage_is_a_bad_crc(tmp_path, where, measuring):
     """Storages viewed by one contiguous tensor are CRC-checked while the
     tensor is measured (one pass); bytes of the storage outside the view,
     and storages shared by several views, must be checked all the same."""
@@ -301,6 +311,38 @@ def test_one_flipped_byte_in_any_storage_is_a_bad_crc(tmp_path, where):
     assert problem is not None and problem.status == "corrupt", (where, problem)
     assert "bad CRC" in problem.detail and f"data/{entry}" in problem.detail
     assert facts == {}  # measures of bytes that failed their CRC are not reported
+
+
+@pytest.mark.parametrize("norms", [True, False])
+def test_runs_of_small_tensors_measure_as_torch_and_name_a_bad_crc(tmp_path, norms):
+    """Hundreds of small tensors, as in a genuine model, in runs that span
+    several read blocks, with NaN/Inf planted in a few and large tensors
+    between: the same counts, elements and norms as torch; then one flipped
+    byte in a small entry mid-run names that entry."""
+    gen = torch.Generator().manual_seed(7)
+    sizes = torch.randint(1, 40_000, (300,), generator=gen).tolist()
+    sd = {f"p{i}": torch.randn(n, generator=gen) for i, n in enumerate(sizes)}
+    sd["big"] = torch.randn(300_000, generator=gen)  # past SMALL_ENTRY: measured alone
+    sd["p10"][5], sd["p150"][0], sd["p299"][-1] = float("nan"), float("inf"), -float("inf")
+    path = tmp_path / "model_state_dict.pt"
+    torch.save(sd, path)
+    fc = ptfile.check_file(path, LIMITS, allow_config=False)
+    assert sum(1 for e in fc.layout.values() if e.size <= tensors.SMALL_ENTRY) > 250
+    facts, problem = ptfile.scan(path, fc, LIMITS, 1 << 20, norms=norms)
+    theirs, _ = ptfile.load_and_scan(path, LIMITS.max_nodes, 1 << 20)
+    assert problem is not None and problem.status == "non_finite"
+    assert problem.detail.index("p10 (1)") < problem.detail.index("p150 (1)") < problem.detail.index("p299 (1)")
+    assert facts["non_finite_tensors"] == theirs["non_finite_tensors"] == 3
+    assert facts["float_elements"] == theirs["float_elements"] == sum(sizes) + 300_000
+    if norms:
+        assert math.isclose(facts["weight_norm"], theirs["weight_norm"], rel_tol=1e-12)
+        assert facts["max_abs_weight"] == theirs["max_abs_weight"]
+    e = fc.layout[f"{fc.prefix}data/{next(r.storage_key for r in fc.tensors if r.key == 'p200')}"]
+    data = bytearray(path.read_bytes())
+    data[e.data_offset + e.size // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    facts, problem = ptfile.scan(path, fc, LIMITS, 1 << 20, norms=norms)
+    assert problem is not None and problem.detail == f"bad CRC in entry {e.name!r}" and facts == {}
 
 
 def test_deep_scan_needs_no_torch(tmp_path):

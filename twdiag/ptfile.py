@@ -466,10 +466,15 @@ def _scan_mapped(mm: mmap.mmap, fd: int, fc: FileCheck, chunk_elems: int,
         if e.name not in fused and not tensors.crc_ok(mm, e.data_offset, e.size, e.crc):
             return {}, Problem("corrupt", fc.name, f"bad CRC in entry {e.name!r}")
     measure = tensors.Measure(norms)
+    small = []  # measured together, after the loop
     for rec in fc.tensors:
         e = fc.layout.get(f"{fc.prefix}data/{rec.storage_key}")
         if e is None:
             return {}, Problem("corrupt", fc.name, f"tensor storage data/{rec.storage_key} is missing")
+        item = tensors.small(rec, e.data_offset, e.size, e.crc, fc.big_endian) if e.name in fused else None
+        if item is not None:
+            small.append(item)
+            continue
         try:
             arr, floating, bf16 = tensors.tensor_view(mm, rec, e.data_offset, e.size, fc.big_endian)
             if e.name in fused:
@@ -483,6 +488,15 @@ def _scan_mapped(mm: mmap.mmap, fd: int, fc: FileCheck, chunk_elems: int,
         except tensors.ScanError as exc:
             return {}, Problem("corrupt", fc.name, str(exc))
         del arr
+    try:
+        failed = tensors.measure_small(fd, small, measure, buf, bytearray(len(buf))) if small else None
+    except tensors.ScanError as exc:
+        return {}, Problem("corrupt", fc.name, str(exc))
+    if failed is not None:
+        e = fc.layout[f"{fc.prefix}data/{next(r.storage_key for r in fc.tensors if r.key == failed)}"]
+        return {}, Problem("corrupt", fc.name, f"bad CRC in entry {e.name!r}")
+    order = {rec.key: i for i, rec in enumerate(fc.tensors)}
+    measure.bad.sort(key=lambda kc: order.get(kc[0], 0))  # the pickle's order, small or not
     facts = measure.facts()
     if measure.bad:
         shown = ", ".join(f"{k} ({c})" for k, c in measure.bad[:5])

@@ -119,6 +119,9 @@ class TensorInfo:
         return extent(self.shape, self.stride, self.offset)
 
 
+# Cached: a genuine checkpoint holds ~1,000 tensors of a few dozen shapes,
+# and both are asked for every tensor by the check and again by the scan.
+@functools.lru_cache(maxsize=4096)
 def contiguous(shape: tuple) -> tuple:
     """Row-major strides (in elements) of a shape."""
     out, acc = [], 1
@@ -128,6 +131,7 @@ def contiguous(shape: tuple) -> tuple:
     return tuple(reversed(out))
 
 
+@functools.lru_cache(maxsize=4096)
 def extent(shape: tuple, stride: tuple | None, offset: int) -> int:
     """Storage elements a tensor reaches: offset + its last index + 1 (0 when
     it has no elements). `stride` None means contiguous."""

@@ -18,9 +18,12 @@ elements, in float64.
 """
 from __future__ import annotations
 
+import functools
+import math
 import mmap
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -57,6 +60,7 @@ class ScanError(Exception):
     pass
 
 
+@functools.lru_cache(maxsize=256)  # asked for every tensor, of a handful of names
 def numpy_dtype(dtype: str, big_endian: bool = False) -> tuple[np.dtype, bool, bool] | None:
     """(numpy dtype, floating, is_bfloat16) for a torch dtype name, or None."""
     name = dtype.lower().replace("torch.", "")
@@ -166,6 +170,24 @@ class Measure:
         if nonfinite:
             self.bad.append((key, nonfinite))
 
+    def add_together(self, keys: list, arr: np.ndarray, bounds: list) -> None:
+        """Many tensors at once (`arr` holds them end to end, tensor i in
+        `bounds[i]`): one max, min and sum of squares for all, and tensor by
+        tensor only when they hold a NaN/Inf (to count them)."""
+        hi, lo = float(arr.max()), float(arr.min())
+        finite = np.isfinite(hi) and np.isfinite(lo)
+        if finite and self.norms:
+            sq = self._sumsq(arr)
+            finite = np.isfinite(sq)
+        if not finite:
+            for key, (a, b) in zip(keys, bounds):
+                self.add(key, (arr[a:b],))
+            return
+        self.elements += int(arr.size)
+        if self.norms:
+            self.sumsq += sq
+            self.maxabs = max(self.maxabs, hi, -lo)
+
     def facts(self) -> dict:
         if not self.norms:
             return {"non_finite_tensors": len(self.bad), "float_elements": self.elements}
@@ -231,6 +253,78 @@ def read_chunks(fd: int, dtype: np.dtype, bf16: bool, start: int, count: int, da
         view.release()
     if value != crc:
         raise CrcError("bad CRC")
+
+
+# Storage entries up to this size are read and measured many at a time
+# (`measure_small`): a tensor of a genuine TinyWorlds model is most often a
+# bias, a norm or a small matrix, and measuring each alone (a read, a CRC, a
+# max, a min, a sum: ~14 us of calls) costs more than copying its bytes
+# once more into a run of them. Measured on 50 checkpoints of 274
+# parameters (1,096 tensors each): the scan took 1.05-1.09 s alone,
+# 0.89-0.94 s batching entries up to 64 KiB, 0.71 s up to 512 KiB; the
+# same up to 1 MiB. Half a read block: a run holds at least two.
+SMALL_ENTRY = 1 << 19
+F4 = np.dtype("<f4")
+
+
+class Small(NamedTuple):
+    """A float32 tensor alone in a small storage entry (torch.save's usual)."""
+
+    key: str
+    data_offset: int  # the entry's
+    entry_size: int
+    crc: int
+    start: int        # the tensor's first byte in the file
+    count: int        # its elements
+
+
+def small(rec: TensorRecord, data_offset: int, entry_size: int, crc: int, big_endian: bool) -> Small | None:
+    """`rec` as a Small when it is a little-endian float32 tensor that fits
+    in its small entry (else it is viewed and measured on its own)."""
+    found = numpy_dtype(rec.dtype, big_endian)
+    if entry_size > SMALL_ENTRY or found is None or found[0] != F4:
+        return None
+    stride = rec.stride if rec.stride is not None else safe_pickle.contiguous(tuple(rec.shape))
+    if safe_pickle.extent(tuple(rec.shape), stride, rec.offset) * 4 > entry_size:
+        return None
+    return Small(rec.key, data_offset, entry_size, crc, data_offset + rec.offset * 4, math.prod(rec.shape))
+
+
+def measure_small(fd: int, items: list, measure: Measure, buf: bytearray, stage: bytearray) -> str | None:
+    """Each entry's CRC and the tensors' measures, reading runs of nearby
+    entries (file order) with one read of up to len(buf) bytes and measuring
+    each run's tensors together (`Measure.add_together`). Returns the key of
+    the first tensor whose entry fails its CRC (nothing of its run is then
+    measured), else None; raises ScanError when the file ends early."""
+    items = sorted(items, key=lambda it: it.data_offset)
+    view, staged = memoryview(buf), memoryview(stage)
+    i = 0
+    try:
+        while i < len(items):
+            first, j = items[i].data_offset, i
+            while j < len(items) and items[j].data_offset + items[j].entry_size - first <= len(buf):
+                j += 1
+            run = items[i:j]
+            end = run[-1].data_offset + run[-1].entry_size
+            if _read_at(fd, view[:end - first], first) != end - first:
+                raise ScanError("the file ends inside a storage entry (changed since its check?)")
+            keys, bounds, at = [], [], 0
+            for it in run:
+                a = it.data_offset - first
+                if crc32(view[a:a + it.entry_size]) != it.crc:
+                    return it.key
+                s, n = it.start - first, it.count * 4
+                staged[at:at + n] = view[s:s + n]
+                keys.append(it.key)
+                bounds.append((at // 4, (at + n) // 4))
+                at += n
+            if at:
+                measure.add_together(keys, np.frombuffer(stage, F4, at // 4), bounds)
+            i = j
+    finally:
+        view.release()
+        staged.release()
+    return None
 
 
 def _read_at(fd: int, view: memoryview, pos: int) -> int:
