@@ -15,7 +15,12 @@ With --deep-all, (a) is the deep scan of every checkpoint (`--deep all`:
 every CRC, every tensor of the model and optimizer files read with numpy
 from the archive) against the same (b): target <= 0.3.
 
-    python bench/bench_ckpts.py [--deep-all] [N=100] [SIZE_MB=50] [DIR=/tmp/bench_ckpts] [REPEATS=3]
+With --genuine, each model is shaped like a TinyWorlds transformer (blocks
+of attention and MLP weights, biases and norms, most of
+them small: 274 parameters, 1,096 tensors a checkpoint) instead of 1 MiB tensors: per-tensor costs, not bytes, then
+dominate both sides (torch's weights_only unpickler is pure Python too).
+
+    python bench/bench_ckpts.py [--deep-all] [--genuine] [N=100] [SIZE_MB=50] [DIR=/tmp/bench_ckpts] [REPEATS=3]
 """
 from __future__ import annotations
 
@@ -53,19 +58,38 @@ print(json.dumps({'rss_kb': PEAK_KB,
 BUILT = "built-v2"  # marks a set built by this version (v2: optimizer pickles differ)
 
 
-def build(target: Path, n: int, size_mb: float) -> Path:
+def shapes(size_mb: float, genuine: bool) -> dict:
+    """The model's parameter shapes, about size_mb / 3 MB of float32 in all."""
+    floats = size_mb / 3 * 1e6 / 4
+    if not genuine:  # 1 MiB tensors
+        return {f"blocks.{i}.weight": (256 * 1024,) for i in range(max(1, int(floats / (256 * 1024))))}
+    blocks = 17  # 17 blocks of 16 parameters, an embedding and a head: 274
+    d = max(8, int((floats / blocks / 12) ** 0.5))
+    out = {"embed.weight": (512, d)}
+    for b in range(blocks):
+        for name in ("q", "k", "v", "o"):
+            out[f"blocks.{b}.attn.{name}.weight"] = (d, d)
+            out[f"blocks.{b}.attn.{name}.bias"] = (d,)
+        out[f"blocks.{b}.mlp.fc1.weight"], out[f"blocks.{b}.mlp.fc1.bias"] = (4 * d, d), (4 * d,)
+        out[f"blocks.{b}.mlp.fc2.weight"], out[f"blocks.{b}.mlp.fc2.bias"] = (d, 4 * d), (d,)
+        for ln in ("ln1", "ln2"):
+            out[f"blocks.{b}.{ln}.weight"], out[f"blocks.{b}.{ln}.bias"] = (d,), (d,)
+    out["head.weight"] = (512, d)
+    return out
+
+
+def build(target: Path, n: int, size_mb: float, genuine: bool = False) -> Path:
     import torch
     ckdir = target / "results" / "2026_11_28_06_35_02" / "dynamics" / "checkpoints"
-    if ckdir.is_dir() and len(list(ckdir.iterdir())) == n and (target / BUILT).is_file():
+    marker = target / (BUILT + ("-genuine" if genuine else ""))
+    if ckdir.is_dir() and len(list(ckdir.iterdir())) == n and marker.is_file():
         return ckdir
     ckdir.mkdir(parents=True, exist_ok=True)
     # model : optimizer (exp_avg + exp_avg_sq) = 1 : 2 by bytes, as in AdamW.
-    per_tensor = 256 * 1024  # floats (1 MiB)
-    n_tensors = max(1, int(size_mb / 3 / 1.048576))
-    model = {f"blocks.{i}.weight": torch.randn(per_tensor) for i in range(n_tensors)}
-    optim = {"state": {i: {"step": torch.tensor(1.0), "exp_avg": torch.randn(per_tensor),
-                           "exp_avg_sq": torch.rand(per_tensor)} for i in range(n_tensors)},
-             "param_groups": [{"lr": 1e-3, "params": list(range(n_tensors))}]}
+    model = {k: torch.randn(shape) for k, shape in shapes(size_mb, genuine).items()}
+    optim = {"state": {i: {"step": torch.tensor(1.0), "exp_avg": torch.randn_like(t),
+                           "exp_avg_sq": torch.rand_like(t)} for i, t in enumerate(model.values())},
+             "param_groups": [{"lr": 1e-3, "params": list(range(len(model)))}]}
     for k in range(n):
         step = k * 500
         d = ckdir / f"dynamics_step_{step}"
@@ -78,7 +102,9 @@ def build(target: Path, n: int, size_mb: float) -> Path:
         torch.save(optim, d / "optim_state_dict.pt")
         torch.save({"step": step, "timestamp": f"2026_11_28_{6 + k // 60:02d}_{k % 60:02d}_00",
                     "scheduler_state_dict": {"last_epoch": step + 1}, "config": {}}, d / "state.pt")
-    (target / BUILT).write_text("")
+    for old in target.glob(BUILT + "*"):
+        old.unlink()
+    marker.write_text("")
     return ckdir
 
 
@@ -91,13 +117,14 @@ def timed(code: str, *args: str) -> tuple[float, str]:
 def main() -> None:
     argv = sys.argv[1:]
     deep = "all" if "--deep-all" in argv else "auto"
-    argv = [x for x in argv if x != "--deep-all"]
+    genuine = "--genuine" in argv
+    argv = [x for x in argv if x not in ("--deep-all", "--genuine")]
     n = int(argv[0]) if len(argv) > 0 else 100
     size = float(argv[1]) if len(argv) > 1 else 50
     target = Path(argv[2] if len(argv) > 2 else "/tmp/bench_ckpts")
     repeats = int(argv[3]) if len(argv) > 3 else 3
     t = time.perf_counter()
-    ckdir = build(target, n, size)
+    ckdir = build(target, n, size, genuine)
     total = sum(p.stat().st_size for p in ckdir.rglob("*.pt"))
     print(f"{n} checkpoints, {total / 1e9:.2f} GB on disk (built in {time.perf_counter() - t:.0f} s)",
           file=sys.stderr)
@@ -121,7 +148,9 @@ def main() -> None:
         tb, _ = timed(BASELINE, str(ckdir))
         ea.append(ta), eb.append(tb), rss.append(json.loads(out)["rss_kb"] / 1024)
     med = statistics.median
-    print(json.dumps({"checkpoints": n, "bytes": total, "deep_mode": deep,
+    print(json.dumps({"checkpoints": n, "bytes": total, "deep_mode": deep, "genuine_shapes": genuine,
+                      "tensors_per_checkpoint": len(res.checkpoints["dynamics"].checkpoints[0].files[
+                          "model_state_dict.pt"].tensors) * 4,
                       "a_check_ckpts_s": round(med(a), 3), "b_torch_load_all_s": round(med(b), 3),
                       "ratio_a_over_b": round(med(a) / med(b), 4), "target_ratio": 0.3 if deep == "all" else 0.1,
                       "end_to_end_a_s": round(med(ea), 3), "end_to_end_b_s": round(med(eb), 3),
