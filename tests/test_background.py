@@ -177,16 +177,18 @@ def test_imap_spreads_jobs_over_workers_in_order_and_never_hangs():
     after the results before it; a worker that dies raises WorkerDied
     instead of waiting forever (multiprocessing.Pool's imap waited), or with
     on_death its job gets a stand-in and a new worker takes the rest; an
-    early close stops busy workers at once; workers never fork in turn; and
-    no child is left behind."""
+    early close stops busy workers at once; workers never fork in turn; no
+    child is left behind; and garbage collection, paused only while an
+    answer is unpickled, is on in the workers (a hostile pickle's cycles),
+    between results and after, a raise included."""
     code = f"""
-import json, os, sys, time
+import gc, json, os, sys, time
 sys.path.insert(0, {str(ROOT)!r})
 from twdiag import forking
 
 me = os.getpid()
 def square(x):
-    return x * x, os.getpid(), forking.can_fork()
+    return x * x, os.getpid(), forking.can_fork(), gc.isenabled()
 def fails_at_5(x):
     if x == 5:
         raise ValueError("five")
@@ -200,7 +202,9 @@ def slow(x):
         time.sleep(30)
     return x
 
-got = list(forking.imap(square, [(i,) for i in range(23)], workers=2, chunksize=3))
+got, gc_between = [], []
+for v in forking.imap(square, [(i,) for i in range(23)], workers=2, chunksize=3):
+    got.append(v), gc_between.append(gc.isenabled())
 before, raised = [], None
 try:
     for v in forking.imap(fails_at_5, [(i,) for i in range(12)], workers=2):
@@ -224,8 +228,9 @@ try:
     os.waitpid(-1, os.WNOHANG); left = True
 except ChildProcessError:
     left = False
-print(json.dumps({{"values": [v for v, _, _ in got], "pids": sorted({{p for _, p, _ in got}} - {{me}}),
-                  "in_parent": sum(p == me for _, p, _ in got), "nested": any(f for _, _, f in got),
+print(json.dumps({{"values": [v for v, _, _, _ in got], "pids": sorted({{p for _, p, _, _ in got}} - {{me}}),
+                  "in_parent": sum(p == me for _, p, _, _ in got), "nested": any(f for _, _, f, _ in got),
+                  "gc_workers": all(g for _, _, _, g in got), "gc_between": all(gc_between), "gc_after": gc.isenabled(),
                   "before": before, "raised": raised, "died": died, "died_s": died_s, "replaced": replaced,
                   "first": first, "closed_s": closed_s, "left": left}}))
 """
@@ -237,6 +242,7 @@ print(json.dumps({{"values": [v for v, _, _ in got], "pids": sorted({{p for _, p
     assert out["died"] and "without answering" in out["died"] and out["died_s"] < 10, out
     assert out["replaced"] == [0, 1, 2, -3, 4, 5, 6, 7], out  # on_death: that job's stand-in, a new worker for the rest
     assert out["first"] == 0 and out["closed_s"] < 10 and not out["left"], out
+    assert out["gc_workers"] and out["gc_between"] and out["gc_after"], out
 
 
 def test_images_analysed_elsewhere_are_judged_on_this_bundles_steps(tmp_path):

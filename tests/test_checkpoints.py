@@ -445,3 +445,4 @@ def test_identical_pickles_are_read_once_with_the_same_facts(monkeypatch):
                 assert [(p.status, p.file, p.detail) for p in fc.problems] == \
                        [(p.status, p.file, p.detail) for p in other.problems]
                 assert fc.facts is not other.facts
+
