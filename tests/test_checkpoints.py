@@ -446,3 +446,27 @@ def test_identical_pickles_are_read_once_with_the_same_facts(monkeypatch):
                        [(p.status, p.file, p.detail) for p in other.problems]
                 assert fc.facts is not other.facts
 
+
+
+def test_a_file_check_sent_back_by_a_worker_is_the_same_file_check():
+    """FileCheck pickles its zip entries and tensor records as plain tuples
+    (what forked workers send back): a round trip, and a deep copy, give
+    equal checks with the same types, and nothing is built per entry."""
+    import copy
+    import pickle
+    from twdiag import tensors, ziparchive
+    b = bundle.discover([EXAMPLES / "bundle-healthy"])
+    stage, artifacts = next(iter(b.stages.items()))
+    ck = checkpoints.check_one(stage, artifacts.checkpoints[-1].path, ptfile.Limits.from_thresholds(T))
+    assert ck.files and all(fc.layout and fc.tensors is not None for fc in ck.files.values())
+    data = pickle.dumps(ck)
+    for other in (pickle.loads(data), copy.deepcopy(ck)):
+        for name, fc in ck.files.items():
+            again = other.files[name]
+            assert vars(again) == vars(fc), name
+            assert all(type(e) is ziparchive.Entry for e in again.layout.values())
+            assert all(type(t) is tensors.TensorRecord for t in again.tensors)
+    import pickletools
+    for fc in ck.files.values():  # one object built on arrival, not one per entry and record
+        built = [op.name for op, _, _ in pickletools.genops(pickle.dumps(fc)) if op.name in ("NEWOBJ", "REDUCE")]
+        assert len(fc.layout) >= 6 and len(built) <= 1, (fc.name, len(built))

@@ -103,6 +103,16 @@ class FileCheck:
     def problem(self, status: str, detail: str) -> None:
         self.problems.append(Problem(status, self.name, detail))
 
+    def __reduce__(self):
+        """Pickled as plain tuples: a forked worker sends each file check
+        back, and a genuine checkpoint's ~1,000 zip entries and tensor
+        records, pickled as named tuples (a Python call each), cost the
+        worker 4.3 ms and the main process 2.6 ms a checkpoint."""
+        state = dict(vars(self))
+        state["layout"] = [tuple(e) for e in self.layout.values()]
+        state["tensors"] = [tuple(t) for t in self.tensors]
+        return _file_check, (state,)
+
     def public(self) -> dict:
         """What checkpoints.json shows of this file."""
         hidden = ("problems", "tensors", "layout", "config", "prefix", "big_endian", "identity")
@@ -110,6 +120,16 @@ class FileCheck:
 
 
 Describe = Callable[[object, FileCheck], None]
+
+
+def _file_check(state: dict) -> FileCheck:
+    """A FileCheck from what `FileCheck.__reduce__` sent."""
+    fc = FileCheck.__new__(FileCheck)
+    entry, record = ziparchive.Entry._make, tensors.TensorRecord._make
+    state["layout"] = {e[0]: entry(e) for e in state["layout"]}
+    state["tensors"] = [record(t) for t in state["tensors"]]
+    fc.__dict__.update(state)
+    return fc
 
 
 def check_file(path: Path, limits: Limits, allow_config: bool, describe: Describe | None = None) -> FileCheck:
