@@ -515,8 +515,9 @@ def _scan_mapped(mm: mmap.mmap, fd: int, fc: FileCheck, chunk_elems: int,
     if failed is not None:
         e = fc.layout[f"{fc.prefix}data/{next(r.storage_key for r in fc.tensors if r.key == failed)}"]
         return {}, Problem("corrupt", fc.name, f"bad CRC in entry {e.name!r}")
-    order = {rec.key: i for i, rec in enumerate(fc.tensors)}
-    measure.bad.sort(key=lambda kc: order.get(kc[0], 0))  # the pickle's order, small or not
+    if measure.bad:  # in the pickle's order, small tensors or not
+        order = {rec.key: i for i, rec in enumerate(fc.tensors)}
+        measure.bad.sort(key=lambda kc: order.get(kc[0], 0))
     facts = measure.facts()
     if measure.bad:
         shown = ", ".join(f"{k} ({c})" for k, c in measure.bad[:5])
