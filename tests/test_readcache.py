@@ -76,6 +76,13 @@ CASES = {  # name -> (pickle of x, reusable when x changes)
     "handed to a call, and a dict value": (pickle_of(lambda x: S("a") + F(x) + PUT0 + S("c") + COMPLEX
                                                      + GET0 + F(0.0) + TUPLE2 + b"R"), False),
     "a dict value and in a tuple": (pickle_of(lambda x: S("a") + F(x) + PUT0 + S("t") + GET0 + TUPLE1), False),
+    # beside a replaceable float (the pickle has a template): the changed one is not
+    "in a tuple, beside a learning rate": (pickle_of(lambda x: S("lr") + F(0.1) + S("betas") + F(x) + F(0.999)
+                                                     + TUPLE2), False),
+    "handed to a call, beside a learning rate": (pickle_of(lambda x: S("lr") + F(0.1) + S("c") + COMPLEX + F(x)
+                                                           + F(0.0) + TUPLE2 + b"R"), False),
+    "a dict key, beside a learning rate": (pickle_of(lambda x: S("lr") + F(0.1) + S("k") + DICT0 + F(x) + S("v")
+                                                     + b"s"), False),
 }
 
 
@@ -137,3 +144,61 @@ def test_a_run_reads_each_stage_optimizer_once(tmp_path, monkeypatch):
                (fresh.facts, fresh.tensors, fresh.globals, fresh.storages_nbytes)
         assert [(q.status, q.detail) for q in fc.problems] == [(q.status, q.detail) for q in fresh.problems]
     assert len(reads) == 5
+
+
+def test_seeded_byte_flips_give_what_a_fresh_read_gives(monkeypatch):
+    """A torch-saved optimizer pickle, remembered, then 300 variants with one
+    byte changed (half inside a float's 8 bytes, half anywhere): whatever the
+    cache does with each, the facts, records and globals, or the refusal,
+    are those of a fresh read of the same bytes."""
+    import io
+    import pickletools
+    import random
+    import zipfile
+    torch = pytest.importorskip("torch")
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    with zipfile.ZipFile(buf) as z:
+        data = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
+    floats = [pos + 1 + i for op, _, pos in pickletools.genops(data) if op.name == "BINFLOAT" for i in range(8)]
+    describe = checkpoints._optim_describer(10_000)
+
+    def outcome(fc_or_exc):
+        if isinstance(fc_or_exc, Exception):
+            return type(fc_or_exc).__name__
+        fc = fc_or_exc
+        return repr((fc.facts, fc.tensors, fc.globals, [(p.status, p.detail) for p in fc.problems]))
+
+    def read(blob, cached: bool):
+        fc = ptfile.FileCheck("optim_state_dict.pt")
+        try:
+            if cached and readcache.recall(describe, ("t",), blob, fc):
+                return fc, "recalled"
+            up = safe_pickle.RestrictedUnpickler(blob, safe_pickle.Budget())
+            obj = safe_pickle.safe_load(up)
+            fc.tensors = ptfile.tensor_records(obj, 10_000)
+            fc.globals += up.report.all
+            describe(obj, fc)
+            if cached:
+                readcache.remember(describe, ("t",), blob, fc, (0, 0), up, obj, 10_000)
+            return fc, "read"
+        except Exception as exc:  # a refusal: compared by kind
+            return exc, "refused"
+
+    monkeypatch.setattr(readcache, "_KEPT", {})
+    assert read(data, True)[1] == "read"
+    rng = random.Random(31)
+    kinds = set()
+    for n in range(300):
+        at = rng.choice(floats) if n % 2 else rng.randrange(len(data))
+        blob = bytearray(data)
+        blob[at] ^= rng.randrange(1, 256)
+        blob = bytes(blob)
+        got, how = read(blob, True)
+        kinds.add(how)
+        assert outcome(got) == outcome(read(blob, False)[0]), (n, at, how)
+    assert kinds >= {"recalled", "read"}
