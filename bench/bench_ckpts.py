@@ -16,9 +16,10 @@ every CRC, every tensor of the model and optimizer files read with numpy
 from the archive) against the same (b): target <= 0.3.
 
 With --genuine, each model is shaped like a TinyWorlds transformer (blocks
-of attention and MLP weights, biases and norms, most of
-them small: 274 parameters, 1,096 tensors a checkpoint) instead of 1 MiB tensors: per-tensor costs, not bytes, then
-dominate both sides (torch's weights_only unpickler is pure Python too).
+of attention and MLP weights, biases and norms, most of them small: 274
+parameters, 1,096 tensors a checkpoint) instead of 1 MiB tensors: per-tensor
+costs, not bytes, then dominate both sides (torch's weights_only unpickler
+is pure Python too).
 
     python bench/bench_ckpts.py [--deep-all] [--genuine] [N=100] [SIZE_MB=50] [DIR=/tmp/bench_ckpts] [REPEATS=3]
 """
